@@ -1,0 +1,63 @@
+"""The `moedit` command: one subcommand per module, imported only when used."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from moedit.errors import MoeditError
+
+# command -> (module, one-line help). Each module defines add_arguments(parser) and main(args) -> int.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("moedit.models.cli", "list the model registry with parameter and FLOP counts"),
+    "prepare": ("moedit.data.prepare", "encode a dataset into WebDataset latent shards"),
+    "train": ("moedit.train.cli", "train a model from a config"),
+    "sample": ("moedit.diffusion.sample_cli", "sample images from a checkpoint"),
+    "analyze": ("moedit.analysis.cli", "routing reports and scaling-law fits"),
+    "launch": ("moedit.launch.cli", "launch training on SLURM or locally with torchrun"),
+    "sweep": ("moedit.launch.sweep_cli", "expand, submit and track sweeps"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moedit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:  # import only the module that runs
+            importlib.import_module(module_name).add_arguments(sp)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(command).parse_args(argv)
+    if args.command is None:
+        build_parser().print_help()
+        return 2
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.main(args) or 0)
+    except (MoeditError, ValueError, FileNotFoundError, PermissionError) as exc:
+        if isinstance(exc, ValueError) and not isinstance(exc, MoeditError) and _is_internal(exc):
+            raise
+        print(f"moedit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moedit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _is_internal(exc: BaseException) -> bool:
+    """ValueErrors from torch/numpy internals are bugs, not user errors: keep their traceback."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename if tb is not None else ""
+    return "site-packages" in filename and "moedit" not in filename
+
+
+if __name__ == "__main__":
+    sys.exit(main())
