@@ -1,0 +1,246 @@
+"""The training config: one dataclass per section, strict YAML loading, dotted overrides.
+
+    cfg = load_config("configs/quickstart.yaml", ["optim.lr=2e-4", "model.flavor=DiffMoE-S-E16"])
+
+Sections: model (a registry flavor plus field overrides), moe (overrides of the flavor's MoE
+fields), diffusion, data, optim, train, parallel, logging, checkpoint. Overrides apply last;
+`dump_config` writes the fully resolved config, which `load_config` reads back unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from moedit.configtools import ConfigError, apply_overrides, coerce, dump_yaml, from_dict, load_yaml, to_dict, _closest
+from moedit.data.config import DataConfig
+from moedit.diffusion.config import DiffusionConfig
+from moedit.models import MoEConfig, ModelConfig, get_flavor
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Peak learning rate of AdamW (DiT and DiffMoE: 1e-4)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (DiT: 0)."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to `lr` over this many optimizer steps."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """Learning-rate shape after warm-up."""
+    min_lr_ratio: float = 0.0
+    """Cosine schedule floor as a fraction of `lr`."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged)."""
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr = {self.lr}: must be > 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas = {self.betas}: each must be in [0, 1)")
+        if self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ValueError("optim.weight_decay, optim.warmup_steps and optim.grad_clip must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio = {self.min_lr_ratio}: must be in [0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    """Where checkpoints, logs and samples go (created if missing)."""
+    steps: int = 1000
+    """Optimizer steps to train for."""
+    global_batch_size: int = 256
+    """Images per optimizer step over all data-parallel ranks."""
+    micro_batch_size: int = 0
+    """Images per forward on one rank; 0 = global_batch_size / world size (no accumulation)."""
+    seed: int = 0
+    """Seeds weights, noise and data order. Noise is keyed by (seed, step, global micro-batch), so it does
+    not depend on the number of ranks."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto = CUDA when available."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto = bf16 autocast on CUDA, fp32 on CPU."""
+    ema_decay: float = 0.9999
+    """EMA decay of weights and of state buffers (DiffMoE thresholds), applied every step."""
+    resume: str = "auto"
+    """auto (newest complete checkpoint in run_dir, else start), never, or a checkpoint directory."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite loss: stop (after a debug checkpoint) or skip the step (counted)."""
+    max_skipped_steps: int = 10
+    """With on_nonfinite=skip, stop once more steps than this were skipped."""
+    sample_every: int = 0
+    """Write a sample grid from the EMA model every this many steps (0 = only at the end)."""
+    num_sample_images: int = 16
+    """Images in each sample grid."""
+    sample_steps: int = 0
+    """Sampler steps for grids (0 = the diffusion section's default)."""
+    compile: bool = False
+    """torch.compile the model (CUDA)."""
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"train.steps = {self.steps}: must be >= 1")
+        if self.global_batch_size < 1 or self.micro_batch_size < 0:
+            raise ValueError("train.global_batch_size must be >= 1 and train.micro_batch_size >= 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"train.ema_decay = {self.ema_decay}: must be in [0, 1)")
+        if self.sample_every < 0 or self.num_sample_images < 0 or self.sample_steps < 0:
+            raise ValueError("train.sample_every, num_sample_images and sample_steps must be >= 0")
+
+
+@dataclass
+class ParallelConfig:
+    engine: Literal["auto", "local", "ddp"] = "auto"
+    """auto = ddp when launched with several processes (torchrun or SLURM variables), else local."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Process-group backend for ddp: auto = nccl on CUDA, gloo on CPU."""
+    find_unused_parameters: bool = False
+    """Passed to DistributedDataParallel."""
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 50
+    """Write metrics (JSONL, TensorBoard, terminal) every this many steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under RUN/tb."""
+    heatmaps_every: int = 0
+    """Expert-load heatmap images to TensorBoard every this many steps (0 = every 10th log interval)."""
+    progress: Literal["auto", "bar", "lines", "none"] = "auto"
+    """auto = a progress bar on a terminal, plain log lines otherwise."""
+
+    def __post_init__(self):
+        if self.log_every < 1:
+            raise ValueError(f"logging.log_every = {self.log_every}: must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000
+    """Save a checkpoint every this many steps (and always at the end)."""
+    keep_last: int = 2
+    """Keep this many newest checkpoints."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this (0 = none)."""
+
+    def __post_init__(self):
+        if self.every < 1 or self.keep_last < 1 or self.keep_every < 0:
+            raise ValueError("checkpoint.every and checkpoint.keep_last must be >= 1, keep_every >= 0")
+
+
+@dataclass
+class Config:
+    model: ModelConfig
+    flavor: str
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+SECTIONS = {
+    "diffusion": DiffusionConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "parallel": ParallelConfig,
+    "logging": LoggingConfig,
+    "checkpoint": CheckpointConfig,
+}
+MODEL_SECTIONS = ("model", "moe")
+
+
+def _build_model_config(model: dict[str, Any], moe: dict[str, Any] | None) -> tuple[str, ModelConfig]:
+    """A registry flavor with the `model` and `moe` sections' fields laid over it."""
+    model = dict(model)
+    flavor = model.pop("flavor", None)
+    if not isinstance(flavor, str):
+        raise ConfigError("model.flavor: name a registry flavor (see `moedit models`)")
+    base = get_flavor(flavor)
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    hints = _hints(ModelConfig)
+    changes = {}
+    for key, value in model.items():
+        if key == "moe" or key not in fields:
+            raise ConfigError(f"unknown key 'model.{key}'{_closest(key, [k for k in fields if k != 'moe'] + ['flavor'])}")
+        changes[key] = coerce(value, hints[key], f"model.{key}")
+    moe_cfg = base.moe
+    if moe is not None:
+        if moe_cfg is None:
+            moe_cfg = from_dict(MoEConfig, moe, "moe")
+        else:
+            moe_hints = _hints(MoEConfig)
+            moe_fields = [f.name for f in dataclasses.fields(MoEConfig)]
+            moe_changes = {}
+            for key, value in moe.items():
+                if key not in moe_fields:
+                    raise ConfigError(f"unknown key 'moe.{key}'{_closest(key, moe_fields)}")
+                moe_changes[key] = coerce(value, moe_hints[key], f"moe.{key}")
+            try:
+                moe_cfg = dataclasses.replace(moe_cfg, **moe_changes)
+            except ValueError as exc:
+                raise ConfigError(f"moe: {exc}") from None
+    try:
+        return flavor, dataclasses.replace(base, moe=moe_cfg, **changes)
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from None
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    valid = list(SECTIONS) + list(MODEL_SECTIONS)
+    for key in data:
+        if key not in valid:
+            raise ConfigError(f"unknown section '{key}'{_closest(key, valid)}")
+    if "model" not in data:
+        raise ConfigError("the config needs a 'model' section with a 'flavor'")
+    flavor, model = _build_model_config(data["model"] or {}, data.get("moe"))
+    sections = {name: from_dict(cls, data.get(name) or {}, name) for name, cls in SECTIONS.items()}
+    cfg = Config(model=model, flavor=flavor, **sections)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that span sections (each section validates its own fields)."""
+    if cfg.model.learn_sigma and cfg.diffusion.objective == "flow":
+        raise ConfigError("model.learn_sigma = true needs diffusion.objective = ddpm (flow predicts a velocity only)")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    data = load_yaml(path)
+    apply_overrides(data, list(overrides or []))
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    model = to_dict(cfg.model)
+    moe = model.pop("moe")
+    out: dict[str, Any] = {"model": {"flavor": cfg.flavor, **model}}
+    if moe is not None:
+        out["moe"] = moe
+    for name in SECTIONS:
+        out[name] = to_dict(getattr(cfg, name))
+    return out
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    dump_yaml(config_to_dict(cfg), path)
