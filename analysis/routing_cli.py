@@ -1,0 +1,107 @@
+"""`moedit analyze routing RUN [RUN ...]`: expert-routing report from logs and/or a probe.
+
+Dispatched from `moedit analyze` (analysis/cli.py); defines add_arguments(parser) and
+main(args) -> int like every moedit command module.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from moedit.errors import MoeditError
+
+
+def _levels(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--noise-levels {text!r}: expected comma-separated "
+                                         "floats in [0, 1], e.g. 0.1,0.5,0.9") from None
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"--noise-levels {text!r}: values must lie in [0, 1]")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN",
+                        help="run directories written by `moedit train` (several: side by side)")
+    parser.add_argument("--out", help="output directory (default RUN/analysis/routing for one "
+                        "run; required for several)")
+    parser.add_argument("--last", type=int, default=5, metavar="N",
+                        help="sum the last N logging intervals for the headline metrics "
+                        "(0 = all; default 5)")
+    parser.add_argument("--no-html", action="store_true", help="write only JSON and Markdown")
+    probe = parser.add_argument_group("offline probe (runs the EMA model of a checkpoint)")
+    probe.add_argument("--probe", action="store_true",
+                       help="also run the model over held-out shards and record per-token routing")
+    probe.add_argument("--checkpoint", help="checkpoint dir or safetensors (default: the run's "
+                       "latest; only with one RUN)")
+    probe.add_argument("--shards", help="held-out shard directory (default: the run's data config)")
+    probe.add_argument("--noise-levels", type=_levels, default=_levels("0.05,0.25,0.5,0.75,0.95"),
+                       help="comma-separated noise levels in [0, 1] (1 = pure noise)")
+    probe.add_argument("--trajectory", action="store_true",
+                       help="probe full sampling trajectories instead of fixed noise levels")
+    probe.add_argument("--sampling-steps", type=int, default=50, help="steps per trajectory")
+    probe.add_argument("--num-samples", type=int, default=256, help="samples to probe")
+    probe.add_argument("--batch-size", type=int, default=32)
+    probe.add_argument("--noise-bins", type=int, default=10,
+                       help="noise-level bins when the run logged none")
+    probe.add_argument("--predictor-threshold", type=float, default=0.5,
+                       help="probability above which the capacity predictor counts as 'select'")
+    probe.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if "
+                       "available)")
+    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument("--trace", metavar="FILE.npz",
+                       help="also write a compact per-token trace (memory grows with samples)")
+    probe.add_argument("--from-trace", metavar="FILE.npz",
+                       help="analyse a trace written earlier instead of running the model")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if len(args.runs) > 1 and not args.out:
+        raise MoeditError("several runs given: pass --out DIR for the comparison report")
+    if args.last < 0:
+        raise MoeditError(f"--last {args.last}: must be >= 0")
+    if (args.checkpoint or args.from_trace or args.trace) and len(args.runs) > 1:
+        raise MoeditError("--checkpoint, --trace and --from-trace take one RUN only")
+    if args.num_samples < 1 or args.batch_size < 1 or args.sampling_steps < 1:
+        raise MoeditError("--num-samples, --batch-size and --sampling-steps must be >= 1")
+
+
+def _probe_run(args: argparse.Namespace, run) -> dict | None:
+    if not (args.probe or args.from_trace):
+        return None
+    # imported here: the probe pulls in torch and the model zoo, the log report does not
+    from moedit.analysis import routing_probe, routing_trace
+
+    edges = (run.routing[-1][1].get("noise_bin_edges") if run.routing else None)
+    if not edges or len(edges) < 2:
+        from moedit.analysis.routing_accumulate import uniform_edges
+        edges = uniform_edges(args.noise_bins)
+    if args.from_trace:
+        return routing_trace.analyse_trace(args.from_trace, edges, args.predictor_threshold)
+    options = routing_probe.ProbeOptions(
+        noise_levels=args.noise_levels, trajectory=args.trajectory,
+        sampling_steps=args.sampling_steps, num_samples=args.num_samples,
+        batch_size=args.batch_size, predictor_threshold=args.predictor_threshold,
+        device=args.device, seed=args.seed, shards=args.shards, trace=args.trace)
+    return routing_probe.probe(args.checkpoint or run.path, edges, options)
+
+
+def main(args: argparse.Namespace) -> int:
+    from moedit.analysis import routing_report, routing_sources
+
+    _check_args(args)
+    want_probe = bool(args.probe or args.from_trace)
+    entries = []
+    for run_dir in args.runs:
+        run = routing_sources.read_run(run_dir, require_routing=not want_probe)
+        probe = _probe_run(args, run)
+        entries.append(routing_report.run_entry(run, args.last or None, probe))
+    report = routing_report.build_report(entries)
+    out = Path(args.out) if args.out else Path(args.runs[0]) / "analysis" / "routing"
+    paths = routing_report.write_report(report, out, write_html=not args.no_html)
+    for kind, path in paths.items():
+        print(f"{kind:8s} {path}")
+    return 0
