@@ -1,0 +1,176 @@
+"""DiT (Peebles & Xie 2023) with adaLN-Zero blocks whose FFN is dense or an MoE layer.
+
+Called as `model(x_t, t, y)`; see docs/DESIGN.md for the time convention. The model maps t to a
+noise level (1 = pure noise) only for routing statistics: `set_time_convention("flow" | "ddpm")`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moedit.models.config import ModelConfig
+from moedit.models.layers import (
+    Attention,
+    FinalLayer,
+    LabelEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    build_dense_ffn,
+    modulate,
+    sincos_2d,
+)
+from moedit.models.moe import MoELayer, RoutingContext
+from moedit.models.routers import AUX_COEF_FIELDS, DiffMoERouter
+
+TIME_CONVENTIONS = ("flow", "ddpm")
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm attention + FFN, both modulated and gated by adaLN-Zero from the condition c."""
+
+    def __init__(self, cfg: ModelConfig, index: int, num_noise_bins: int):
+        super().__init__()
+        D = cfg.hidden_size
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(D, cfg.num_heads, qk_norm=cfg.qk_norm)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        if cfg.is_moe_block(index):
+            self.mlp = MoELayer(cfg, index, num_noise_bins)
+        else:
+            self.mlp = build_dense_ffn(cfg.ffn_type, D, cfg.ffn_hidden)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, ctx: RoutingContext | None) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), ctx)
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, p = cfg.hidden_size, cfg.patch_size
+        self.grid = cfg.input_size // p
+        self.x_embedder = PatchEmbed(p, cfg.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob) if cfg.num_classes else None
+        # A frozen parameter (not a buffer), as in DiT: it is part of the published parameter count.
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, D), requires_grad=False)
+        edges = cfg.moe.noise_bin_edges() if cfg.moe else [0.0, 1.0]
+        self.noise_bin_edges = list(edges)
+        self.register_buffer("_inner_edges", torch.tensor(edges[1:-1], dtype=torch.float32), persistent=False)
+        self.blocks = nn.ModuleList(DiTBlock(cfg, i, len(edges) - 1) for i in range(cfg.depth))
+        self.final_layer = FinalLayer(D, p, cfg.out_channels)
+        self.time_convention, self.num_timesteps = "flow", 1000
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's init: xavier Linear, zero adaLN and output (adaLN-Zero), N(0, 0.02) embeddings."""
+        def xavier(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(xavier)
+        if self.pos_embed.device.type != "meta":
+            self.pos_embed.data.copy_(sincos_2d(self.cfg.hidden_size, self.grid, self.grid).unsqueeze(0))
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if isinstance(block.mlp, MoELayer):
+                block.mlp.router.reset_gate()  # after the xavier sweep: DiffMoE gates are N(0, 0.006^2)
+                block.mlp.experts.reset_parameters()
+        for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    # ----- forward -----------------------------------------------------------------------------
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, p*p*C) -> (B, C, H, W), in DiT's (h, w, p, q, c) order."""
+        B, p, c, g = x.shape[0], self.cfg.patch_size, self.cfg.out_channels, self.grid
+        x = x.reshape(B, g, g, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(B, c, g * p, g * p)
+
+    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) model time -> noise level in [0, 1] (1 = pure noise)."""
+        level = 1.0 - t.float() if self.time_convention == "flow" else t.float() / self.num_timesteps
+        return level.clamp(0.0, 1.0)
+
+    def _check_input(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        c, s = self.cfg.in_channels, self.cfg.input_size
+        if x.dim() != 4 or x.shape[1:] != (c, s, s):
+            raise ValueError(f"model input has shape {tuple(x.shape)}: expected (B, {c}, {s}, {s}) "
+                             f"for in_channels={c}, input_size={s}")
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"model timesteps t have shape {tuple(t.shape)}: expected ({x.shape[0]},)")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W), t (B,), y (B,) long -> (B, out_channels, H, W)."""
+        self._check_input(x, t)
+        h = self.x_embedder(x) + self.pos_embed  # (B, T, D), T = (H/p) * (W/p)
+        c = self.t_embedder(t)  # (B, D)
+        labels = None
+        if self.y_embedder is not None:
+            if y is None:
+                raise ValueError("model: class labels y are required (num_classes > 0); pass num_classes "
+                                 "for the null class")
+            labels = self.y_embedder.drop_labels(y)
+            c = c + self.y_embedder(labels)
+        ctx = None
+        if self.cfg.moe is not None:
+            level = self.noise_level(t)
+            bins = torch.bucketize(level, self._inner_edges, right=True)  # (B,)
+            ctx = RoutingContext(x.shape[0], level, bins, labels)
+        for block in self.blocks:
+            h = block(h, c, ctx)
+        return self.unpatchify(self.final_layer(h, c))
+
+    # ----- MoE API (docs/DESIGN.md) -------------------------------------------------------------
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoELayer)]
+
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """Unweighted auxiliary terms of the latest forward, summed over MoE layers."""
+        total: dict[str, torch.Tensor] = {}
+        for layer in self.moe_layers():
+            for name, value in layer.last_aux.items():
+                total[name] = total[name] + value if name in total else value
+        return total
+
+    def aux_loss_coefs(self) -> dict[str, float]:
+        """Weight of each term `aux_losses` can return for this model."""
+        if self.cfg.moe is None:
+            return {}
+        terms = self.moe_layers()[0].aux_terms() if self.moe_layers() else ()
+        return {name: float(getattr(self.cfg.moe, AUX_COEF_FIELDS[name])) for name in terms}
+
+    def threshold_buffers(self) -> list[torch.Tensor]:
+        """DiffMoE per-expert thresholds, for engines to average across data-parallel ranks in place."""
+        return [layer.router.expert_threshold for layer in self.moe_layers()
+                if isinstance(layer.router, DiffMoERouter)]
+
+    def set_time_convention(self, convention: str, num_timesteps: int = 1000) -> None:
+        """How t maps to noise level for statistics: 'flow' (1 - t) or 'ddpm' (t / num_timesteps)."""
+        if convention not in TIME_CONVENTIONS:
+            raise ValueError(f"time convention {convention!r}: must be one of {', '.join(TIME_CONVENTIONS)}")
+        if num_timesteps < 1:
+            raise ValueError(f"num_timesteps = {num_timesteps}: must be >= 1")
+        self.time_convention, self.num_timesteps = convention, int(num_timesteps)
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> DiT:
+    """Instantiate a DiT from its config (on `device`; "meta" allocates nothing)."""
+    if device is None:
+        return DiT(cfg)
+    with torch.device(device):
+        return DiT(cfg)

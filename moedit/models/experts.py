@@ -1,0 +1,112 @@
+"""Routed experts stored as stacked weights and computed in one batched call.
+
+Weights keep nn.Linear's (out, in) layout per expert, stacked on a leading expert axis, so an
+official per-expert checkpoint (experts.i.fc1.weight, ...) imports with one torch.stack.
+
+Two entry points:
+- `forward_uniform(x (E, K, D))`: every expert has the same number of rows (expert choice, or
+  token choice padded to a capacity): one bmm per projection.
+- `forward_grouped(x (N, D), tokens_per_expert (E,))`: rows sorted by expert with uneven counts
+  (dropless token choice, DiffMoE dynamic inference): `torch._grouped_mm` on CUDA for 16-bit
+  dtypes, else a loop-free pad-to-max + bmm fallback (one host sync for the max count).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _grouped_mm_usable(x: torch.Tensor) -> bool:
+    return x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype in (torch.bfloat16,)
+
+
+class GroupedExperts(nn.Module):
+    """E experts of type `gelu` (fc1/fc2 with biases) or `swiglu` (gate/up/down, no biases)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, expert_hidden: int, ffn_type: str):
+        super().__init__()
+        E, D, Fh = num_experts, hidden_size, expert_hidden
+        self.num_experts, self.ffn_type = E, ffn_type
+        self.force_fallback = False  # tests flip this to compare the two grouped paths
+        if ffn_type == "gelu":
+            self.fc1_weight = nn.Parameter(torch.empty(E, Fh, D))
+            self.fc1_bias = nn.Parameter(torch.zeros(E, Fh))
+            self.fc2_weight = nn.Parameter(torch.empty(E, D, Fh))
+            self.fc2_bias = nn.Parameter(torch.zeros(E, D))
+        else:
+            self.gate_proj_weight = nn.Parameter(torch.empty(E, Fh, D))
+            self.up_proj_weight = nn.Parameter(torch.empty(E, Fh, D))
+            self.down_proj_weight = nn.Parameter(torch.empty(E, D, Fh))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform per expert (as DiT initialises every nn.Linear), zero biases."""
+        for name, p in self.named_parameters(recurse=False):
+            if name.endswith("_bias"):
+                nn.init.zeros_(p)
+            else:
+                fan_out, fan_in = p.shape[1], p.shape[2]
+                bound = math.sqrt(6.0 / (fan_in + fan_out))
+                nn.init.uniform_(p, -bound, bound)
+
+    def _weights(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        names = ("fc1_weight", "fc2_weight") if self.ffn_type == "gelu" else (
+            "gate_proj_weight", "up_proj_weight", "down_proj_weight")
+        return [getattr(self, n).to(dtype) for n in names]
+
+    @staticmethod
+    def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
+
+    def forward_uniform(self, x: torch.Tensor) -> torch.Tensor:
+        """(E, K, D) -> (E, K, D)."""
+        dtype = self._compute_dtype(x)
+        x = x.to(dtype)
+        if self.ffn_type == "gelu":
+            w1, w2 = self._weights(dtype)
+            h = torch.baddbmm(self.fc1_bias.to(dtype).unsqueeze(1), x, w1.transpose(1, 2))  # (E, K, F)
+            h = F.gelu(h, approximate="tanh")
+            return torch.baddbmm(self.fc2_bias.to(dtype).unsqueeze(1), h, w2.transpose(1, 2))  # (E, K, D)
+        wg, wu, wd = self._weights(dtype)
+        h = F.silu(torch.bmm(x, wg.transpose(1, 2))) * torch.bmm(x, wu.transpose(1, 2))  # (E, K, F)
+        return torch.bmm(h, wd.transpose(1, 2))
+
+    def forward_grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """(N, D) rows sorted by expert, counts (E,) summing to N -> (N, D)."""
+        dtype = self._compute_dtype(x)
+        x = x.to(dtype)
+        if _grouped_mm_usable(x) and not self.force_fallback:
+            return self._grouped_mm(x, tokens_per_expert)
+        return self._padded(x, tokens_per_expert)
+
+    def _expert_of_row(self, tokens_per_expert: torch.Tensor, num_rows: int) -> torch.Tensor:
+        experts = torch.arange(self.num_experts, device=tokens_per_expert.device)
+        return torch.repeat_interleave(experts, tokens_per_expert, output_size=num_rows)  # (N,)
+
+    def _grouped_mm(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)  # (E,) group ends; stays on device
+        if self.ffn_type == "gelu":
+            w1, w2 = self._weights(x.dtype)
+            row_expert = self._expert_of_row(tokens_per_expert, x.shape[0])
+            h = torch._grouped_mm(x, w1.transpose(1, 2), offs=offs) + self.fc1_bias.to(x.dtype)[row_expert]
+            h = F.gelu(h, approximate="tanh")  # (N, F)
+            return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs) + self.fc2_bias.to(x.dtype)[row_expert]
+        wg, wu, wd = self._weights(x.dtype)
+        h = F.silu(torch._grouped_mm(x, wg.transpose(1, 2), offs=offs)) * torch._grouped_mm(
+            x, wu.transpose(1, 2), offs=offs)
+        return torch._grouped_mm(h, wd.transpose(1, 2), offs=offs)
+
+    def _padded(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        N, D = x.shape
+        row_expert = self._expert_of_row(tokens_per_expert, N)  # (N,)
+        starts = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert  # (E,)
+        row_pos = torch.arange(N, device=x.device) - starts[row_expert]  # (N,) slot within its expert
+        width = int(tokens_per_expert.max()) if N else 0  # host sync: fallback path only
+        padded = x.new_zeros(self.num_experts, width, D).index_put((row_expert, row_pos), x)  # (E, M, D)
+        return self.forward_uniform(padded)[row_expert, row_pos]  # (N, D)

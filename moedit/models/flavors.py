@@ -1,0 +1,96 @@
+"""The registry of named model flavors. A flavor is data: a `ModelConfig`.
+
+- DiT-{S,B,L,XL}/{2,4,8}: the DiT paper's dense models (256px, 32x32x4 latents, learned sigma).
+- DiffMoE-{S-E16,B-E16,L-E8,L-E16}: MoE FFN in every second block (1, 3, ...), full-width experts,
+  expert choice over the batch pool, capacity predictor (the official code's shapes).
+- Dense-DiT-{S,B,L,XL}, TC-DiT-*, EC-DiT-*: the DiffMoE paper's baselines with the same shapes
+  (TC: top-1 token choice + balance loss 0.01; EC: per-sample expert choice at capacity 1).
+- DiT-MoE-{S,B,L,XL}/2-8E2A, DiT-MoE-S/2-16E2A, DiT-MoE-G/2-16E2A: MoE in every block, top-2
+  softmax token choice without renormalisation, SwiGLU experts (hidden 4D) plus one SwiGLU shared
+  expert of hidden 2D, balance loss 0.01 (DiT-MoE's code).
+- tiny-*: two-block models for CPU tests and demos (4x16x16 latents, 10 classes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from moedit.models.config import ModelConfig, MoEConfig
+
+SIZES = {  # name -> (depth, hidden, heads)
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+    "G": (40, 1408, 16),
+}
+
+
+def _dit(size: str, patch: int, name: str, **kw) -> ModelConfig:
+    depth, hidden, heads = SIZES[size]
+    return ModelConfig(name=name, depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch, **kw)
+
+
+def _diffmoe_family() -> dict[str, ModelConfig]:
+    out = {}
+    for size, experts in (("S", 16), ("B", 16), ("L", 8), ("L", 16)):
+        tag = f"{size}-E{experts}"
+        diffmoe = MoEConfig(router="diffmoe", num_experts=experts, every=2, first=1)
+        tc = MoEConfig(router="token_choice", num_experts=experts, every=2, first=1, top_k=1, balance_coef=0.01,
+                       gate_init_std=0.006)
+        ec = MoEConfig(router="expert_choice", num_experts=experts, every=2, first=1)
+        out[f"DiffMoE-{tag}"] = _dit(size, 2, f"DiffMoE-{tag}", moe=diffmoe)
+        out[f"TC-DiT-{tag}"] = _dit(size, 2, f"TC-DiT-{tag}", moe=tc)
+        out[f"EC-DiT-{tag}"] = _dit(size, 2, f"EC-DiT-{tag}", moe=ec)
+    for size in ("S", "B", "L", "XL"):
+        out[f"Dense-DiT-{size}"] = _dit(size, 2, f"Dense-DiT-{size}")
+    return out
+
+
+def _ditmoe(size: str, experts: int) -> ModelConfig:
+    name = f"DiT-MoE-{size}/2-{experts}E2A"
+    moe = MoEConfig(router="token_choice", num_experts=experts, every=1, first=0, top_k=2, score_func="softmax",
+                    renormalize=False, balance_coef=0.01, num_shared_experts=1, shared_expert_ratio=0.5,
+                    gate_init_std=None)
+    return _dit(size, 2, name, ffn_type="swiglu", moe=moe)
+
+
+def _tiny(name: str, moe: MoEConfig | None, **kw) -> ModelConfig:
+    return ModelConfig(name=name, input_size=16, in_channels=4, patch_size=2, hidden_size=32, depth=2, num_heads=2,
+                       num_classes=10, moe=moe, **kw)
+
+
+def _build_registry() -> dict[str, ModelConfig]:
+    flavors: dict[str, ModelConfig] = {}
+    for size in ("S", "B", "L", "XL"):
+        for patch in (2, 4, 8):
+            flavors[f"DiT-{size}/{patch}"] = _dit(size, patch, f"DiT-{size}/{patch}")
+    flavors.update(_diffmoe_family())
+    for size in ("S", "B", "L", "XL"):
+        flavors[f"DiT-MoE-{size}/2-8E2A"] = _ditmoe(size, 8)
+    flavors["DiT-MoE-S/2-16E2A"] = _ditmoe("S", 16)
+    flavors["DiT-MoE-G/2-16E2A"] = _ditmoe("G", 16)
+    flavors["tiny-dense"] = _tiny("tiny-dense", None)
+    flavors["tiny-diffmoe"] = _tiny("tiny-diffmoe", MoEConfig(router="diffmoe", num_experts=4, every=2, first=1))
+    flavors["tiny-tc"] = _tiny("tiny-tc", MoEConfig(router="token_choice", num_experts=4, every=2, first=1,
+                                                    top_k=1, balance_coef=0.01))
+    flavors["tiny-ec"] = _tiny("tiny-ec", MoEConfig(router="expert_choice", num_experts=4, every=2, first=1))
+    flavors["tiny-ditmoe"] = _tiny("tiny-ditmoe", MoEConfig(
+        router="token_choice", num_experts=4, every=1, first=0, top_k=2, balance_coef=0.01,
+        num_shared_experts=1, shared_expert_ratio=0.5, gate_init_std=None), ffn_type="swiglu")
+    return flavors
+
+
+FLAVORS: dict[str, ModelConfig] = _build_registry()
+
+
+def get_flavor(name: str) -> ModelConfig:
+    """A fresh copy of a registry flavor (safe to modify)."""
+    if name not in FLAVORS:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(FLAVORS), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see `moedit models` for the list"
+        raise ValueError(f"model flavor {name!r} is not in the registry{hint}")
+    cfg = FLAVORS[name]
+    return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe) if cfg.moe else None)

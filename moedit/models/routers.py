@@ -1,0 +1,231 @@
+"""Routers: from token features to a `RoutingDecision` (which token goes to which expert, weight).
+
+A router sees the flattened routing pool x (S, D), S = B * T, tokens sample-major, and returns
+assignments sorted by expert. The MoE layer (moe.py) dispatches, runs the experts and combines;
+a new routing scheme is a new router class registered in `ROUTER_CLASSES`.
+
+Training forwards of every router avoid host syncs (no .item(), no nonzero): shapes depend only
+on S, E and the config. DiffMoE's dynamic inference has data-dependent counts and syncs once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moedit.models.config import MoEConfig
+
+
+@dataclass
+class RoutingDecision:
+    """Assignments sorted by expert: rows [start_e, start_e + tokens_per_expert[e]) go to expert e."""
+
+    token_index: torch.Tensor  # (N,) long, index into the pool of S tokens
+    weight: torch.Tensor  # (N,) combine weight (0 on padding slots)
+    tokens_per_expert: torch.Tensor  # (E,) long, real (non-padding) rows per expert
+    probs: torch.Tensor  # (S, E) router probabilities (rows sum to 1), for stats and capture
+    capacity: int | None = None  # K when every expert has exactly K rows (N = E * K, padding included)
+    valid: torch.Tensor | None = None  # (N,) bool, False on padding slots; None: all valid
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted auxiliary losses
+    dropped: torch.Tensor | None = None  # () long, assignments dropped by a capacity limit
+    predictor_prob: torch.Tensor | None = None  # (S, E) DiffMoE capacity-predictor probabilities
+    predictor_confusion: torch.Tensor | None = None  # (4,) long: tp, fp, fn, tn vs the training selection
+
+
+def _gate(hidden_size: int, num_experts: int, init_std: float | None) -> nn.Linear:
+    gate = nn.Linear(hidden_size, num_experts, bias=False)
+    if init_std is not None:
+        nn.init.normal_(gate.weight, std=init_std)
+    return gate
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """mean over tokens of logsumexp(logits)^2 (ST-MoE router z-loss)."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+class Router(nn.Module):
+    """Base: a bias-free gate Linear(D, E) (`gate.weight` (E, D))."""
+
+    def __init__(self, cfg: MoEConfig, hidden_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = cfg.num_experts
+        self.gate = _gate(hidden_size, cfg.num_experts, cfg.gate_init_std)
+
+    def reset_gate(self) -> None:
+        if self.cfg.gate_init_std is not None:
+            nn.init.normal_(self.gate.weight, std=self.cfg.gate_init_std)
+        else:
+            self.gate.reset_parameters()
+
+
+class DiffMoERouter(Router):
+    """Expert choice over the batch-level token pool with a capacity predictor (DiffMoE).
+
+    Training: each expert takes its top-K tokens by softmax score over all S tokens,
+    K = int(S / E * capacity); the score is the combine weight. The predictor (Linear-SiLU-Linear
+    on x.detach()) learns the selection mask with BCE, and each expert's threshold tracks the
+    K-th largest predictor probability by EMA. Eval: `dynamic` gives expert e the top-k_e tokens
+    by score with k_e = #{sigmoid(pred_e) > tau_e}; `global_threshold` uses one gamma;
+    `static` uses K at `inference_capacity`.
+    """
+
+    def __init__(self, cfg: MoEConfig, hidden_size: int):
+        super().__init__(cfg, hidden_size)
+        E, D = cfg.num_experts, hidden_size
+        self.capacity_predictor = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, E))
+        self.register_buffer("expert_threshold", torch.zeros(E))
+
+    def forward(self, x: torch.Tensor, batch_size: int) -> RoutingDecision:
+        S, E = x.shape[0], self.num_experts
+        logits = self.gate(x).float()  # (S, E)
+        probs = logits.softmax(dim=-1)
+        # detach: the predictor must not shape the backbone's features
+        pred_logits = self.capacity_predictor(x.detach()).float()  # (S, E)
+        pred_prob = torch.sigmoid(pred_logits)
+        aux = {"z": z_loss(logits)}
+        if not self.training and self.cfg.inference_mode != "static":
+            gamma = self.expert_threshold if self.cfg.inference_mode == "dynamic" else torch.full_like(
+                self.expert_threshold, self.cfg.global_threshold)
+            decision = self._threshold_decision(probs, pred_prob > gamma.float()[None])
+        else:
+            capacity = self.cfg.capacity if self.training else self.cfg.inference_capacity
+            K = int(S / E * capacity)
+            if K < 1:
+                raise ValueError(f"moe.capacity = {capacity}: gives K = int(S/E * C) = 0 tokens per expert "
+                                 f"for a pool of S = {S} tokens and E = {E}; raise capacity or the batch size")
+            weight, index = probs.t().topk(K, dim=1)  # (E, K) each
+            decision = RoutingDecision(index.reshape(-1), weight.reshape(-1),
+                                       torch.full((E,), K, dtype=torch.long, device=x.device), probs, capacity=K)
+            if self.training:
+                target = torch.zeros(E, S, device=x.device).scatter_(1, index, 1.0).t()  # (S, E)
+                aux["predictor"] = F.binary_cross_entropy_with_logits(pred_logits, target)
+                decision.predictor_confusion = self._update_threshold(pred_prob.detach(), target.bool(), K)
+        decision.aux = aux
+        decision.predictor_prob = pred_prob.detach()
+        return decision
+
+    @torch.no_grad()
+    def _update_threshold(self, pred_prob: torch.Tensor, target: torch.Tensor, K: int) -> torch.Tensor:
+        """tau <- d * tau + (1 - d) * (K-th largest predictor probability per expert)."""
+        predicted = pred_prob > self.expert_threshold.float()[None]  # (S, E), what dynamic inference would pick
+        confusion = torch.stack([(predicted & target).sum(), (predicted & ~target).sum(),
+                                 (~predicted & target).sum(), (~predicted & ~target).sum()])
+        kth = pred_prob.t().topk(K, dim=1, sorted=False).values.amin(dim=1)  # (E,)
+        d = self.cfg.threshold_decay
+        self.expert_threshold.mul_(d).add_(kth.to(self.expert_threshold.dtype), alpha=1 - d)
+        return confusion
+
+    @staticmethod
+    def _threshold_decision(probs: torch.Tensor, above: torch.Tensor) -> RoutingDecision:
+        """Expert e takes its top-k_e tokens by score, k_e = above[:, e].sum() (data-dependent: syncs)."""
+        S, E = probs.shape
+        counts = above.sum(dim=0)  # (E,)
+        weight_sorted, order = probs.t().sort(dim=1, descending=True)  # (E, S)
+        keep = torch.arange(S, device=probs.device)[None] < counts[:, None]  # (E, S)
+        return RoutingDecision(order[keep], weight_sorted[keep], counts.long(), probs)
+
+
+class TokenChoiceRouter(Router):
+    """Top-k experts per token (GShard/Switch/DiT-MoE), with optional capacity and aux-free bias."""
+
+    def __init__(self, cfg: MoEConfig, hidden_size: int):
+        super().__init__(cfg, hidden_size)
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=cfg.aux_free_bias)
+
+    def forward(self, x: torch.Tensor, batch_size: int) -> RoutingDecision:
+        S, E, k = x.shape[0], self.num_experts, self.cfg.top_k
+        logits = self.gate(x).float()  # (S, E)
+        if self.cfg.score_func == "softmax":
+            scores = probs = logits.softmax(dim=-1)
+        else:
+            scores = torch.sigmoid(logits)
+            probs = scores / scores.sum(dim=-1, keepdim=True)
+        select = scores + self.expert_bias.float()[None] if self.cfg.aux_free_bias else scores
+        top_index = select.topk(k, dim=-1).indices  # (S, k); the bias steers selection only
+        top_weight = scores.gather(1, top_index)  # (S, k)
+        if self.cfg.renormalize:
+            top_weight = top_weight / top_weight.sum(dim=-1, keepdim=True)
+        counts = torch.bincount(top_index.reshape(-1), minlength=E)  # (E,) before any dropping
+        # Switch balance: sum_i f_i P_i, f_i = E * share of assignments, P_i = mean router prob
+        balance = (counts.float() * (E / (S * k)) * probs.mean(dim=0)).sum()
+        aux = {"balance": balance, "z": z_loss(logits)}
+        if self.training and self.cfg.aux_free_bias:
+            with torch.no_grad():
+                load = counts.float()
+                self.expert_bias.add_(torch.sign(load.mean() - load), alpha=self.cfg.aux_free_rate)
+
+        expert_flat = top_index.reshape(-1)  # (S*k,), token-major
+        order = torch.argsort(expert_flat, stable=True)  # stable: first come first served within an expert
+        token_sorted = torch.div(order, k, rounding_mode="floor")
+        weight_sorted = top_weight.reshape(-1)[order]
+        if self.cfg.capacity_factor is None:
+            decision = RoutingDecision(token_sorted, weight_sorted, counts, probs)
+        else:
+            decision = self._drop_to_capacity(expert_flat[order], token_sorted, weight_sorted, counts, probs)
+        decision.aux = aux
+        return decision
+
+    def _drop_to_capacity(self, expert_sorted, token_sorted, weight_sorted, counts, probs) -> RoutingDecision:
+        """Pack assignments into (E, cap) slots; those past `cap` in an expert are dropped."""
+        S, E, k = probs.shape[0], self.num_experts, self.cfg.top_k
+        cap = math.ceil(S * k / E * self.cfg.capacity_factor)
+        N = expert_sorted.shape[0]
+        starts = torch.cumsum(counts, 0) - counts  # (E,)
+        pos = torch.arange(N, device=probs.device) - starts[expert_sorted]  # (N,) rank within expert
+        keep = pos < cap
+        slot = torch.where(keep, expert_sorted * cap + pos, E * cap)  # dropped -> one spare slot
+        size = E * cap + 1
+        slot_token = torch.zeros(size, dtype=torch.long, device=probs.device).scatter_(0, slot, token_sorted)
+        slot_weight = torch.zeros(size, dtype=weight_sorted.dtype, device=probs.device).scatter(
+            0, slot, weight_sorted * keep)
+        slot_valid = torch.zeros(size, dtype=torch.bool, device=probs.device).scatter_(0, slot, keep)
+        return RoutingDecision(slot_token[:-1], slot_weight[:-1], counts.clamp(max=cap), probs, capacity=cap,
+                               valid=slot_valid[:-1], dropped=(~keep).sum())
+
+
+class ExpertChoiceRouter(Router):
+    """Expert choice within each sample (EC-DiT): expert e takes the top-K of the T tokens of every
+    sample, K = int(T / E * capacity); softmax scores are the combine weights."""
+
+    def forward(self, x: torch.Tensor, batch_size: int) -> RoutingDecision:
+        S, E = x.shape[0], self.num_experts
+        T = S // batch_size
+        logits = self.gate(x).float()  # (S, E)
+        probs = logits.softmax(dim=-1)
+        K = int(T / E * self.cfg.capacity)
+        if K < 1:
+            raise ValueError(f"moe.capacity = {self.cfg.capacity}: gives K = int(T/E * C) = 0 tokens per expert "
+                             f"per sample for T = {T} tokens and E = {E}; raise capacity or lower num_experts")
+        per_sample = probs.view(batch_size, T, E).permute(2, 0, 1)  # (E, B, T)
+        weight, index = per_sample.topk(K, dim=-1)  # (E, B, K)
+        index = index + (torch.arange(batch_size, device=x.device) * T).view(1, -1, 1)  # pool positions
+        return RoutingDecision(index.reshape(-1), weight.reshape(-1),
+                               torch.full((E,), batch_size * K, dtype=torch.long, device=x.device), probs,
+                               capacity=batch_size * K, aux={"z": z_loss(logits)})
+
+
+ROUTER_CLASSES: dict[str, type[Router]] = {
+    "diffmoe": DiffMoERouter,
+    "token_choice": TokenChoiceRouter,
+    "expert_choice": ExpertChoiceRouter,
+}
+
+# Which auxiliary terms each router produces, and the MoEConfig field holding each weight.
+AUX_TERMS: dict[str, tuple[str, ...]] = {
+    "diffmoe": ("predictor", "z"),
+    "token_choice": ("balance", "z"),
+    "expert_choice": ("z",),
+}
+AUX_COEF_FIELDS = {"balance": "balance_coef", "z": "z_loss_coef", "predictor": "predictor_coef"}
+
+
+def build_router(cfg: MoEConfig, hidden_size: int) -> Router:
+    if cfg.router not in ROUTER_CLASSES:
+        raise ValueError(f"moe.router = {cfg.router!r}: must be one of {', '.join(ROUTER_CLASSES)}")
+    return ROUTER_CLASSES[cfg.router](cfg, hidden_size)
