@@ -1,0 +1,73 @@
+"""The `data` section of a training config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BAD_DATA_POLICIES = ("raise", "skip")
+
+
+@dataclass
+class DataConfig:
+    """Where the latent shards are and how the streaming loader reads them."""
+
+    path: str = "data/digits"
+    """Shards: a directory holding `*.tar` and `dataset.json`, a brace pattern
+    (`/data/in1k/shard-{000000..000127}.tar`), a `pipe:` URL (`pipe:cat /x/shard-{0..7}.tar`)
+    or several of these joined by `::`."""
+
+    manifest: str | None = None
+    """Path of `dataset.json`. Default: inside `path` if it is a directory, else in the directory
+    of the first shard. Required for `pipe:` URLs."""
+
+    num_workers: int = 2
+    """DataLoader worker processes per rank; 0 reads in the training process. Part of the sample
+    order: a run must resume with the same value."""
+
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead of the trainer (ignored with num_workers = 0)."""
+
+    shuffle: bool = True
+    """Shuffle the shard order every epoch and samples within blocks of `shuffle_buffer`."""
+
+    shuffle_buffer: int = 1000
+    """Samples of one worker's stream permuted together (a block shuffle; 1 = no sample shuffle).
+    Memory per worker is about this many encoded samples."""
+
+    resampled: bool = False
+    """Infinite mode: every worker draws shards at random with replacement and iteration never
+    ends. Default: epochs in which every sample is seen exactly once."""
+
+    drop_last: bool = False
+    """Drop each worker's final partial batch of an epoch (counted in stats as `dropped_remainder`).
+    Default keeps them, so batches can be smaller than batch_size at the end of an epoch."""
+
+    verify_checksums: bool = True
+    """Check each shard's sha256 against the manifest when it is read (catches corrupted payloads
+    that still parse); a mismatch counts as bad data for every sample of the shard."""
+
+    bad_data: str = "raise"
+    """What to do with a corrupt/truncated shard, a missing key, a wrong latent shape or dtype or a
+    label out of range: `raise` (error naming shard, sample key and problem) or `skip` (count, log)."""
+
+    max_skip_fraction: float = 0.01
+    """With bad_data = skip: error once more than this fraction of a rank's samples per epoch
+    has been skipped in the current epoch."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path.strip():
+            raise ValueError(f"data.path = {self.path!r}: give a shard directory, brace pattern or pipe: URL")
+        if self.path.startswith("pipe:") and not self.manifest:
+            raise ValueError(
+                f"data.path = {self.path!r}: a pipe: URL needs data.manifest (the path of dataset.json)"
+            )
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers = {self.num_workers}: use 0 (read in-process) or more")
+        if self.prefetch_factor < 1:
+            raise ValueError(f"data.prefetch_factor = {self.prefetch_factor}: use 1 or more")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"data.shuffle_buffer = {self.shuffle_buffer}: use 1 (no sample shuffle) or more")
+        if self.bad_data not in BAD_DATA_POLICIES:
+            raise ValueError(f"data.bad_data = {self.bad_data!r}: use one of {', '.join(BAD_DATA_POLICIES)}")
+        if not 0.0 <= self.max_skip_fraction < 1.0:
+            raise ValueError(f"data.max_skip_fraction = {self.max_skip_fraction}: use a value in [0, 1)")

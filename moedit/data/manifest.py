@@ -1,0 +1,200 @@
+"""`dataset.json`, the manifest beside the shards, and shard-list resolution."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from moedit.errors import MoeditError
+
+FORMAT_NAME = "moedit-latents"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "dataset.json"
+LATENT_DTYPES = ("float16", "float32")
+ENCODER_TYPES = ("identity", "autoencoderkl", "none")
+
+
+@dataclass
+class ShardInfo:
+    """One shard as recorded in the manifest."""
+
+    name: str
+    """File name relative to the manifest's directory."""
+    num_samples: int
+    sha256: str
+    size_bytes: int
+
+
+@dataclass
+class Manifest:
+    """Mirror of dataset.json (see docs/data.md for every field)."""
+
+    latent_shape: list[int]
+    """(C, H, W) of every stored latent."""
+    latent_dtype: str
+    """float16 or float32: the dtype of the stored `.npy` arrays."""
+    num_classes: int
+    class_names: list[str]
+    shards: list[ShardInfo]
+    encoder: dict[str, Any] = field(default_factory=lambda: {"type": "identity"})
+    """How latents were made: type identity | autoencoderkl | none, and its settings."""
+    scaling_factor: float = 1.0
+    """Model-space latents are (stored - shift_factor) * scaling_factor; the loader applies it."""
+    shift_factor: float = 0.0
+    samples_per_shard: int = 0
+    num_samples: int = 0
+    source: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
+    """Hash of the preparation settings; `moedit prepare` resumes only into a matching directory."""
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    root: str = ""
+    """Directory the manifest was loaded from (not stored)."""
+
+    def __post_init__(self) -> None:
+        self.shards = [s if isinstance(s, ShardInfo) else ShardInfo(**s) for s in self.shards]
+        if not self.num_samples:
+            self.num_samples = sum(s.num_samples for s in self.shards)
+
+    def validate(self, where: str) -> None:
+        if self.format != FORMAT_NAME:
+            raise MoeditError(f"{where}: format {self.format!r} is not {FORMAT_NAME!r}")
+        if self.format_version > FORMAT_VERSION:
+            raise MoeditError(
+                f"{where}: format_version {self.format_version} is newer than this moedit reads "
+                f"({FORMAT_VERSION}); upgrade moedit"
+            )
+        if len(self.latent_shape) != 3 or min(self.latent_shape) < 1:
+            raise MoeditError(f"{where}: latent_shape {self.latent_shape} must be [C, H, W] of positive sizes")
+        if self.latent_dtype not in LATENT_DTYPES:
+            raise MoeditError(f"{where}: latent_dtype {self.latent_dtype!r} must be one of {LATENT_DTYPES}")
+        if self.num_classes < 1:
+            raise MoeditError(f"{where}: num_classes {self.num_classes} must be at least 1")
+        if self.scaling_factor == 0:
+            raise MoeditError(f"{where}: scaling_factor must not be 0")
+        if not self.shards:
+            raise MoeditError(f"{where}: lists no shards")
+        if self.num_samples != sum(s.num_samples for s in self.shards):
+            raise MoeditError(f"{where}: num_samples {self.num_samples} != sum of per-shard counts")
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("root")
+        return data
+
+    def shard(self, name: str) -> ShardInfo:
+        """The manifest entry for a shard URL or path, matched by base name."""
+        base = shard_basename(name)
+        for info in self.shards:
+            if info.name == base or os.path.basename(info.name) == base:
+                return info
+        raise MoeditError(
+            f"shard {name} is not listed in {os.path.join(self.root, MANIFEST_NAME)}; "
+            "index the shards with `moedit prepare --source shards --output DIR`"
+        )
+
+
+def shard_basename(url: str) -> str:
+    """The shard's file name in a path or a `pipe:` command (its last `.tar` word)."""
+    if url.startswith("pipe:"):
+        words = [w for w in re.split(r"[\s'\"]+", url[5:]) if w.endswith((".tar", ".tar.gz", ".tgz"))]
+        url = words[-1] if words else url
+    return os.path.basename(url)
+
+
+def load_manifest(shard_dir: str) -> Manifest:
+    """Read `dataset.json` from a shard directory (or the path of the json itself)."""
+    path = shard_dir if shard_dir.endswith(".json") else os.path.join(shard_dir, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise MoeditError(
+            f"no manifest at {path}: prepare shards with `moedit prepare`, or index existing "
+            "WebDataset shards with `moedit prepare --source shards --output DIR`"
+        )
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise MoeditError(f"{path}: not valid JSON ({exc})") from None
+    known = {f.name for f in dataclasses.fields(Manifest)} - {"root"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise MoeditError(f"{path}: unknown fields {unknown} (written by a newer moedit?)")
+    try:
+        manifest = Manifest(**data, root=os.path.dirname(os.path.abspath(path)))
+    except TypeError as exc:
+        raise MoeditError(f"{path}: {exc}") from None
+    manifest.validate(path)
+    return manifest
+
+
+def write_manifest(manifest: Manifest, shard_dir: str) -> str:
+    """Write dataset.json atomically; returns its path."""
+    path = os.path.join(shard_dir, MANIFEST_NAME)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(manifest.to_json(), f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand `{a..b}` numeric ranges (zero padding kept) and `{x,y}` lists, left to right."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    span = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if span:
+        lo, hi = span.group(1), span.group(2)
+        width = len(lo) if lo.startswith("0") else 0
+        values = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        values = body.split(",")
+    return [out for v in values for out in expand_braces(head + v + tail)]
+
+
+def resolve_shards(path: str) -> list[str]:
+    """Shard URLs for a directory, brace pattern, glob, `pipe:` URL or `::`-joined list of these."""
+    urls: list[str] = []
+    for part in filter(None, path.split("::")):
+        if part.startswith("pipe:") or "://" in part:
+            urls.extend(expand_braces(part))
+        elif os.path.isdir(part):
+            found = sorted(glob.glob(os.path.join(part, "*.tar")))
+            if not found:
+                raise MoeditError(f"no *.tar shards in directory {part}")
+            urls.extend(found)
+        else:
+            for expanded in expand_braces(part):
+                matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
+                missing = [m for m in matches if not os.path.isfile(m)]
+                if missing or not matches:
+                    raise MoeditError(f"shard not found: {missing[0] if missing else expanded} (from data.path {path!r})")
+                urls.extend(matches)
+    if not urls:
+        raise MoeditError(f"data.path {path!r} names no shards")
+    return urls
+
+
+def default_manifest_path(path: str) -> str:
+    """Where dataset.json is when data.manifest is not given."""
+    first = path.split("::")[0]
+    if os.path.isdir(first):
+        return os.path.join(first, MANIFEST_NAME)
+    return os.path.join(os.path.dirname(expand_braces(first)[0]), MANIFEST_NAME)

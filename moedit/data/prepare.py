@@ -1,0 +1,281 @@
+"""`moedit prepare`: encode a dataset into WebDataset latent shards plus dataset.json.
+
+Sample i of the output is item i // copies of the source (copy 1 is the horizontal flip when
+--flip is on); shard s holds samples [s * shard_size, (s + 1) * shard_size). Shards are encoded
+independently by a pool of processes, written atomically and recorded in `.prepare/` with their
+checksum; a rerun skips every shard whose checksum still matches, and dataset.json comes last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+from typing import Any
+
+import numpy as np
+
+from moedit.data.manifest import (
+    MANIFEST_NAME, Manifest, ShardInfo, file_sha256, load_manifest, write_manifest,
+)
+from moedit.data.sources import SOURCES, SourceSpec, open_source
+from moedit.data.tario import write_tar
+from moedit.errors import MoeditError
+
+PROGRESS_DIR = ".prepare"
+
+
+@dataclasses.dataclass
+class PrepareSpec:
+    """Everything that determines the shards' bytes (its hash is the dataset fingerprint)."""
+
+    source: SourceSpec
+    encoder: str = "identity"
+    vae: str | None = None
+    image_size: int | None = None
+    channels: int = 3
+    flip: bool = False
+    latent_sample: str = "mean"
+    dtype: str = "float16"
+    shard_size: int = 1000
+    batch_size: int = 32
+    seed: int = 0
+
+    def fingerprint(self) -> str:
+        data = dataclasses.asdict(self)
+        data["vae"] = os.path.abspath(self.vae) if self.vae else None
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", choices=SOURCES, default="digits",
+                        help="digits (built in), folder (ROOT/<class>/<images>), hf (save_to_disk dir), "
+                             "parquet (file, dir or glob), synthetic, or shards (index existing shards in --output)")
+    parser.add_argument("--input", help="source path (folder, hf, parquet)")
+    parser.add_argument("--output", required=True, help="shard directory to write")
+    parser.add_argument("--encoder", choices=("identity", "vae"), default="identity",
+                        help="identity: pixels in [-1, 1]; vae: diffusers AutoencoderKL from --vae")
+    parser.add_argument("--vae", help="local AutoencoderKL directory (config.json + weights)")
+    parser.add_argument("--image-size", type=int, help="center crop + resize to this size (vae default 256)")
+    parser.add_argument("--channels", type=int, choices=(1, 3), help="identity: image channels (digits 1, else 3)")
+    parser.add_argument("--flip", action="store_true", help="add a horizontally flipped copy of every image")
+    parser.add_argument("--latent-sample", choices=("mean", "sample"), default="mean",
+                        help="vae: store the posterior mean or a seeded sample")
+    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored latent dtype")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--batch-size", type=int, default=32, help="encoder batch size")
+    parser.add_argument("--workers", type=int, default=1, help="encoding processes (GPUs are shared round-robin)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of sampled latents and synthetic data")
+    parser.add_argument("--num-samples", type=int, help="synthetic: how many; others: use only the first N items")
+    parser.add_argument("--num-classes", type=int, default=10, help="synthetic and shards: number of classes")
+    parser.add_argument("--latent-shape", default="4,32,32", help="synthetic: C,H,W")
+    parser.add_argument("--image-key", default="image", help="hf/parquet image column")
+    parser.add_argument("--label-key", default="label", help="hf/parquet label column")
+    parser.add_argument("--scaling-factor", type=float, default=1.0, help="shards: scaling factor to record")
+    parser.add_argument("--shift-factor", type=float, default=0.0, help="shards: shift factor to record")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def spec_from_args(args: argparse.Namespace) -> PrepareSpec:
+    try:
+        shape = tuple(int(x) for x in args.latent_shape.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise MoeditError(f"--latent-shape {args.latent_shape!r}: give C,H,W, e.g. 4,32,32")
+    for name in ("shard_size", "batch_size", "workers"):
+        if getattr(args, name) < 1:
+            raise MoeditError(f"--{name.replace('_', '-')} {getattr(args, name)}: use 1 or more")
+    source = SourceSpec(kind=args.source, input=args.input, image_key=args.image_key, label_key=args.label_key,
+                        num_samples=args.num_samples, num_classes=args.num_classes, latent_shape=shape, seed=args.seed)
+    if args.source != "synthetic" and args.source != "digits" and not args.input:
+        raise MoeditError(f"--source {args.source} needs --input PATH")
+    image_size = args.image_size or (256 if args.encoder == "vae" else None)
+    channels = args.channels or (1 if args.source == "digits" else 3)
+    return PrepareSpec(source=source, encoder=args.encoder, vae=args.vae, image_size=image_size, channels=channels,
+                       flip=args.flip, latent_sample=args.latent_sample, dtype=args.dtype,
+                       shard_size=args.shard_size, batch_size=args.batch_size, seed=args.seed)
+
+
+# ---- per-process encoding ----------------------------------------------------------------
+_PROCESS: dict[str, Any] = {}
+
+
+def _init_process(spec: PrepareSpec, device_queue: Any) -> None:
+    device = device_queue.get() if device_queue is not None else "cpu"
+    _PROCESS.clear()
+    _PROCESS.update(source=open_source(spec.source), device=device, spec=spec)
+    if spec.source.kind == "synthetic":
+        _PROCESS["encoder"] = None
+    elif spec.encoder == "vae":
+        from moedit.data.encoders import VAEEncoder
+
+        _PROCESS["encoder"] = VAEEncoder(spec.vae, spec.image_size, spec.latent_sample == "sample", device)
+    else:
+        from moedit.data.encoders import IdentityEncoder
+
+        _PROCESS["encoder"] = IdentityEncoder(spec.image_size, spec.channels)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def _encode_shard(task: tuple[int, int, int, str]) -> dict[str, Any]:
+    """Encode samples [lo, hi) into shard `index`; returns its ShardInfo fields."""
+    index, lo, hi, output = task
+    spec, source, encoder = _PROCESS["spec"], _PROCESS["source"], _PROCESS["encoder"]
+    copies = 2 if spec.flip else 1
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    for start in range(lo, hi, spec.batch_size):
+        ids = list(range(start, min(start + spec.batch_size, hi)))
+        items = [source.get(i // copies) for i in ids]
+        flips = [i % copies == 1 for i in ids]
+        if encoder is None:
+            latents = np.stack([img for img, _ in items])  # synthetic: already latents
+        else:
+            # One seed per encoder batch, fixed by position: reruns and any process count agree.
+            latents = encoder.encode([img for img, _ in items], flips, seed=spec.seed * 1_000_003 + start)
+        for i, latent, (_, label) in zip(ids, latents.astype(spec.dtype), items):
+            key = f"{i // copies:09d}" + ("_flip" if i % copies else "")
+            samples.append((key, {"npy": npy_bytes(latent), "cls": str(label).encode()}))
+    path = os.path.join(output, shard_name(index))
+    write_tar(path, samples)
+    record = {"name": shard_name(index), "num_samples": hi - lo, "sha256": file_sha256(path),
+              "size_bytes": os.path.getsize(path), "latent_shape": list(latents.shape[1:])}
+    _write_json(os.path.join(output, PROGRESS_DIR, shard_name(index) + ".json"), record)
+    return record
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def _finished(output: str, index: int) -> dict[str, Any] | None:
+    """The progress record of a shard whose file still matches its checksum, else None."""
+    record_path = os.path.join(output, PROGRESS_DIR, shard_name(index) + ".json")
+    path = os.path.join(output, shard_name(index))
+    if not (os.path.isfile(record_path) and os.path.isfile(path)):
+        return None
+    with open(record_path) as f:
+        record = json.load(f)
+    return record if file_sha256(path) == record["sha256"] else None
+
+
+def _devices(workers: int) -> list[str]:
+    import torch
+
+    if torch.cuda.is_available():
+        return [f"cuda:{w % torch.cuda.device_count()}" for w in range(workers)]
+    return ["cpu"] * workers
+
+
+def _start_output(output: str, fingerprint: str) -> None:
+    """Create the output dir; refuse one prepared with other settings; clear half-written files."""
+    os.makedirs(os.path.join(output, PROGRESS_DIR), exist_ok=True)
+    stamp = os.path.join(output, PROGRESS_DIR, "fingerprint")
+    if os.path.isfile(stamp):
+        with open(stamp) as f:
+            previous = f.read().strip()
+        if previous != fingerprint:
+            raise MoeditError(f"{output} holds shards prepared with other settings (fingerprint {previous}, "
+                              f"now {fingerprint}): choose a new --output or delete it")
+    elif glob.glob(os.path.join(output, "*.tar")):
+        raise MoeditError(f"{output} already holds shards not made by this preparation: choose a new --output")
+    else:
+        with open(stamp, "w") as f:
+            f.write(fingerprint + "\n")
+    for stale in glob.glob(os.path.join(output, "*.tmp-*")) + glob.glob(os.path.join(output, PROGRESS_DIR, "*.tmp-*")):
+        os.remove(stale)  # left by a killed run; atomic renames mean no finished file is partial
+
+
+def _run_tasks(spec: PrepareSpec, tasks: list, workers: int, progress: bool) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), unit="shard", desc="prepare", disable=not progress or not tasks)
+    results = []
+    if workers == 1 or len(tasks) <= 1:
+        _init_process(spec, None)
+        for task in tasks:
+            results.append(_encode_shard(task))
+            bar.update()
+    else:
+        devices = _devices(workers)
+        # CUDA cannot be re-initialised in a forked child.
+        context = multiprocessing.get_context("spawn" if devices[0] != "cpu" else "fork")
+        queue = context.Queue()
+        for device in devices:
+            queue.put(device)
+        with context.Pool(workers, initializer=_init_process, initargs=(spec, queue)) as pool:
+            for record in pool.imap_unordered(_encode_shard, tasks):
+                results.append(record)
+                bar.update()
+    bar.close()
+    return results
+
+
+def prepare(spec: PrepareSpec, output: str, workers: int = 1, progress: bool = True) -> Manifest:
+    """Encode (or finish encoding) a dataset into `output`; returns the written manifest."""
+    fingerprint = spec.fingerprint()
+    source = open_source(spec.source)  # bad inputs fail here, before any process starts
+    encoder_fields = _encoder_fields(spec)
+    _start_output(output, fingerprint)
+    copies = 2 if spec.flip else 1
+    items = len(source) if spec.source.num_samples is None else min(len(source), spec.source.num_samples)
+    total = items * copies
+    num_shards = math.ceil(total / spec.shard_size)
+    done = {i: r for i in range(num_shards) if (r := _finished(output, i)) is not None}
+    tasks = [(i, i * spec.shard_size, min((i + 1) * spec.shard_size, total), output)
+             for i in range(num_shards) if i not in done]
+    for record in _run_tasks(spec, tasks, workers, progress):
+        done[int(record["name"][6:12])] = record
+    records = [done[i] for i in range(num_shards)]
+    manifest = Manifest(
+        latent_shape=records[0]["latent_shape"], latent_dtype=spec.dtype,
+        num_classes=len(source.class_names), class_names=list(source.class_names),
+        shards=[ShardInfo(r["name"], r["num_samples"], r["sha256"], r["size_bytes"]) for r in records],
+        samples_per_shard=spec.shard_size, source={**dataclasses.asdict(spec.source), "items": items, "flip": spec.flip},
+        fingerprint=fingerprint, **encoder_fields,
+    )
+    write_manifest(manifest, output)
+    return load_manifest(output)
+
+
+def _encoder_fields(spec: PrepareSpec) -> dict[str, Any]:
+    if spec.source.kind == "synthetic":
+        return {"encoder": {"type": "none"}, "scaling_factor": 1.0, "shift_factor": 0.0}
+    if spec.encoder == "vae":
+        from moedit.data.encoders import VAEEncoder
+
+        return VAEEncoder(spec.vae, spec.image_size, spec.latent_sample == "sample").manifest_fields()
+    from moedit.data.encoders import IdentityEncoder
+
+    return IdentityEncoder(spec.image_size, spec.channels).manifest_fields()
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.source == "shards":
+        from moedit.data.index import index_shards
+
+        manifest = index_shards(args.output, num_classes=args.num_classes, scaling_factor=args.scaling_factor,
+                                shift_factor=args.shift_factor)
+    else:
+        manifest = prepare(spec_from_args(args), args.output, workers=args.workers, progress=not args.no_progress)
+    print(f"wrote {len(manifest.shards)} shards, {manifest.num_samples} samples of latent shape "
+          f"{manifest.latent_shape} ({manifest.latent_dtype}) and {os.path.join(args.output, MANIFEST_NAME)}")
+    return 0
