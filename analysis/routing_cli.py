@@ -54,6 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     probe.add_argument("--seed", type=int, default=0)
     probe.add_argument("--trace", metavar="FILE.npz",
                        help="also write a compact per-token trace (memory grows with samples)")
+    probe.add_argument("--trace-scores", action="store_true",
+                       help="store router scores and predictor probabilities in the trace too "
+                       "(float16; needed for entropy and predictor metrics from a trace)")
+    probe.add_argument("--cfg-scale", type=float, default=1.0,
+                       help="guidance scale of probed trajectories (> 1 adds null-class tokens)")
+    probe.add_argument("--sampler", default=None, help="sampler of probed trajectories "
+                       "(default: the config's)")
     probe.add_argument("--from-trace", metavar="FILE.npz",
                        help="analyse a trace written earlier instead of running the model")
 
@@ -85,7 +92,8 @@ def _probe_run(args: argparse.Namespace, run) -> dict | None:
         noise_levels=args.noise_levels, trajectory=args.trajectory,
         sampling_steps=args.sampling_steps, num_samples=args.num_samples,
         batch_size=args.batch_size, predictor_threshold=args.predictor_threshold,
-        device=args.device, seed=args.seed, shards=args.shards, trace=args.trace)
+        device=args.device, seed=args.seed, shards=args.shards, trace=args.trace,
+        trace_scores=args.trace_scores, cfg_scale=args.cfg_scale, sampler=args.sampler)
     return routing_probe.probe(args.checkpoint or run.path, edges, options)
 
 

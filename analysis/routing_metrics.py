@@ -55,7 +55,7 @@ def load_balance(loads: Sequence[float], ideal: float | None = None) -> dict:
         "cv_population": _ratio(loads.std(ddof=0), mean),
         "cv_sample": _ratio(loads.std(ddof=1), mean) if num_experts > 1 else None,
         "max_over_mean": _ratio(loads.max(), mean),
-        "max_violation": (loads.max() / ideal - 1.0) if ideal > 0 else None,
+        "max_violation": float(loads.max() / ideal - 1.0) if ideal > 0 else None,
         "dead_fraction": float((loads == 0).sum()) / num_experts,
         "utilisation": (loads / ideal).tolist() if ideal > 0 else None,
         "load_entropy_norm": None,

@@ -1,0 +1,197 @@
+"""Offline routing probe: run a checkpoint's EMA model and record per-token routing.
+
+Two modes (docs/routing_analysis.md):
+- fixed noise levels: held-out latents from shards are noised to each requested level
+  (every sample of a forward shares the level, so last_capacity() is the capacity at it);
+- trajectories: full sampling runs from noise (`build_diffusion(cfg.diffusion).sample`),
+  where DiffMoE's dynamic capacity shows; consecutive forwards of a trajectory are compared.
+Decisions are reduced on the fly (RoutingAccumulator); only --trace keeps per-token data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from moedit.analysis.routing_accumulate import RoutingAccumulator
+from moedit.analysis.routing_trace import TraceWriter
+from moedit.errors import MoeditError
+
+
+@dataclass
+class ProbeOptions:
+    noise_levels: list[float]
+    trajectory: bool = False
+    sampling_steps: int = 50
+    num_samples: int = 256
+    batch_size: int = 32
+    predictor_threshold: float = 0.5
+    device: str | None = None
+    seed: int = 0
+    shards: str | None = None
+    trace: str | None = None
+    trace_scores: bool = False
+    cfg_scale: float = 1.0  # > 1 doubles the batch with null-class tokens (they are counted too)
+    sampler: str | None = None  # None: the config's default sampler
+
+
+class _Session:
+    """Model + capture list + accumulator (+ trace); `forward_done` drains the capture list."""
+
+    def __init__(self, model, records: list, accumulator: RoutingAccumulator,
+                 writer: TraceWriter | None):
+        from moedit.models.stats import last_capacity
+
+        self.model, self.records = model, records
+        self.accumulator, self.writer = accumulator, writer
+        self._last_capacity = last_capacity
+        self.step: int | None = None
+        self.stream = 0
+        self.batch = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        out = self.model(x, t, y)
+        self.forward_done(x.shape[0])
+        if self.step is not None:
+            self.step += 1
+        return out
+
+    def forward_done(self, batch: int) -> None:
+        records = list(self.records)
+        self.records.clear()  # the capture list would otherwise grow with every forward
+        if not records:
+            raise MoeditError("the model ran but recorded no routing: it has no MoE layers "
+                              "(a dense checkpoint?); the routing probe needs a MoE model")
+        tokens_per_sample = int(records[0]["selected"].shape[0]) // batch
+        capacities = self._last_capacity(self.model)
+        self.accumulator.update(records, capacities, step=self.step, stream=self.stream,
+                                tokens_per_sample=tokens_per_sample)
+        if self.writer is not None:
+            self.writer.add(records, capacities, self.step, self.stream)
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MoeditError(f"--device {name}: CUDA is not available on this machine; use cpu")
+    return device
+
+
+def load_model(path: str | Path, device: torch.device):
+    """EMA model and config; a dense checkpoint is an error (nothing routes)."""
+    from moedit.train.checkpoint import load_for_inference
+
+    model, cfg = load_for_inference(path, use_ema=True, device=device)
+    if getattr(cfg.model, "moe", None) is None:
+        raise MoeditError(f"checkpoint {path} is a dense model (model.moe is null): there is no "
+                          "expert routing to analyse")
+    return model, cfg
+
+
+def probe(path: str | Path, edges, options: ProbeOptions, loaded=None) -> dict:
+    """Run the probe on the checkpoint at `path` (or `loaded` = (model, cfg) already built)."""
+    from moedit.diffusion import build_diffusion
+    from moedit.models.stats import capture_routing
+
+    device = _device(options.device)
+    model, cfg = loaded if loaded is not None else load_model(path, device)
+    model.eval()
+    edges = list(getattr(model, "noise_bin_edges", None) or edges)
+    moe = cfg.model.moe
+    token_choice = moe.router == "token_choice"
+    accumulator = RoutingAccumulator(edges, top_k=moe.top_k if token_choice else None,
+                                     capacity=None if token_choice else moe.capacity,
+                                     predictor_threshold=options.predictor_threshold,
+                                     train_capacity=moe.capacity)
+    writer = TraceWriter(scores=options.trace_scores) if options.trace else None
+    diffusion = build_diffusion(cfg.diffusion)
+    with torch.no_grad(), capture_routing(model) as records:
+        session = _Session(model, records, accumulator, writer)
+        run = _run_trajectories if options.trajectory else _run_noise_levels
+        samples = run(session, cfg, diffusion, options, device)
+    result = accumulator.result()
+    result["samples"] = samples
+    result.update(mode="trajectory" if options.trajectory else "noise_levels",
+                  source=str(path), noise_levels=None if options.trajectory else options.noise_levels,
+                  sampling_steps=options.sampling_steps if options.trajectory else None)
+    if writer is not None:
+        result["trace"] = str(writer.save(options.trace))
+    return result
+
+
+def _noised(diffusion, x: torch.Tensor, noise: torch.Tensor, level: float):
+    """(x_t, t) at noise level `level` in the model's time convention (docs/DESIGN.md)."""
+    batch = x.shape[0]
+    if diffusion.objective == "flow":
+        t = torch.full((batch,), 1.0 - level, device=x.device)
+        return diffusion.interpolate(x, noise, t), t
+    # DDPM: integer timestep index, 0 = clean; noise level = t / num_timesteps
+    index = min(int(round(level * diffusion.num_timesteps)), diffusion.num_timesteps - 1)
+    k = torch.full((batch,), index, device=x.device, dtype=torch.long)
+    return diffusion.q_sample(x, k, noise), k.float()
+
+
+def _held_out_loader(cfg, options: ProbeOptions):
+    from moedit.data import build_loader
+
+    data_cfg = cfg.data
+    changes = {"shuffle": False, "resampled": False, "num_workers": 0}
+    if options.shards:
+        changes["path"] = options.shards
+        changes["manifest"] = None
+    data_cfg = dataclasses.replace(data_cfg, **changes)
+    return build_loader(data_cfg, batch_size=options.batch_size, rank=0, world_size=1,
+                        seed=options.seed)
+
+
+def _run_noise_levels(session: _Session, cfg, diffusion, options: ProbeOptions, device):
+    generator = torch.Generator().manual_seed(options.seed)
+    seen = 0
+    bar = tqdm(total=options.num_samples, unit="sample", desc="routing probe")
+    for latents, labels in _held_out_loader(cfg, options):
+        latents = latents[: options.num_samples - seen].to(device)  # (B, C, H, W)
+        labels = labels[: latents.shape[0]].to(device)  # (B,)
+        for level in options.noise_levels:
+            noise = torch.randn(latents.shape, generator=generator).to(device)
+            x_t, t = _noised(diffusion, latents, noise, level)
+            session.model(x_t, t, labels)
+            session.forward_done(latents.shape[0])
+            session.stream += 1
+        seen += latents.shape[0]
+        bar.update(latents.shape[0])
+        if seen >= options.num_samples:
+            break
+    bar.close()
+    if seen == 0:
+        raise MoeditError(f"held-out shards ({options.shards or cfg.data.path}) yielded no samples")
+    return seen
+
+
+def _run_trajectories(session: _Session, cfg, diffusion, options: ProbeOptions, device):
+    generator = torch.Generator().manual_seed(options.seed)
+    model_cfg = cfg.model
+    shape = (model_cfg.in_channels, model_cfg.input_size, model_cfg.input_size)
+    bar = tqdm(total=options.num_samples, unit="sample", desc="routing probe (sampling)")
+    done = 0
+    while done < options.num_samples:
+        batch = min(options.batch_size, options.num_samples - done)
+        noise = torch.randn((batch, *shape), generator=generator).to(device)  # (B, C, H, W)
+        labels = None
+        if model_cfg.num_classes > 0:
+            labels = torch.randint(0, model_cfg.num_classes, (batch,), generator=generator).to(device)
+        session.step = 0  # the session counts model calls: Heun makes two per step
+        diffusion.sample(session, noise, labels, steps=options.sampling_steps,
+                         sampler=options.sampler, cfg_scale=options.cfg_scale,
+                         null_label=model_cfg.num_classes or None, generator=generator)
+        session.step = None
+        session.stream += 1
+        done += batch
+        bar.update(batch)
+    bar.close()
+    return done
