@@ -65,7 +65,8 @@ class DiffusionObjective:
                progress: bool = False) -> Tensor:
         """Samples (B, C, H, W) from `noise` (B, C, H, W); arguments left None take the config's value.
 
-        `null_label` is the unconditional label for guidance (default: `model.num_classes`).
+        `null_label` is the unconditional label for guidance (default: `model.num_classes`, else
+        `model.cfg.num_classes`).
         `generator` drives the noise of stochastic samplers (euler_maruyama, ddpm, ddim with eta > 0).
         """
         cfg = self.cfg
@@ -86,7 +87,8 @@ class DiffusionObjective:
         if scale != 1.0:
             if y is None:
                 raise ValueError(f"cfg_scale = {scale} needs class labels y (guidance contrasts them with the null label)")
-            null_label = getattr(model, "num_classes", None) if null_label is None else null_label
+            if null_label is None:  # duck-typed: `model.num_classes` or `model.cfg.num_classes`
+                null_label = getattr(model, "num_classes", getattr(getattr(model, "cfg", None), "num_classes", None))
             if null_label is None:
                 raise ValueError(f"cfg_scale = {scale} needs null_label (the model's num_classes)")
         fn = guided(model, cfg_scale=scale, null_label=null_label, guidance_channels=channels,
