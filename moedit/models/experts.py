@@ -21,7 +21,8 @@ from torch import nn
 
 
 def _grouped_mm_usable(x: torch.Tensor) -> bool:
-    return x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype in (torch.bfloat16,)
+    """Where torch._grouped_mm is known to be fast (Hopper-class CUDA, bf16)."""
+    return x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
 
 
 class GroupedExperts(nn.Module):
@@ -31,7 +32,8 @@ class GroupedExperts(nn.Module):
         super().__init__()
         E, D, Fh = num_experts, hidden_size, expert_hidden
         self.num_experts, self.ffn_type = E, ffn_type
-        self.force_fallback = False  # tests flip this to compare the two grouped paths
+        # "auto": torch._grouped_mm where usable, else pad + bmm; "grouped_mm" / "padded" force one
+        self.grouped_backend = "auto"
         if ffn_type == "gelu":
             self.fc1_weight = nn.Parameter(torch.empty(E, Fh, D))
             self.fc1_bias = nn.Parameter(torch.zeros(E, Fh))
@@ -81,7 +83,8 @@ class GroupedExperts(nn.Module):
         """(N, D) rows sorted by expert, counts (E,) summing to N -> (N, D)."""
         dtype = self._compute_dtype(x)
         x = x.to(dtype)
-        if _grouped_mm_usable(x) and not self.force_fallback:
+        backend = self.grouped_backend
+        if backend == "grouped_mm" or (backend == "auto" and _grouped_mm_usable(x)):
             return self._grouped_mm(x, tokens_per_expert)
         return self._padded(x, tokens_per_expert)
 

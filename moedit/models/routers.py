@@ -43,6 +43,11 @@ def _gate(hidden_size: int, num_experts: int, init_std: float | None) -> nn.Line
     return gate
 
 
+def router_float(t: torch.Tensor) -> torch.Tensor:
+    """Routing math in float32 at least (float64 stays float64, for exact reference tests)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
     """mean over tokens of logsumexp(logits)^2 (ST-MoE router z-loss)."""
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
@@ -83,16 +88,16 @@ class DiffMoERouter(Router):
 
     def forward(self, x: torch.Tensor, batch_size: int) -> RoutingDecision:
         S, E = x.shape[0], self.num_experts
-        logits = self.gate(x).float()  # (S, E)
+        logits = router_float(self.gate(x))  # (S, E)
         probs = logits.softmax(dim=-1)
         # detach: the predictor must not shape the backbone's features
-        pred_logits = self.capacity_predictor(x.detach()).float()  # (S, E)
+        pred_logits = router_float(self.capacity_predictor(x.detach()))  # (S, E)
         pred_prob = torch.sigmoid(pred_logits)
         aux = {"z": z_loss(logits)}
         if not self.training and self.cfg.inference_mode != "static":
             gamma = self.expert_threshold if self.cfg.inference_mode == "dynamic" else torch.full_like(
                 self.expert_threshold, self.cfg.global_threshold)
-            decision = self._threshold_decision(probs, pred_prob > gamma.float()[None])
+            decision = self._threshold_decision(probs, pred_prob > gamma.to(pred_prob.dtype)[None])
         else:
             capacity = self.cfg.capacity if self.training else self.cfg.inference_capacity
             K = int(S / E * capacity)
@@ -103,7 +108,7 @@ class DiffMoERouter(Router):
             decision = RoutingDecision(index.reshape(-1), weight.reshape(-1),
                                        torch.full((E,), K, dtype=torch.long, device=x.device), probs, capacity=K)
             if self.training:
-                target = torch.zeros(E, S, device=x.device).scatter_(1, index, 1.0).t()  # (S, E)
+                target = torch.zeros(E, S, dtype=pred_logits.dtype, device=x.device).scatter_(1, index, 1.0).t()  # (S, E)
                 aux["predictor"] = F.binary_cross_entropy_with_logits(pred_logits, target)
                 decision.predictor_confusion = self._update_threshold(pred_prob.detach(), target.bool(), K)
         decision.aux = aux
@@ -113,7 +118,7 @@ class DiffMoERouter(Router):
     @torch.no_grad()
     def _update_threshold(self, pred_prob: torch.Tensor, target: torch.Tensor, K: int) -> torch.Tensor:
         """tau <- d * tau + (1 - d) * (K-th largest predictor probability per expert)."""
-        predicted = pred_prob > self.expert_threshold.float()[None]  # (S, E), what dynamic inference would pick
+        predicted = pred_prob > self.expert_threshold.to(pred_prob.dtype)[None]  # (S, E), what dynamic inference would pick
         confusion = torch.stack([(predicted & target).sum(), (predicted & ~target).sum(),
                                  (~predicted & target).sum(), (~predicted & ~target).sum()])
         kth = pred_prob.t().topk(K, dim=1, sorted=False).values.amin(dim=1)  # (E,)
@@ -140,13 +145,13 @@ class TokenChoiceRouter(Router):
 
     def forward(self, x: torch.Tensor, batch_size: int) -> RoutingDecision:
         S, E, k = x.shape[0], self.num_experts, self.cfg.top_k
-        logits = self.gate(x).float()  # (S, E)
+        logits = router_float(self.gate(x))  # (S, E)
         if self.cfg.score_func == "softmax":
             scores = probs = logits.softmax(dim=-1)
         else:
             scores = torch.sigmoid(logits)
             probs = scores / scores.sum(dim=-1, keepdim=True)
-        select = scores + self.expert_bias.float()[None] if self.cfg.aux_free_bias else scores
+        select = scores + self.expert_bias.to(scores.dtype)[None] if self.cfg.aux_free_bias else scores
         top_index = select.topk(k, dim=-1).indices  # (S, k); the bias steers selection only
         top_weight = scores.gather(1, top_index)  # (S, k)
         if self.cfg.renormalize:
@@ -196,7 +201,7 @@ class ExpertChoiceRouter(Router):
     def forward(self, x: torch.Tensor, batch_size: int) -> RoutingDecision:
         S, E = x.shape[0], self.num_experts
         T = S // batch_size
-        logits = self.gate(x).float()  # (S, E)
+        logits = router_float(self.gate(x))  # (S, E)
         probs = logits.softmax(dim=-1)
         K = int(T / E * self.cfg.capacity)
         if K < 1:
