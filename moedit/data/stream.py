@@ -116,11 +116,12 @@ def load_shard_entries(plan: StreamPlan, shard_id: int) -> list[RawSample | BadE
     reason, problem = "", ""
     try:
         data = read_shard_bytes(url)
-        if plan.verify_checksums and plan.sha256[shard_id]:
+        verified = bool(plan.verify_checksums and plan.sha256[shard_id])
+        if verified:
             digest = hashlib.sha256(data).hexdigest()
             if digest != plan.sha256[shard_id]:
                 return [BadEntry(url, None, "checksum", f"sha256 {digest[:12]}.. != manifest {plan.sha256[shard_id][:12]}..")] * expected
-        entries.extend(iter_samples(data, url))
+        entries.extend(iter_samples(data, url, check_headers=not verified))
     except ShardError as exc:
         reason, problem = "corrupt_shard", exc.problem
     if len(entries) > expected:
@@ -215,21 +216,23 @@ class Stream:
 
 
 class _BatchBuilder:
-    """Collects samples into preallocated numpy arrays; a new pair per batch (tensors share them)."""
+    """Collects samples into a staging array of the stored dtype (a memcpy per sample); `emit`
+    converts the whole batch to float32 in one torch call, several times faster than numpy's
+    per-sample float16 -> float32 cast."""
 
     def __init__(self, plan: StreamPlan):
         self.plan = plan
+        self.stage = np.empty((plan.batch_size, *plan.latent_shape), plan.latent_dtype)
         self._new()
 
     def _new(self) -> None:
-        self.latents = np.empty((self.plan.batch_size, *self.plan.latent_shape), np.float32)
         self.labels = np.empty(self.plan.batch_size, np.int64)
         self.n = 0
         self.raw = 0  # stream positions consumed into this record, good or bad
         self.skipped: dict[str, int] = {}
 
     def add(self, latent: np.ndarray, label: int) -> None:
-        self.latents[self.n] = latent  # casts float16 -> float32
+        self.stage[self.n] = latent
         self.labels[self.n] = label
         self.n += 1
         self.raw += 1
@@ -245,13 +248,14 @@ class _BatchBuilder:
         return self.raw > 0
 
     def emit(self, info: dict, drop: bool = False) -> tuple[Any, Any, dict]:
-        latents, labels = self.latents[: self.n], self.labels[: self.n]
+        n = 0 if drop else self.n
         if drop:
             info["dropped"] = self.n
-            latents, labels = latents[:0], labels[:0]
+        latents = torch.from_numpy(self.stage[:n]).to(torch.float32, copy=True)  # (n, C, H, W)
         if self.plan.shift_factor != 0.0:
-            latents -= np.float32(self.plan.shift_factor)
+            latents.sub_(self.plan.shift_factor)
         if self.plan.scaling_factor != 1.0:
-            latents *= np.float32(self.plan.scaling_factor)
+            latents.mul_(self.plan.scaling_factor)
+        labels = torch.from_numpy(self.labels[:n])
         self._new()
-        return torch.from_numpy(latents), torch.from_numpy(labels), info
+        return latents, labels, info
