@@ -13,17 +13,29 @@ from scipy import integrate
 
 from moedit.diffusion import DiffusionConfig, build_diffusion
 
-torch.set_default_dtype(torch.float64)
-
-MU = torch.tensor([0.5, -1.0, 2.0])
-ROT = torch.linalg.qr(torch.tensor([[1.0, 0.3, -0.2], [0.4, 1.0, 0.5], [-0.1, 0.2, 1.0]]))[0]
-LAM = torch.tensor([0.25, 1.0, 2.25])  # eigenvalues of Sigma
+F64 = torch.float64
+MU = torch.tensor([0.5, -1.0, 2.0], dtype=F64)
+ROT = torch.linalg.qr(torch.tensor([[1.0, 0.3, -0.2], [0.4, 1.0, 0.5], [-0.1, 0.2, 1.0]], dtype=F64))[0]
+LAM = torch.tensor([0.25, 1.0, 2.25], dtype=F64)  # eigenvalues of Sigma
 SIGMA = ROT @ torch.diag(LAM) @ ROT.T
 N = 4000
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Thousands of tiny ops: intra-op threads only add synchronisation (badly so on a busy machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen(seed), dtype=F64)
 
 
 def assert_gaussian(samples: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, z: float = 5.0):
@@ -66,14 +78,14 @@ def exact_transport(noise):
 @pytest.mark.parametrize("sampler,steps", [("euler", 100), ("heun", 25), ("euler_maruyama", 200)])
 def test_flow_samplers_reproduce_gaussian(sampler, steps):
     flow = build_diffusion(DiffusionConfig(objective="flow"))
-    noise = torch.randn(N, 3, generator=gen(0))
+    noise = randn(N, 3, seed=0)
     out = flow.sample(ExactVelocity(), noise, None, steps=steps, sampler=sampler, generator=gen(1))
     assert_gaussian(out, MU, SIGMA)
 
 
 def test_flow_ode_samplers_converge_to_exact_transport_at_their_order():
     flow = build_diffusion(DiffusionConfig(objective="flow"))
-    noise = torch.randn(500, 3, generator=gen(2))
+    noise = randn(500, 3, seed=2)
     target = exact_transport(noise)
     err = {(s, n): (flow.sample(ExactVelocity(), noise, None, steps=n, sampler=s) - target).abs().max().item()
            for s in ("euler", "heun") for n in (20, 40)}
@@ -84,7 +96,7 @@ def test_flow_ode_samplers_converge_to_exact_transport_at_their_order():
 
 def test_flow_ode_samplers_are_deterministic_and_sde_follows_its_generator():
     flow = build_diffusion(DiffusionConfig(objective="flow"))
-    noise = torch.randn(64, 3, generator=gen(3))
+    noise = randn(64, 3, seed=3)
     for sampler in ("euler", "heun"):
         a = flow.sample(ExactVelocity(), noise, None, steps=7, sampler=sampler, generator=gen(4))
         b = flow.sample(ExactVelocity(), noise, None, steps=7, sampler=sampler, generator=gen(5))
@@ -97,7 +109,7 @@ def test_flow_ode_samplers_are_deterministic_and_sde_follows_its_generator():
 def test_heun_calls_the_model_twice_per_step():
     flow = build_diffusion(DiffusionConfig(objective="flow"))
     model = ExactVelocity()
-    flow.sample(model, torch.zeros(2, 3), None, steps=9, sampler="heun")
+    flow.sample(model, torch.zeros(2, 3, dtype=F64), None, steps=9, sampler="heun")
     assert model.calls == 18
 
 
@@ -105,9 +117,9 @@ def test_heun_calls_the_model_twice_per_step():
 def test_flow_loss_of_exact_predictor_is_the_analytic_minimum_at_fixed_t(t):
     flow = build_diffusion(DiffusionConfig(objective="flow"))
     n = 20000
-    x = MU + torch.randn(n, 3, generator=gen(6)) @ (ROT @ torch.diag(LAM.sqrt()) @ ROT.T)
-    noise = torch.randn(n, 3, generator=gen(7))
-    tt = torch.full((n,), t)
+    x = MU + randn(n, 3, seed=6) @ (ROT @ torch.diag(LAM.sqrt()) @ ROT.T)
+    noise = randn(n, 3, seed=7)
+    tt = torch.full((n,), t, dtype=F64)
     per_sample = flow.loss_terms(ExactVelocity(), x, None, tt, noise)["mse"]
     se = per_sample.std().item() / math.sqrt(n)
     assert abs(per_sample.mean().item() - flow_min_loss(t)) < 5 * se
@@ -121,9 +133,9 @@ def test_flow_training_loss_of_exact_predictor_matches_integral_over_t(t_samplin
     cfg = DiffusionConfig(objective="flow", t_sampling=t_sampling, t_mean=0.4, t_std=0.8)
     flow = build_diffusion(cfg)
     n = 40000
-    x = MU + torch.randn(n, 3, generator=gen(8)) @ (ROT @ torch.diag(LAM.sqrt()) @ ROT.T)
+    x = MU + randn(n, 3, seed=8) @ (ROT @ torch.diag(LAM.sqrt()) @ ROT.T)
     per_sample = flow.loss_terms(ExactVelocity(), x, None, flow.draw_t(n, gen(9), x),
-                                 torch.randn(n, 3, generator=gen(10)))["mse"]
+                                 randn(n, 3, seed=10))["mse"]
     if t_sampling == "uniform":
         density = lambda t: 1.0
     else:  # t = sigmoid(m + s n): logit-normal density
@@ -137,7 +149,7 @@ def test_flow_training_loss_of_exact_predictor_matches_integral_over_t(t_samplin
 
 
 # --- DDPM ---------------------------------------------------------------------------------------
-LAM_DIAG = torch.tensor([0.2, 0.6, 1.0])  # diagonal Sigma <= 1: the exact reverse variance is in the model's range
+LAM_DIAG = torch.tensor([0.2, 0.6, 1.0], dtype=F64)  # diagonal Sigma <= 1: the exact reverse variance is in the model's range
 
 
 class ExactEps:
@@ -146,7 +158,7 @@ class ExactEps:
 
     def __init__(self, diffusion, mu, lam, rot=None, schedule=None, learned=False):
         self.d, self.mu, self.lam = diffusion, mu, lam
-        self.rot = torch.eye(len(lam)) if rot is None else rot
+        self.rot = torch.eye(len(lam), dtype=F64) if rot is None else rot
         self.s = schedule or diffusion.full
         self.learned = learned
         self.seen_t = []
@@ -167,14 +179,13 @@ class ExactEps:
         return torch.cat([eps, 2 * frac - 1], dim=1)
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine"])
-@pytest.mark.parametrize("steps", [1000, 10])
+@pytest.mark.parametrize("schedule,steps", [("linear", 1000), ("linear", 10), ("cosine", 10), ("cosine", 3)])
 def test_ddpm_ancestral_with_exact_mean_and_variance_reproduces_gaussian(schedule, steps):
     # With the exact reverse kernel every step is exact, whatever the respacing.
     diffusion = build_diffusion(DiffusionConfig(objective="ddpm", noise_schedule=schedule))
-    mu = torch.tensor([0.3, -0.5, 1.0])
+    mu = torch.tensor([0.3, -0.5, 1.0], dtype=F64)
     model = ExactEps(diffusion, mu, LAM_DIAG, schedule=diffusion.schedule(steps), learned=True)
-    noise = torch.randn(N, 3, generator=gen(12))
+    noise = randn(N, 3, seed=12)
     out = diffusion.sample(model, noise, None, steps=steps, sampler="ddpm", generator=gen(13))
     assert_gaussian(out, mu, torch.diag(LAM_DIAG))
     # the model saw the original step indices of the respaced chain, from noisy to clean
@@ -183,8 +194,8 @@ def test_ddpm_ancestral_with_exact_mean_and_variance_reproduces_gaussian(schedul
 
 def test_ddpm_ancestral_fixed_variance_and_ddim_reproduce_gaussian():
     diffusion = build_diffusion(DiffusionConfig(objective="ddpm"))
-    noise = torch.randn(N, 3, generator=gen(14))
-    ancestral = diffusion.sample(ExactEps(diffusion, MU, LAM, ROT), noise, None, steps=1000, sampler="ddpm",
+    noise = randn(N, 3, seed=14)
+    ancestral = diffusion.sample(ExactEps(diffusion, MU, LAM, ROT), noise, None, steps=250, sampler="ddpm",
                                  generator=gen(15))
     assert_gaussian(ancestral, MU, SIGMA)
     ddim = diffusion.sample(ExactEps(diffusion, MU, LAM, ROT), noise, None, steps=100, sampler="ddim")
@@ -197,11 +208,11 @@ def test_ddpm_ancestral_fixed_variance_and_ddim_reproduce_gaussian():
 @pytest.mark.parametrize("k", [1, 50, 400, 999])
 def test_ddpm_loss_terms_of_exact_predictor_are_analytic(k):
     diffusion = build_diffusion(DiffusionConfig(objective="ddpm"))
-    n, mu = 20000, torch.tensor([0.3, -0.5, 1.0])
-    x0 = mu + torch.randn(n, 3, generator=gen(17)) * LAM_DIAG.sqrt()
+    n, mu = 20000, torch.tensor([0.3, -0.5, 1.0], dtype=F64)
+    x0 = mu + randn(n, 3, seed=17) * LAM_DIAG.sqrt()
     t = torch.full((n,), k)
     terms = diffusion.loss_terms(ExactEps(diffusion, mu, LAM_DIAG, learned=True), x0, None, t,
-                                 torch.randn(n, 3, generator=gen(18)))
+                                 randn(n, 3, seed=18))
     abar = diffusion.full.alphas_cumprod[k]
     lam = LAM_DIAG.numpy()
     expected_mse = np.mean(abar * lam / (abar * lam + 1 - abar))  # tr Cov(eps | x_t) / d
@@ -212,3 +223,20 @@ def test_ddpm_loss_terms_of_exact_predictor_are_analytic(k):
     for name, expected in (("mse", expected_mse), ("vb", expected_vb)):
         se = terms[name].std().item() / math.sqrt(n)
         assert abs(terms[name].mean().item() - expected) < 5 * se + 1e-12, name
+
+
+def test_one_step_samplers_return_the_posterior_mean():
+    # One step from pure noise lands on E[x | noise]: mu for flow (t = 0 carries no data),
+    # E[x_0 | x_{T-1}] for DDPM and DDIM.
+    noise = randn(50, 3, seed=19)
+    flow = build_diffusion(DiffusionConfig(objective="flow"))
+    torch.testing.assert_close(flow.sample(ExactVelocity(), noise, None, steps=1, sampler="euler"),
+                               MU.expand(50, 3), rtol=0, atol=1e-12)
+    diffusion = build_diffusion(DiffusionConfig(objective="ddpm"))
+    abar = diffusion.full.alphas_cumprod[-1]
+    cov = abar * SIGMA + (1 - abar) * torch.eye(3, dtype=F64)
+    expected = MU + (noise - math.sqrt(abar) * MU) @ torch.linalg.solve(cov, math.sqrt(abar) * SIGMA)
+    for sampler in ("ddpm", "ddim"):
+        out = diffusion.sample(ExactEps(diffusion, MU, LAM, ROT), noise, None, steps=1, sampler=sampler,
+                               generator=gen(20))
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-9)
