@@ -26,13 +26,18 @@ from moedit.errors import MoeditError
 INFO_KEYS = {
     "total_params": ("total_params", "params_total", "num_params"),
     "activated_params": ("activated_params", "active_params", "params_activated"),
-    "train_flops_per_image": ("train_flops_per_image", "train_flops_image"),
+    "train_flops_per_image": ("train_flops_per_image",),
+    "train_gflops_per_image": ("train_gflops_per_image",),
     "tokens_per_image": ("tokens_per_image", "num_tokens"),
 }
 EVAL_LOSS_KEYS = ("eval/loss", "eval_loss")
-TRAIN_LOSS_KEYS = ("loss/diffusion", "loss")  # "auto": the diffusion term alone when logged
+# "auto" training loss: the diffusion objective's own terms (flow: mse; DDPM: mse + vb), without
+# the MoE auxiliary terms that "loss" also holds; plain "loss" when those are not logged.
+OBJECTIVE_TERMS = ("loss/mse", "loss/vb")
+# DiT's GFLOPs count a multiply-add as one FLOP; scaling laws (C ~ 6 N D) count it as two.
+FLOPS_PER_MAC = 2.0
 # Diffusion-section keys that only affect sampling at inference, not the training loss.
-INFERENCE_ONLY = ("sampler", "sample", "cfg", "guidance")
+INFERENCE_ONLY = ("sampler", "sample", "cfg", "guidance", "sde", "ddim")
 
 CSV_REQUIRED = ("params", "flops", "loss")
 CSV_OPTIONAL = ("name", "total_params", "tokens", "images", "experts", "granularity", "capacity", "t_sampling")
@@ -107,7 +112,9 @@ def read_run_dir(run_dir: Path, *, root: Path | None = None, loss_key: str = "au
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     info = json.loads((run_dir / "model_info.json").read_text())
     records = read_metrics(run_dir / "metrics.jsonl")
-    flops_per_image = _info_value(info, "train_flops_per_image", run_dir)
+    flops_per_image = _info_value(info, "train_flops_per_image", run_dir, default=None)
+    if flops_per_image is None:
+        flops_per_image = _info_value(info, "train_gflops_per_image", run_dir) * 1e9 * FLOPS_PER_MAC
     total = _info_value(info, "total_params", run_dir)
     activated = _info_value(info, "activated_params", run_dir, default=total)
     tokens_per_image = _info_value(info, "tokens_per_image", run_dir, default=None)
@@ -157,8 +164,10 @@ def final_loss(records: list[dict], run_dir: Path, *, loss_key: str = "auto",
         raise ValueError(f"loss_ema = {loss_ema}: use a decay in [0, 1)")
     key = loss_key
     if loss_key == "auto":
-        key = next((k for k in TRAIN_LOSS_KEYS if any(k in r for r in records)), "loss")
-    raw = np.array([r.get(key, np.nan) for r in records], dtype=np.float64)
+        present = [k for k in OBJECTIVE_TERMS if any(k in r for r in records)]
+        key = "+".join(present) if "loss/mse" in present else "loss"
+    parts = key.split("+") if loss_key == "auto" else [key]
+    raw = np.array([sum(r.get(k, np.nan) for k in parts) for r in records], dtype=np.float64)
     if not np.isfinite(raw).any():
         raise MoeditError(f"{run_dir / 'metrics.jsonl'}: no finite values for loss key '{key}' "
                           f"(keys seen: {sorted(records[-1])}); choose one with --loss-key")

@@ -138,18 +138,27 @@ def lower_envelope(flops: np.ndarray, loss: np.ndarray) -> np.ndarray:
     return np.array(keep, dtype=np.int64)
 
 
+def _envelope_from(C, L, idx, start):
+    idx = idx[C[idx] >= start]
+    return idx[lower_envelope(C[idx], L[idx])]
+
+
 def fit_envelope(points_flops: list[np.ndarray], points_loss: list[np.ndarray], *, resamples: int = 1000,
                  level: float = 0.95, seed: int = 0, progress: bool = False) -> dict:
     """L(C) = E + (C0/C)^alpha on the lower envelope of every run's (compute, loss) points.
 
     points_* hold one array per run (a training curve or a single final point).
-    Bootstrap resamples runs, rebuilds the envelope from the drawn runs (weights =
-    draw counts) and refits from the full-data optimum.
+    The envelope starts at the smallest final compute of any run: below it the only
+    points are partial curves of the cheapest runs, which say nothing about the
+    best loss reachable at that compute. Bootstrap resamples runs, rebuilds the
+    envelope from the drawn runs (weights = draw counts) and refits from the
+    full-data optimum.
     """
     run_of = np.concatenate([np.full(len(f), i) for i, f in enumerate(points_flops)])
     C, L = np.concatenate(points_flops).astype(np.float64), np.concatenate(points_loss).astype(np.float64)
     _check_positive(C=C, L=L)
-    env = lower_envelope(C, L)
+    final = np.array([np.max(f) for f in points_flops])
+    env = _envelope_from(C, L, np.arange(len(C)), final.min())
     if env.size < ENVELOPE.num_params:
         raise ValueError(f"compute envelope: {env.size} envelope points for {ENVELOPE.num_params} parameters "
                          "(E, C0, alpha); add runs spanning more compute")
@@ -160,7 +169,7 @@ def fit_envelope(points_flops: list[np.ndarray], points_loss: list[np.ndarray], 
     weights = np.zeros((resamples, len(C)))
     for r, row in enumerate(counts):
         drawn = np.flatnonzero(row[run_of] > 0)
-        on_env = drawn[lower_envelope(C[drawn], L[drawn])]
+        on_env = _envelope_from(C, L, drawn, final[row > 0].min())
         weights[r, on_env] = row[run_of[on_env]]
     used = np.flatnonzero(weights.sum(axis=0) > 0) if resamples else env
     boot = bootstrap_lse(ENVELOPE, X[used], y[used], fit.theta, weights[:, used],

@@ -291,7 +291,8 @@ def bootstrap_lse(law: LseLaw, X: np.ndarray, y: np.ndarray, theta_hat: np.ndarr
     data); a resample whose best basin is far from theta_hat could stay in the
     original one, which would narrow the intervals.
     """
-    thetas, values, conv = [], [], []
+    P = law.num_params
+    thetas, values, conv = [np.zeros((0, P))], [np.zeros(0)], [np.zeros(0, dtype=bool)]
     for i in range(0, len(counts), chunk):
         block = counts[i:i + chunk].astype(np.float64)
 
