@@ -154,9 +154,12 @@ def class_capacity_plot(layers: list[dict]) -> bytes | None:
     if not tables or len({len(t) for t in tables}) != 1:
         return None
     values = _matrix(tables)  # (L, classes)
+    seen = np.isfinite(values).any(axis=0)  # classes that occurred in the probe
+    if not seen.any():
+        return None
+    values, classes = values[:, seen], np.nonzero(seen)[0]
     fig = Figure(figsize=(7, 3.6))
     ax = fig.add_subplot()
-    classes = np.arange(values.shape[1])
     ax.fill_between(classes, np.nanmin(values, 0), np.nanmax(values, 0), alpha=0.3,
                     label="min..max over layers")
     ax.plot(classes, np.nanmean(values, 0), marker="." if len(classes) <= 100 else None,

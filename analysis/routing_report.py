@@ -195,7 +195,9 @@ def to_markdown(report: dict) -> str:
 CSS = """body{font-family:sans-serif;max-width:1200px;margin:1em auto;color:#111;background:#fff}
 table{border-collapse:collapse;font-size:12px;margin:0.5em 0}td,th{border:1px solid #bbb;
 padding:2px 6px;text-align:right}th{background:#eee}img{max-width:100%;display:block}
-figure{margin:1em 0}figcaption{font-size:12px;color:#444}.note{font-size:12px;color:#333}"""
+.figs{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
+figure{margin:0.5em 0;flex:1 1 540px}figcaption{font-size:12px;color:#444}
+.note{font-size:12px;color:#333}"""
 
 
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
@@ -220,12 +222,15 @@ def to_html(report: dict, figs: list[tuple[str, str, bytes]]) -> str:
     section = None
     for name, caption, png in figs:
         if name != section:
-            parts.append(f"<h2>Figures: {html.escape(name)}</h2>")
+            parts.append(("</div>" if section is not None else "")
+                         + f"<h2>Figures: {html.escape(name)}</h2><div class='figs'>")
             section = name
         data = base64.b64encode(png).decode("ascii")
-        parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,"
+        width = int.from_bytes(png[16:20], "big")  # PNG IHDR width: wide figures get a full row
+        style = " style='flex-basis:100%'" if width > 800 else ""
+        parts.append(f"<figure{style}><img alt='{html.escape(caption)}' src='data:image/png;base64,"
                      f"{data}'><figcaption>{html.escape(caption)}</figcaption></figure>")
-    parts.append("</body></html>")
+    parts.append(("</div>" if section is not None else "") + "</body></html>")
     return "\n".join(parts)
 
 

@@ -85,7 +85,7 @@ def load_trace(path: str | Path) -> dict[str, np.ndarray]:
     """Read and validate a trace; any defect is a one-line MoeditError."""
     path = Path(path)
     if not path.is_file():
-        raise MoeditError(f"trace {path} does not exist")
+        raise MoeditError(f"trace {path} is not a file (write one with --probe --trace FILE)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             data = {key: archive[key] for key in archive.files}
