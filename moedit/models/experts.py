@@ -20,9 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+GROUP_ALIGN = 8  # rows; 16 bytes of bf16
+
+
 def _grouped_mm_usable(x: torch.Tensor) -> bool:
-    """Where torch._grouped_mm is known to be fast (Hopper-class CUDA, bf16)."""
-    return x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
+    """Where torch._grouped_mm has a fast kernel: bf16 on Hopper-class (sm90+) CUDA."""
+    return (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
 class GroupedExperts(nn.Module):
@@ -93,17 +97,36 @@ class GroupedExperts(nn.Module):
         return torch.repeat_interleave(experts, tokens_per_expert, output_size=num_rows)  # (N,)
 
     def _grouped_mm(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)  # (E,) group ends; stays on device
+        """torch._grouped_mm with every group starting on a multiple of GROUP_ALIGN rows.
+
+        bf16 grouped GEMMs need 16-byte aligned group starts (the weight gradient contracts over
+        rows), so rows are placed into a buffer of static size N + E * (GROUP_ALIGN - 1): no host
+        sync. The last group absorbs the slack so every buffer row is computed (no garbage rows).
+        """
+        N, D = x.shape
+        E, align = self.num_experts, GROUP_ALIGN
+        rows = N + E * (align - 1)
+        aligned = (tokens_per_expert + align - 1) // align * align  # (E,)
+        ends = torch.cumsum(aligned, 0)
+        starts = ends - aligned
+        ends = torch.cat([ends[:-1], ends.new_full((1,), rows)])
+        offs = ends.to(torch.int32)  # (E,) group ends
+        row_expert = self._expert_of_row(tokens_per_expert, N)
+        src_starts = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
+        dest = starts[row_expert] + torch.arange(N, device=x.device) - src_starts[row_expert]  # (N,)
+        buffer = x.new_zeros(rows, D).index_put((dest,), x)  # (rows, D)
         if self.ffn_type == "gelu":
             w1, w2 = self._weights(x.dtype)
-            row_expert = self._expert_of_row(tokens_per_expert, x.shape[0])
-            h = torch._grouped_mm(x, w1.transpose(1, 2), offs=offs) + self.fc1_bias.to(x.dtype)[row_expert]
-            h = F.gelu(h, approximate="tanh")  # (N, F)
-            return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs) + self.fc2_bias.to(x.dtype)[row_expert]
+            buffer_expert = torch.searchsorted(ends, torch.arange(rows, device=x.device), right=True)
+            buffer_expert = buffer_expert.clamp(max=E - 1)  # (rows,)
+            h = torch._grouped_mm(buffer, w1.transpose(1, 2), offs=offs) + self.fc1_bias.to(x.dtype)[buffer_expert]
+            h = F.gelu(h, approximate="tanh")  # (rows, F)
+            out = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
+            return out[dest] + self.fc2_bias.to(x.dtype)[row_expert]  # (N, D)
         wg, wu, wd = self._weights(x.dtype)
-        h = F.silu(torch._grouped_mm(x, wg.transpose(1, 2), offs=offs)) * torch._grouped_mm(
-            x, wu.transpose(1, 2), offs=offs)
-        return torch._grouped_mm(h, wd.transpose(1, 2), offs=offs)
+        h = F.silu(torch._grouped_mm(buffer, wg.transpose(1, 2), offs=offs)) * torch._grouped_mm(
+            buffer, wu.transpose(1, 2), offs=offs)
+        return torch._grouped_mm(h, wd.transpose(1, 2), offs=offs)[dest]
 
     def _padded(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         N, D = x.shape

@@ -156,7 +156,9 @@ class TokenChoiceRouter(Router):
         top_weight = scores.gather(1, top_index)  # (S, k)
         if self.cfg.renormalize:
             top_weight = top_weight / top_weight.sum(dim=-1, keepdim=True)
-        counts = torch.bincount(top_index.reshape(-1), minlength=E)  # (E,) before any dropping
+        flat = top_index.reshape(-1)
+        # scatter_add, not bincount: bincount reads the max index on the host (a sync on CUDA)
+        counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
         # Switch balance: sum_i f_i P_i, f_i = E * share of assignments, P_i = mean router prob
         balance = (counts.float() * (E / (S * k)) * probs.mean(dim=0)).sum()
         aux = {"balance": balance, "z": z_loss(logits)}

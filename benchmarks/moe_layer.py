@@ -1,0 +1,149 @@
+"""MoE FFN layer vs a dense FFN with the same activated FLOPs: fwd+bwd time ratio and TFLOP/s.
+
+    python benchmarks/moe_layer.py                      # CUDA, bf16, DiffMoE-L shapes
+    python benchmarks/moe_layer.py --device cpu --small # a quick check without a GPU
+
+DiffMoE-L shapes: D = 1024, expert hidden 4D, S = 8192 tokens in the pool (32 images x 256
+tokens), E in {8, 16}, capacity 1. Each MoE layer at capacity 1 / top-1 does the dense FFN's
+expert FLOPs, so ratio = t(MoE) / t(dense) is the routing + dispatch + combine overhead
+(DiffMoE's includes its capacity predictor). TFLOP/s counts the expert (= dense) matmul FLOPs,
+2 per multiply-add, 3x forward for fwd+bwd. CUDA timing uses CUDA events around `--iters`
+iterations after `--warmup`; the routing-statistics updates run as in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from moedit.models.config import ModelConfig, MoEConfig
+from moedit.models.layers import GeluMLP
+from moedit.models.moe import MoELayer, RoutingContext
+
+LAYERS = {  # label -> MoEConfig fields (every = 1, first = 0 added below)
+    "diffmoe": dict(router="diffmoe", capacity=1.0),
+    "token_choice top-1": dict(router="token_choice", top_k=1, balance_coef=0.01),
+    "token_choice top-1 cf=1.25": dict(router="token_choice", top_k=1, balance_coef=0.01, capacity_factor=1.25),
+    "expert_choice": dict(router="expert_choice", capacity=1.0),
+}
+
+
+def build_layer(kind: str, D: int, E: int, tokens_per_image: int) -> MoELayer:
+    side = int(round((tokens_per_image) ** 0.5)) * 2  # latent side at p = 2
+    cfg = ModelConfig(input_size=side, patch_size=2, hidden_size=D, depth=1, num_heads=max(1, D // 64),
+                      moe=MoEConfig(num_experts=E, every=1, first=0, **LAYERS[kind]))
+    return MoELayer(cfg, 0, num_noise_bins=10)
+
+
+def make_context(batch: int, device: torch.device) -> RoutingContext:
+    level = torch.rand(batch, device=device)
+    bins = (level * 10).long().clamp(max=9)
+    return RoutingContext(batch, level, bins, torch.randint(0, 1000, (batch,), device=device))
+
+
+def time_fwd_bwd(step, device: torch.device, warmup: int, iters: int) -> float:
+    """Seconds per call of step() (forward + backward)."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / iters
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    return (time.perf_counter() - t0) / iters
+
+
+def make_step(module, x: torch.Tensor, probe: torch.Tensor, ctx=None):
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def step():
+        out = module(x, ctx) if ctx is not None else module(x)
+        out.backward(probe)
+        for p in params:  # as an optimizer's zero_grad(set_to_none=True) would
+            p.grad = None
+        x.grad = None
+
+    return step
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if (device.type == "cuda" and not args.fp32) else torch.float32
+    if args.small:
+        D, tokens_per_image, batch, experts = 128, 64, 8, (4, 8)
+    else:
+        D, tokens_per_image, batch, experts = 1024, 256, 32, (8, 16)
+    S, F = batch * tokens_per_image, 4 * D
+    torch.manual_seed(0)
+    x = torch.randn(batch, tokens_per_image, D, device=device, dtype=dtype, requires_grad=True)
+    probe = torch.randn_like(x)
+    ctx = make_context(batch, device)
+    dense = GeluMLP(D, F).to(device, dtype)
+    t_dense = time_fwd_bwd(make_step(dense, x, probe), device, args.warmup, args.iters)
+    flops = 3 * 2 * S * 2 * D * F  # fwd + bwd expert matmul FLOPs
+    rows = [dict(layer="dense FFN", E=1, S=S, D=D, ms=t_dense * 1e3, ratio=1.0, tflops=flops / t_dense / 1e12)]
+    for E in experts:
+        for kind in LAYERS:
+            layer = build_layer(kind, D, E, tokens_per_image).to(device, dtype).train()
+            if args.compile:
+                layer = torch.compile(layer)
+            t = time_fwd_bwd(make_step(layer, x, probe, ctx), device, args.warmup, args.iters)
+            rows.append(dict(layer=kind, E=E, S=S, D=D, ms=t * 1e3, ratio=t / t_dense, tflops=flops / t / 1e12))
+            if args.profile and device.type == "cuda":
+                profile(make_step(layer, x, probe, ctx), kind, E)
+    return rows
+
+
+def profile(step, kind: str, E: int) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    print(f"\n--- {kind}, E={E}: top CUDA kernels over 5 fwd+bwd ---")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+
+
+def format_rows(rows: list[dict]) -> str:
+    header = f"| {'layer':<28} | {'E':>3} | {'S':>5} | {'D':>5} | {'fwd+bwd ms':>10} | {'ratio':>6} | {'TFLOP/s':>8} |"
+    lines = [header, "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"]
+    for r in rows:
+        lines.append(f"| {r['layer']:<28} | {r['E']:>3} | {r['S']:>5} | {r['D']:>5} | {r['ms']:>10.3f} | "
+                     f"{r['ratio']:>6.3f} | {r['tflops']:>8.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--small", action="store_true", help="D=128, S=512, E in {4, 8}: a quick CPU check")
+    parser.add_argument("--fp32", action="store_true", help="float32 on CUDA instead of bf16")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each MoE layer")
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels per layer")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available; use --device cpu --small")
+    rows = run(args)
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    dtype = "bf16" if (args.device.startswith("cuda") and not args.fp32) else "fp32"
+    print(f"MoE FFN vs dense FFN, fwd+bwd, {name}, {dtype}, torch {torch.__version__}"
+          f"{', torch.compile' if args.compile else ''}")
+    print(format_rows(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
