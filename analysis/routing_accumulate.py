@@ -94,8 +94,9 @@ class RoutingAccumulator:
         self.train_capacity = train_capacity
         self.layers: dict[int, _Layer] = {}
         self.forwards = 0
-        self.samples = 0
-        self._prev: dict[tuple, tuple[int, np.ndarray]] = {}  # (stream, block) -> (step, sel)
+        # block -> (stream, step, selected): only the latest stream is kept, so this state is
+        # one forward's masks however many trajectories run
+        self._prev: dict[int, tuple[int, int, np.ndarray]] = {}
 
     def _layer(self, record: dict) -> _Layer:
         block = int(record["block"])
@@ -110,7 +111,7 @@ class RoutingAccumulator:
         return layer
 
     def update(self, records: list[dict], capacities: dict | None = None,
-               step: int | None = None, stream: int = 0, tokens_per_sample: int | None = None):
+               step: int | None = None, stream: int = 0):
         """Add one model forward: `records` holds one capture dict per MoE layer, in order.
 
         `step`/`stream` identify a sampling step of one batch (trajectory mode) so that
@@ -142,8 +143,6 @@ class RoutingAccumulator:
             if step is not None:
                 self._between_steps(layer, selected, noise, step, stream)
             previous = (layer, selected)
-        if tokens_per_sample:
-            self.samples += records[0]["selected"].shape[0] // tokens_per_sample
 
     def _count(self, layer: _Layer, selected, noise, labels, scores):
         tokens, experts = selected.shape
@@ -204,16 +203,16 @@ class RoutingAccumulator:
         layer.active_inter_union += [np.sum(active_a & active_b), np.sum(active_a | active_b)]
 
     def _between_steps(self, layer: _Layer, selected, noise, step: int, stream: int):
-        key = (stream, layer.block)
-        prev = self._prev.get(key)
-        if prev is not None and prev[0] == step - 1 and prev[1].shape == selected.shape:
+        prev = self._prev.get(layer.block)
+        if (prev is not None and prev[0] == stream and prev[1] == step - 1
+                and prev[2].shape == selected.shape):
             entry = layer.step_pairs.setdefault(step - 1, [np.zeros(layer.num_experts),
                                                            np.zeros(layer.num_experts), 0.0, 0])
-            entry[0] += np.logical_and(prev[1], selected).sum(axis=0)
-            entry[1] += np.logical_or(prev[1], selected).sum(axis=0)
+            entry[0] += np.logical_and(prev[2], selected).sum(axis=0)
+            entry[1] += np.logical_or(prev[2], selected).sum(axis=0)
             entry[2] += float(noise.mean())
             entry[3] += 1
-        self._prev[key] = (step, selected)
+        self._prev[layer.block] = (stream, step, selected)
 
     def result(self) -> dict:
         """Per-layer metrics (same keys as the log metrics plus probe-only ones)."""
@@ -221,7 +220,7 @@ class RoutingAccumulator:
         layers = [self._layer_result(self.layers[b], self.layers.get(n))
                   for b, n in zip(blocks, blocks[1:] + [None])]
         return {"noise_bin_edges": self.edges.tolist(), "forwards": self.forwards,
-                "samples": self.samples, "layers": layers,
+                "samples": None, "layers": layers,
                 "summary": rm.summarise_layers(layers)}
 
     def snapshot_layer(self, layer: _Layer) -> dict:

@@ -55,21 +55,19 @@ class _Session:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         out = self.model(x, t, y)
-        self.forward_done(x.shape[0])
+        self.forward_done()
         if self.step is not None:
             self.step += 1
         return out
 
-    def forward_done(self, batch: int) -> None:
+    def forward_done(self) -> None:
         records = list(self.records)
         self.records.clear()  # the capture list would otherwise grow with every forward
         if not records:
             raise MoeditError("the model ran but recorded no routing: it has no MoE layers "
                               "(a dense checkpoint?); the routing probe needs a MoE model")
-        tokens_per_sample = int(records[0]["selected"].shape[0]) // batch
         capacities = self._last_capacity(self.model)
-        self.accumulator.update(records, capacities, step=self.step, stream=self.stream,
-                                tokens_per_sample=tokens_per_sample)
+        self.accumulator.update(records, capacities, step=self.step, stream=self.stream)
         if self.writer is not None:
             self.writer.add(records, capacities, self.step, self.stream)
 
@@ -161,7 +159,7 @@ def _run_noise_levels(session: _Session, cfg, diffusion, options: ProbeOptions, 
             noise = torch.randn(latents.shape, generator=generator).to(device)
             x_t, t = _noised(diffusion, latents, noise, level)
             session.model(x_t, t, labels)
-            session.forward_done(latents.shape[0])
+            session.forward_done()
             session.stream += 1
         seen += latents.shape[0]
         bar.update(latents.shape[0])

@@ -186,7 +186,7 @@ def to_markdown(report: dict) -> str:
                 continue
             where = (f"training steps {data['window']['first_step']}..{data['window']['last_step']}"
                      f" ({data['window']['intervals']} intervals)" if source == "logs"
-                     else f"{data['forwards']} forwards, {data['samples']} samples")
+                     else f"{data['forwards']} forwards, {_fmt(data['samples'])} samples")
             parts += [f"### {source} ({where})", "", _md_table(*_layer_rows(data["layers"])), ""]
     parts += ["Figures: see routing_report.html (self-contained).", ""]
     return "\n".join(parts)

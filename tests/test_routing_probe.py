@@ -83,6 +83,10 @@ def test_jaccard_between_steps_and_layers():
                step=0, stream=0)
     acc.update([_record(1, b, noise, np.zeros(4)), _record(3, b[:, ::-1], noise, np.zeros(4))],
                step=1, stream=0)
+    # a new stream (the next trajectory) replaces the kept masks: state does not grow
+    acc.update([_record(1, b, noise, np.zeros(4)), _record(3, b[:, ::-1], noise, np.zeros(4))],
+               step=0, stream=1)
+    assert sorted(acc._prev) == [1, 3]
     first = acc.result()["layers"][0]
     # expert 0: {0,1} vs {0} -> 1/2; expert 1: {2,3} vs {1,2,3} -> 2/3
     assert first["adjacent_steps"]["jaccard"] == [pytest.approx((1 / 2 + 2 / 3) / 2)]
@@ -106,15 +110,15 @@ def test_predictor_against_training_top_k_and_entropy():
     assert layer["calibration"]["count"][9] == 2  # 0.9 twice
 
 
-def _tiny_run(tmp_path, flavor="tiny-diffmoe", **model):
+def _tiny_run(tmp_path, flavor="tiny-diffmoe", objective="flow", **model):
     """An exported EMA checkpoint (safetensors + JSON config), as load_for_inference reads."""
     from safetensors.torch import save_file
 
     from moedit.models import build_model
     from moedit.train.config import config_from_dict, config_to_dict
 
-    cfg = config_from_dict({"model": {"flavor": flavor, "learn_sigma": False, **model},
-                            "diffusion": {"objective": "flow"}})
+    cfg = config_from_dict({"model": {"flavor": flavor, "learn_sigma": objective == "ddpm", **model},
+                            "diffusion": {"objective": objective}})
     torch.manual_seed(0)
     net = build_model(cfg.model)
     path = tmp_path / f"{flavor}.safetensors"
@@ -153,7 +157,8 @@ def test_probe_trajectory_matches_model_buffers_and_trace(tmp_path):
         assert again["predictor"]["recall"] == pytest.approx(ours["predictor"]["recall"], abs=0.02)
 
 
-def test_probe_noise_levels_on_held_out_shards(tmp_path):
+@pytest.mark.parametrize("objective", ["flow", "ddpm"])
+def test_probe_noise_levels_on_held_out_shards(tmp_path, objective):
     from moedit.data.prepare import PrepareSpec, prepare
     from moedit.data.sources import SourceSpec
 
@@ -161,7 +166,7 @@ def test_probe_noise_levels_on_held_out_shards(tmp_path):
     spec = PrepareSpec(source=SourceSpec(kind="synthetic", num_samples=12, num_classes=10,
                                          latent_shape=(4, 16, 16)), shard_size=12)
     prepare(spec, str(shards), workers=1, progress=False)
-    path = _tiny_run(tmp_path)
+    path = _tiny_run(tmp_path, objective=objective)
     options = routing_probe.ProbeOptions(noise_levels=[0.25, 0.85], num_samples=10, batch_size=8,
                                          device="cpu", shards=str(shards))
     result = routing_probe.probe(path, [0.0, 1.0], options)
