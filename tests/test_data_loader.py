@@ -109,3 +109,18 @@ def test_scaling_and_shift_from_manifest_and_decoder_inverts_them(tmp_path):
     decode = build_decoder(load_manifest(root))
     images = decode(latents)  # stored value v in [-1, 1] maps to (v + 1) / 2, clamped
     assert torch.equal(images[:, 0, 0, 0], torch.tensor([0.5] + [1.0] * 11))
+
+
+@pytest.mark.parametrize("workers,drop_last", [(0, False), (2, False), (2, True)])
+def test_sample_split_ranks_together_equal_one_process_batches(shards, workers, drop_last):
+    cfg = DataConfig(path=shards, num_workers=workers, shuffle_buffer=7, split="sample", drop_last=drop_last)
+    single = [sorted(sample_ids(x)) for x, _ in build_loader(cfg, batch_size=6, rank=0, world_size=1, seed=2)]
+    loaders = [build_loader(cfg, batch_size=3, rank=r, world_size=2, seed=2) for r in range(2)]
+    ranks = [[sample_ids(x) for x, _ in loader] for loader in loaders]
+    assert len(ranks[0]) == len(ranks[1])  # lockstep: the same number of batches
+    # a global remainder of 1 sample cannot feed 2 ranks: dropped on both and counted
+    dropped = loaders[0].stats()["dropped_remainder"]
+    assert dropped == loaders[1].stats()["dropped_remainder"]
+    assert [sorted(a + b) for a, b in zip(*ranks)] == [b for b in single if len(b) >= 2]
+    seen = sorted(i for a, b in zip(*ranks) for i in a + b)
+    assert len(seen) == len(set(seen)) == NUM_SAMPLES - dropped

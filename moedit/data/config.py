@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BAD_DATA_POLICIES = ("raise", "skip")
+SPLITS = ("shard", "sample")
 
 
 @dataclass
@@ -26,6 +27,13 @@ class DataConfig:
 
     prefetch_factor: int = 2
     """Batches each worker prepares ahead of the trainer (ignored with num_workers = 0)."""
+
+    split: str = "shard"
+    """How data-parallel ranks share the data. `shard`: each rank reads its own shards (scales;
+    ranks may see slightly different numbers of batches per epoch). `sample`: every rank reads
+    all shards and keeps samples rank::world_size of each global batch of batch_size * world_size,
+    so the ranks' batches together equal a 1-process run's and all ranks see the same number of
+    batches (costs world_size x the reading; for small datasets and exact parity tests)."""
 
     shuffle: bool = True
     """Shuffle the shard order every epoch and samples within blocks of `shuffle_buffer`."""
@@ -67,6 +75,8 @@ class DataConfig:
             raise ValueError(f"data.prefetch_factor = {self.prefetch_factor}: use 1 or more")
         if self.shuffle_buffer < 1:
             raise ValueError(f"data.shuffle_buffer = {self.shuffle_buffer}: use 1 (no sample shuffle) or more")
+        if self.split not in SPLITS:
+            raise ValueError(f"data.split = {self.split!r}: use one of {', '.join(SPLITS)}")
         if self.bad_data not in BAD_DATA_POLICIES:
             raise ValueError(f"data.bad_data = {self.bad_data!r}: use one of {', '.join(BAD_DATA_POLICIES)}")
         if not 0.0 <= self.max_skip_fraction < 1.0:

@@ -44,9 +44,10 @@ class _StreamDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[Any, Any, dict]]:
         info = get_worker_info()
-        stream = 0 if info is None else (info.id + self.rotation) % self.plan.num_streams
+        if info is None:
+            return self.stream_records(0)
         torch.set_num_threads(1)  # workers only copy bytes; don't fight the trainer for cores
-        return self.stream_records(stream)
+        return self.stream_records((info.id + self.rotation) % self.plan.num_streams)
 
 
 def _identity(item: Any) -> Any:
@@ -87,12 +88,13 @@ class ShardLoader:
 
     @property
     def samples_per_epoch(self) -> int:
-        """Samples this rank reads per epoch (0 in resampled mode: there are no epochs)."""
+        """Samples this rank reads per epoch (0 in resampled mode: there are no epochs); with
+        split = sample that is the whole dataset, of which it keeps 1 / world_size."""
         return 0 if self._rank_shards is None else sum(self.plan.counts[i] for i in self._rank_shards)
 
     def batches_per_epoch(self) -> int:
         """Batches of a full epoch of this rank, if no sample is bad (each stream ends on its own batch)."""
-        b = self.plan.batch_size
+        b = self.plan.read_batch_size
         lengths = self._stream_lengths()
         return sum(n // b if self.cfg.drop_last else -(-n // b) for n in lengths)
 
@@ -157,10 +159,10 @@ class ShardLoader:
     def _check_skip_budget(self) -> None:
         # Per epoch against the rank's share of the data, so that one bad sample early in an
         # epoch does not count as 100% (resampled mode: against everything read so far).
-        if self._rank_shards is not None:
+        if self._rank_shards is not None:  # with split_samples every rank reads (and counts) all shards
             base, skipped = self.samples_per_epoch, self._epoch_skipped
         else:
-            share = self.manifest.num_samples // self.plan.world_size
+            share = self.manifest.num_samples // self.plan.reader_world
             base, skipped = max(int(self._counters["samples_read"]), share), int(self._counters["skipped"])
         if skipped > self.cfg.max_skip_fraction * base:
             detail = ", ".join(f"{r} {int(self._counters[f'skipped_{r}'])}" for r in REASONS if self._counters[f"skipped_{r}"])
@@ -192,7 +194,8 @@ class ShardLoader:
         p = self.plan
         return {"seed": p.seed, "rank": p.rank, "world_size": p.world_size, "num_streams": p.num_streams,
                 "batch_size": p.batch_size, "shuffle": p.shuffle, "shuffle_buffer": p.block,
-                "resampled": p.resampled, "drop_last": p.drop_last, "dataset": self._fingerprint()}
+                "resampled": p.resampled, "drop_last": p.drop_last, "split_samples": p.split_samples,
+                "dataset": self._fingerprint()}
 
     def state_dict(self) -> dict[str, Any]:
         """Plain ints, floats and strings (loadable with torch.load(weights_only=True))."""
@@ -232,7 +235,7 @@ def build_loader(data_cfg: DataConfig, *, batch_size: int, rank: int = 0, world_
     manifest = load_manifest(data_cfg.manifest or default_manifest_path(data_cfg.path))
     urls = resolve_shards(data_cfg.path)
     infos = [manifest.shard(u) for u in urls]
-    if not data_cfg.resampled and len(urls) < world_size:
+    if not data_cfg.resampled and data_cfg.split == "shard" and len(urls) < world_size:
         raise MoeditError(
             f"data.path {data_cfg.path!r} has {len(urls)} shards, fewer than the {world_size} data-parallel "
             "ranks: every rank needs at least one shard (prepare with a smaller --shard-size)"
@@ -244,6 +247,6 @@ def build_loader(data_cfg: DataConfig, *, batch_size: int, rank: int = 0, world_
         shift_factor=float(manifest.shift_factor), batch_size=batch_size, block=data_cfg.shuffle_buffer,
         shuffle=data_cfg.shuffle, resampled=data_cfg.resampled, drop_last=data_cfg.drop_last,
         skip_bad=data_cfg.bad_data == "skip", verify_checksums=data_cfg.verify_checksums, seed=seed, rank=rank,
-        world_size=world_size, num_streams=max(1, data_cfg.num_workers),
+        world_size=world_size, num_streams=max(1, data_cfg.num_workers), split_samples=data_cfg.split == "sample",
     )
     return ShardLoader(data_cfg, manifest, plan)

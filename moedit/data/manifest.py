@@ -59,6 +59,7 @@ class Manifest:
 
     def __post_init__(self) -> None:
         self.shards = [s if isinstance(s, ShardInfo) else ShardInfo(**s) for s in self.shards]
+        self._by_name: dict[str, ShardInfo] = {}
         if not self.num_samples:
             self.num_samples = sum(s.num_samples for s in self.shards)
 
@@ -90,10 +91,11 @@ class Manifest:
 
     def shard(self, name: str) -> ShardInfo:
         """The manifest entry for a shard URL or path, matched by base name."""
-        base = shard_basename(name)
-        for info in self.shards:
-            if info.name == base or os.path.basename(info.name) == base:
-                return info
+        if len(self._by_name) != len(self.shards):
+            self._by_name = {os.path.basename(s.name): s for s in self.shards}
+        info = self._by_name.get(shard_basename(name))
+        if info is not None:
+            return info
         raise MoeditError(
             f"shard {name} is not listed in {os.path.join(self.root, MANIFEST_NAME)}; "
             "index the shards with `moedit prepare --source shards --output DIR`"

@@ -1,6 +1,6 @@
 """One worker's stream of batches: shards -> samples -> block shuffle -> checked batches.
 
-A rank's shards are dealt to `num_streams` streams (one per DataLoader worker). A stream is the
+A rank's shards (with split_samples: all shards) are dealt to `num_streams` streams (one per DataLoader worker). A stream is the
 concatenation of its shards' samples; position p counts samples of that concatenation. Samples
 are permuted within blocks of `block` consecutive positions, with a permutation that depends only
 on (seed, epoch, rank, stream, block index). So a stream can restart at any position by reading
@@ -53,6 +53,22 @@ class StreamPlan:
     rank: int
     world_size: int
     num_streams: int
+    split_samples: bool = False
+    """Every rank reads all shards and keeps samples rank::world_size of each global batch."""
+
+    @property
+    def reader_rank(self) -> int:
+        """The rank whose stream this rank reads (with split_samples all ranks read rank 0's)."""
+        return 0 if self.split_samples else self.rank
+
+    @property
+    def reader_world(self) -> int:
+        return 1 if self.split_samples else self.world_size
+
+    @property
+    def read_batch_size(self) -> int:
+        """Samples per batch of the stream: the global batch when ranks split samples."""
+        return self.batch_size * (self.world_size if self.split_samples else 1)
 
 
 def rng(*keys: int) -> np.random.Generator:
@@ -64,7 +80,7 @@ def epoch_rank_shards(plan: StreamPlan, epoch: int) -> list[int]:
     order = np.arange(len(plan.urls))
     if plan.shuffle:
         order = rng(plan.seed, epoch, TAG_SHARD_ORDER).permutation(len(plan.urls))
-    return [int(i) for i in order[plan.rank :: plan.world_size]]
+    return [int(i) for i in order[plan.reader_rank :: plan.reader_world]]
 
 
 @dataclass
@@ -94,7 +110,7 @@ class ShardSequence:
 
     def _draw_more(self) -> None:
         chunk = len(self.ids) // RESAMPLE_CHUNK
-        draws = rng(self.plan.seed, self.plan.rank, self.stream, chunk, TAG_RESAMPLE).integers(
+        draws = rng(self.plan.seed, self.plan.reader_rank, self.stream, chunk, TAG_RESAMPLE).integers(
             0, len(self.plan.urls), RESAMPLE_CHUNK
         )
         for i in draws:
@@ -162,7 +178,7 @@ class Stream:
     def block_order(self, block: int, size: int) -> np.ndarray:
         if not self.plan.shuffle or size == 1:
             return np.arange(size)
-        key = (self.plan.seed, self.epoch, self.plan.rank, self.stream, block, TAG_BLOCK)
+        key = (self.plan.seed, self.epoch, self.plan.reader_rank, self.stream, block, TAG_BLOCK)
         return rng(*key).permutation(size)
 
     def records(self, start: int) -> Iterator[tuple[Any, Any, dict]]:
@@ -222,11 +238,11 @@ class _BatchBuilder:
 
     def __init__(self, plan: StreamPlan):
         self.plan = plan
-        self.stage = np.empty((plan.batch_size, *plan.latent_shape), plan.latent_dtype)
+        self.stage = np.empty((plan.read_batch_size, *plan.latent_shape), plan.latent_dtype)
         self._new()
 
     def _new(self) -> None:
-        self.labels = np.empty(self.plan.batch_size, np.int64)
+        self.labels = np.empty(self.plan.read_batch_size, np.int64)
         self.n = 0
         self.raw = 0  # stream positions consumed into this record, good or bad
         self.skipped: dict[str, int] = {}
@@ -242,20 +258,24 @@ class _BatchBuilder:
         self.raw += 1
 
     def full(self) -> bool:
-        return self.n == self.plan.batch_size
+        return self.n == self.plan.read_batch_size
 
     def pending(self) -> bool:
         return self.raw > 0
 
     def emit(self, info: dict, drop: bool = False) -> tuple[Any, Any, dict]:
+        # Ranks that split samples must stay in lockstep: a global remainder too small to give
+        # every rank a sample is dropped (and counted) on all of them alike.
+        drop = drop or (self.plan.split_samples and self.n < self.plan.world_size)
         n = 0 if drop else self.n
         if drop:
             info["dropped"] = self.n
-        latents = torch.from_numpy(self.stage[:n]).to(torch.float32, copy=True)  # (n, C, H, W)
+        keep = slice(self.plan.rank, n, self.plan.world_size) if self.plan.split_samples else slice(0, n)
+        latents = torch.from_numpy(np.ascontiguousarray(self.stage[keep])).to(torch.float32, copy=True)  # (b, C, H, W)
         if self.plan.shift_factor != 0.0:
             latents.sub_(self.plan.shift_factor)
         if self.plan.scaling_factor != 1.0:
             latents.mul_(self.plan.scaling_factor)
-        labels = torch.from_numpy(self.labels[:n])
+        labels = torch.from_numpy(np.ascontiguousarray(self.labels[keep]))
         self._new()
         return latents, labels, info
