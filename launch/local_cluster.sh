@@ -24,18 +24,20 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH
 
 say() { echo "local_cluster: $*" >&2; }
 
-# Wait for apt/dpkg locks held by someone else instead of failing at once.
+# Retry an apt command while another process holds the dpkg/apt lock (other
+# installs may run at the same time); any other failure is reported at once.
 apt_retry() {
-  local attempt
+  local attempt output
   for attempt in $(seq 1 60); do
-    if "$@"; then return 0; fi
-    if fuser /var/lib/dpkg/lock-frontend /var/lib/dpkg/lock /var/lib/apt/lists/lock >/dev/null 2>&1; then
-      say "package manager busy, retrying ($attempt)"
-      sleep 5
-    else
+    if output=$("$@" 2>&1); then return 0; fi
+    if ! grep -qi "lock" <<<"$output"; then
+      echo "$output" >&2
       return 1
     fi
+    say "package manager busy, retrying in 5 s ($attempt/60)"
+    sleep 5
   done
+  echo "$output" >&2
   return 1
 }
 
@@ -50,8 +52,8 @@ install_packages() {
   # The package scripts try to start services through invoke-rc.d; without an init
   # system that fails harmlessly, and this script starts the daemons itself.
   apt_retry apt-get update -qq
-  apt_retry apt-get install -y -qq --no-install-recommends \
-    slurmctld slurmd slurm-client munge psmisc >/dev/null
+  apt_retry apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends \
+    slurmctld slurmd slurm-client munge
 }
 
 # Kill the daemon whose pid is in file $1, but only if its command name is $2
