@@ -72,6 +72,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise MoeditError(f"--last {args.last}: must be >= 0")
     if (args.checkpoint or args.from_trace or args.trace) and len(args.runs) > 1:
         raise MoeditError("--checkpoint, --trace and --from-trace take one RUN only")
+    if args.trace and not args.probe:
+        raise MoeditError("--trace FILE records the probe's decisions: add --probe")
+    if args.probe and args.from_trace:
+        raise MoeditError("--probe and --from-trace exclude each other: run the model or read a trace")
     if args.num_samples < 1 or args.batch_size < 1 or args.sampling_steps < 1:
         raise MoeditError("--num-samples, --batch-size and --sampling-steps must be >= 1")
 
