@@ -26,11 +26,16 @@ def _cluster_problem() -> str | None:
     if shutil.which("sinfo") is None:
         return "sinfo not on PATH (no SLURM)"
     try:
-        proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
+        # `scontrol ping` answers at once; sinfo would retry a dead controller for ~10 s
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10)
+        if "UP" not in ping.stdout:
+            return "local SLURM cluster down: run `bash launch/local_cluster.sh start`"
+        proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%P|%T"], capture_output=True, text=True, timeout=10)
     except subprocess.TimeoutExpired:
         return "sinfo timed out"
-    if proc.returncode != 0 or not re.search(r"^(idle|mixed|alloc)", proc.stdout, re.M):
-        return "SLURM cluster down: run `bash launch/local_cluster.sh start`"
+    # the tests expect the cluster of launch/local_cluster.sh: node localhost in partition debug
+    if proc.returncode != 0 or not re.search(r"^localhost\|debug\*\|(idle|mixed|alloc)", proc.stdout, re.M):
+        return "local SLURM cluster down: run `bash launch/local_cluster.sh start`"
     return None
 
 
@@ -183,3 +188,19 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(setup, jobs):
     assert [r["step"] for r in resumed] == list(range(1, steps + 1))  # no gap, no repeat
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in uninterrupted], rel=1e-6, abs=1e-7)
     assert (interrupted / "DONE").is_file() and not (interrupted / "PREEMPTED").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--partition", "nope"], "moedit launch: error: --partition nope: no such partition on this cluster (known: debug)"),
+    (["--gpus-per-node", "1"], "moedit launch: error: --gpus-per-node 1: nodes of partition debug have at most 0 GPU(s)"),
+    (["--nodes", "2"], "moedit launch: error: --nodes 2: partition debug has only 1 node(s)"),
+])
+def test_requests_the_cluster_cannot_meet_fail_before_submission(tmp_path, flags, message):
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  run_dir: run\n")
+    proc = subprocess.run([sys.executable, "-m", "moedit.cli", "launch", "slurm", str(config), *flags],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing written, nothing submitted
