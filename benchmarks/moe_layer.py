@@ -120,7 +120,7 @@ def format_rows(rows: list[dict]) -> str:
     lines = [header, "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"]
     for r in rows:
         lines.append(f"| {r['layer']:<28} | {r['E']:>3} | {r['S']:>5} | {r['D']:>5} | {r['ms']:>10.3f} | "
-                     f"{r['ratio']:>6.3f} | {r['tflops']:>8.1f} |")
+                     f"{r['ratio']:>6.3f} | {r['tflops']:>8.3g} |")
     return "\n".join(lines)
 
 

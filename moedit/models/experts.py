@@ -122,11 +122,11 @@ class GroupedExperts(nn.Module):
             h = torch._grouped_mm(buffer, w1.transpose(1, 2), offs=offs) + self.fc1_bias.to(x.dtype)[buffer_expert]
             h = F.gelu(h, approximate="tanh")  # (rows, F)
             out = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
-            return out[dest] + self.fc2_bias.to(x.dtype)[row_expert]  # (N, D)
+            return out.index_select(0, dest) + self.fc2_bias.to(x.dtype).index_select(0, row_expert)  # (N, D)
         wg, wu, wd = self._weights(x.dtype)
         h = F.silu(torch._grouped_mm(buffer, wg.transpose(1, 2), offs=offs)) * torch._grouped_mm(
             buffer, wu.transpose(1, 2), offs=offs)
-        return torch._grouped_mm(h, wd.transpose(1, 2), offs=offs)[dest]
+        return torch._grouped_mm(h, wd.transpose(1, 2), offs=offs).index_select(0, dest)
 
     def _padded(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         N, D = x.shape

@@ -15,10 +15,14 @@ from torch import nn
 from moedit.models.config import ModelConfig
 from moedit.models.experts import GroupedExperts
 from moedit.models.layers import build_dense_ffn
-from moedit.models.routers import AUX_TERMS, RoutingDecision, build_router
+from moedit.models.routers import RoutingDecision, aux_terms, build_router
 
-# name -> (shape builder, dtype); every statistic is a SUM so ranks reduce with all-reduce SUM.
-_AUX_ORDER = ("balance", "z", "predictor")
+# Slots of the per-layer float64 statistics vector `stat_scalars` (all sums). The predictor's
+# fp/fn/tn are derived in the snapshot from tp, predicted and target positives and the total.
+SCALAR_SLOTS = ("tokens", "dropped", "entropy_sum", "entropy_count", "capacity_used_sum", "forwards",
+                "predictor_tp", "predictor_predicted", "predictor_target", "predictor_total",
+                "aux_balance", "aux_z", "aux_predictor")
+SLOT = {name: i for i, name in enumerate(SCALAR_SLOTS)}
 
 
 @dataclass
@@ -50,18 +54,24 @@ class MoELayer(nn.Module):
         self.last_aux: dict[str, torch.Tensor] = {}
         self.capture: list | None = None  # set by moedit.models.stats.capture_routing
         self.last_capacity: torch.Tensor | None = None  # () tokens processed / S of the latest forward
+        self.aux_names = aux_terms(moe)
         num_classes = cfg.num_classes + 1 if (moe.stats_by_class and cfg.num_classes > 0) else 0
-        long = torch.long
         # Statistics are not persistent: checkpoints hold weights; the trainer snapshots stats per interval.
-        for name, shape, dtype in [
-            ("tokens", (), long), ("tokens_per_expert", (E,), long),
-            ("tokens_per_expert_by_noise", (num_noise_bins, E), long),
-            ("tokens_per_expert_by_class", (num_classes, E), long),
-            ("dropped", (), long), ("entropy_sum", (), torch.float64), ("entropy_count", (), long),
-            ("predictor_confusion", (4,), long), ("capacity_used_sum", (), torch.float64),
-            ("forwards", (), long), ("aux_sum", (len(_AUX_ORDER),), torch.float64),
-        ]:
-            self.register_buffer(f"stat_{name}", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("stat_scalars", torch.zeros(len(SCALAR_SLOTS), dtype=torch.float64), persistent=False)
+        self.register_buffer("stat_tokens_per_expert", torch.zeros(E, dtype=torch.long), persistent=False)
+        self.register_buffer("stat_tokens_per_expert_by_noise", torch.zeros(num_noise_bins, E, dtype=torch.long),
+                             persistent=False)
+        self.register_buffer("stat_tokens_per_expert_by_class", torch.zeros(num_classes, E, dtype=torch.long),
+                             persistent=False)
+        self._constants: dict = {}  # device tensors built once per shape (no per-step host->device copy)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) would cast the float64 sums too: keep them float64 (exact counts)
+        super()._apply(fn, recurse)
+        if self.stat_scalars.dtype != torch.float64:
+            self.stat_scalars = self.stat_scalars.to(torch.float64)
+        self._constants = {}
+        return self
 
     def stat_buffers(self) -> list[torch.Tensor]:
         return [b for n, b in self.named_buffers(recurse=False) if n.startswith("stat_")]
@@ -70,7 +80,8 @@ class MoELayer(nn.Module):
         B, T, D = x.shape
         pool = x.reshape(B * T, D)  # (S, D), sample-major
         decision = self.router(pool, B)
-        dispatched = pool[decision.token_index]  # (N, D)
+        # index_select, not pool[idx]: its backward is an index_add, not a sort-based index_put
+        dispatched = pool.index_select(0, decision.token_index)  # (N, D)
         if decision.capacity is not None:
             out = self.experts.forward_uniform(dispatched.view(self.num_experts, decision.capacity, D))
             out = out.reshape(-1, D)  # (N, D)
@@ -85,9 +96,31 @@ class MoELayer(nn.Module):
         self._record(decision, ctx, T)
         return combined.view(B, T, D).to(x.dtype)
 
+    def _constant_increment(self, S: int, d: RoutingDecision) -> torch.Tensor:
+        """The per-forward increments that depend only on shapes, cached on device (a host->device
+        copy happens once per new shape, not per step)."""
+        E = self.num_experts
+        hits = d.predictor_hits is not None
+        key = (d.probs.device, S, int(d.tokens_per_expert.shape[0]) * (d.capacity or 0), hits)
+        if key not in self._constants:
+            values = [0.0] * len(SCALAR_SLOTS)
+            values[SLOT["tokens"]] = values[SLOT["entropy_count"]] = S
+            values[SLOT["forwards"]] = 1
+            if hits:  # expert choice at training: every expert selects exactly K tokens
+                values[SLOT["predictor_target"]] = E * d.capacity
+                values[SLOT["predictor_total"]] = E * S
+            self._constants[key] = torch.tensor(values, dtype=torch.float64, device=d.probs.device)
+        return self._constants[key]
+
+    def _slot_index(self, slots: tuple[str, ...]) -> torch.Tensor:
+        key = (self.stat_scalars.device, slots)
+        if key not in self._constants:
+            self._constants[key] = torch.tensor([SLOT[n] for n in slots], device=self.stat_scalars.device)
+        return self._constants[key]
+
     @torch.no_grad()
     def _record(self, d: RoutingDecision, ctx: RoutingContext, T: int) -> None:
-        """Accumulate statistics on device (no host sync)."""
+        """Accumulate statistics on device in a handful of kernels (no host sync)."""
         S, E = d.probs.shape
         N = d.token_index.shape[0]
         experts = torch.arange(E, device=d.probs.device)
@@ -96,28 +129,31 @@ class MoELayer(nn.Module):
         else:
             row_expert = torch.repeat_interleave(experts, d.tokens_per_expert, output_size=N)
         valid = torch.ones(N, dtype=torch.long, device=d.probs.device) if d.valid is None else d.valid.long()
+        # tokens per (sample, expert), then histogram samples by noise bin and by class
         sample = torch.div(d.token_index, T, rounding_mode="floor")  # (N,)
-        self.stat_tokens += S
+        per_sample = torch.zeros(ctx.batch_size * E, dtype=torch.long, device=d.probs.device).index_add_(
+            0, sample * E + row_expert, valid).view(ctx.batch_size, E)
         self.stat_tokens_per_expert += d.tokens_per_expert
-        by_noise = self.stat_tokens_per_expert_by_noise
-        by_noise.view(-1).index_add_(0, ctx.noise_bin[sample] * E + row_expert, valid)
+        self.stat_tokens_per_expert_by_noise.index_add_(0, ctx.noise_bin, per_sample)
         if self.stat_tokens_per_expert_by_class.shape[0] and ctx.labels is not None:
-            self.stat_tokens_per_expert_by_class.view(-1).index_add_(0, ctx.labels[sample] * E + row_expert, valid)
+            self.stat_tokens_per_expert_by_class.index_add_(0, ctx.labels, per_sample)
+
+        slots, values = ["entropy_sum", "capacity_used_sum"], [
+            torch.special.entr(d.probs).sum(dtype=torch.float64),
+            d.tokens_per_expert.sum(dtype=torch.float64) / S,  # tokens processed / (S/E) / E
+        ]
         if d.dropped is not None:
-            self.stat_dropped += d.dropped
-        p = d.probs
-        entropy = -(p * p.clamp_min(1e-30).log()).sum()
-        self.stat_entropy_sum += entropy.double()
-        self.stat_entropy_count += S
-        if d.predictor_confusion is not None:
-            self.stat_predictor_confusion += d.predictor_confusion
-        used = d.tokens_per_expert.sum().double() / S  # tokens processed / (S/E) / E
-        self.last_capacity = used
-        self.stat_capacity_used_sum += used
-        self.stat_forwards += 1
-        for i, name in enumerate(_AUX_ORDER):
-            if name in d.aux:
-                self.stat_aux_sum[i] += d.aux[name].detach().double()
+            slots.append("dropped")
+            values.append(d.dropped.to(torch.float64))
+        if d.predictor_hits is not None:
+            slots += ["predictor_tp", "predictor_predicted"]
+            values += list(d.predictor_hits.unbind())
+        for name, value in d.aux.items():
+            slots.append(f"aux_{name}")
+            values.append(value.detach().to(torch.float64))
+        self.stat_scalars.index_add_(0, self._slot_index(tuple(slots)), torch.stack(values))
+        self.stat_scalars += self._constant_increment(S, d)
+        self.last_capacity = values[1]
         if self.capture is not None:
             self._capture(d, ctx, row_expert, valid.bool(), T)
 
@@ -138,7 +174,7 @@ class MoELayer(nn.Module):
         })
 
     def aux_terms(self) -> tuple[str, ...]:
-        return AUX_TERMS[self.router_name]
+        return self.aux_names
 
     def reset_stats(self) -> None:
         for b in self.stat_buffers():

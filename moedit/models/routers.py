@@ -33,7 +33,7 @@ class RoutingDecision:
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted auxiliary losses
     dropped: torch.Tensor | None = None  # () long, assignments dropped by a capacity limit
     predictor_prob: torch.Tensor | None = None  # (S, E) DiffMoE capacity-predictor probabilities
-    predictor_confusion: torch.Tensor | None = None  # (4,) long: tp, fp, fn, tn vs the training selection
+    predictor_hits: torch.Tensor | None = None  # (2,) float64: true positives, predicted positives
 
 
 def _gate(hidden_size: int, num_experts: int, init_std: float | None) -> nn.Linear:
@@ -93,7 +93,7 @@ class DiffMoERouter(Router):
         # detach: the predictor must not shape the backbone's features
         pred_logits = router_float(self.capacity_predictor(x.detach()))  # (S, E)
         pred_prob = torch.sigmoid(pred_logits)
-        aux = {"z": z_loss(logits)}
+        aux = {"z": z_loss(logits)} if self.cfg.z_loss_coef > 0 else {}
         if not self.training and self.cfg.inference_mode != "static":
             gamma = self.expert_threshold if self.cfg.inference_mode == "dynamic" else torch.full_like(
                 self.expert_threshold, self.cfg.global_threshold)
@@ -108,23 +108,26 @@ class DiffMoERouter(Router):
             decision = RoutingDecision(index.reshape(-1), weight.reshape(-1),
                                        torch.full((E,), K, dtype=torch.long, device=x.device), probs, capacity=K)
             if self.training:
-                target = torch.zeros(E, S, dtype=pred_logits.dtype, device=x.device).scatter_(1, index, 1.0).t()  # (S, E)
-                aux["predictor"] = F.binary_cross_entropy_with_logits(pred_logits, target)
-                decision.predictor_confusion = self._update_threshold(pred_prob.detach(), target.bool(), K)
+                target = torch.zeros(E, S, dtype=pred_logits.dtype, device=x.device).scatter_(1, index, 1.0)  # (E, S)
+                aux["predictor"] = F.binary_cross_entropy_with_logits(pred_logits.t(), target)
+                decision.predictor_hits = self._update_threshold(pred_prob.detach().t(), target.bool(), K)
         decision.aux = aux
         decision.predictor_prob = pred_prob.detach()
         return decision
 
     @torch.no_grad()
     def _update_threshold(self, pred_prob: torch.Tensor, target: torch.Tensor, K: int) -> torch.Tensor:
-        """tau <- d * tau + (1 - d) * (K-th largest predictor probability per expert)."""
-        predicted = pred_prob > self.expert_threshold.to(pred_prob.dtype)[None]  # (S, E), what dynamic inference would pick
-        confusion = torch.stack([(predicted & target).sum(), (predicted & ~target).sum(),
-                                 (~predicted & target).sum(), (~predicted & ~target).sum()])
-        kth = pred_prob.t().topk(K, dim=1, sorted=False).values.amin(dim=1)  # (E,)
+        """tau <- d * tau + (1 - d) * (K-th largest predictor probability per expert).
+
+        pred_prob, target: (E, S). Returns (true positives, predicted positives) of the selection
+        dynamic inference would make with the thresholds before this update.
+        """
+        predicted = pred_prob > self.expert_threshold.to(pred_prob.dtype)[:, None]  # (E, S)
+        hits = torch.stack([(predicted & target).sum(dtype=torch.float64), predicted.sum(dtype=torch.float64)])
+        kth = pred_prob.topk(K, dim=1, sorted=False).values.amin(dim=1)  # (E,)
         d = self.cfg.threshold_decay
         self.expert_threshold.mul_(d).add_(kth.to(self.expert_threshold.dtype), alpha=1 - d)
-        return confusion
+        return hits
 
     @staticmethod
     def _threshold_decision(probs: torch.Tensor, above: torch.Tensor) -> RoutingDecision:
@@ -161,7 +164,9 @@ class TokenChoiceRouter(Router):
         counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
         # Switch balance: sum_i f_i P_i, f_i = E * share of assignments, P_i = mean router prob
         balance = (counts.float() * (E / (S * k)) * probs.mean(dim=0)).sum()
-        aux = {"balance": balance, "z": z_loss(logits)}
+        aux = {"balance": balance}
+        if self.cfg.z_loss_coef > 0:
+            aux["z"] = z_loss(logits)
         if self.training and self.cfg.aux_free_bias:
             with torch.no_grad():
                 load = counts.float()
@@ -214,7 +219,7 @@ class ExpertChoiceRouter(Router):
         index = index + (torch.arange(batch_size, device=x.device) * T).view(1, -1, 1)  # pool positions
         return RoutingDecision(index.reshape(-1), weight.reshape(-1),
                                torch.full((E,), batch_size * K, dtype=torch.long, device=x.device), probs,
-                               capacity=batch_size * K, aux={"z": z_loss(logits)})
+                               capacity=batch_size * K, aux={"z": z_loss(logits)} if self.cfg.z_loss_coef > 0 else {})
 
 
 ROUTER_CLASSES: dict[str, type[Router]] = {
@@ -223,13 +228,13 @@ ROUTER_CLASSES: dict[str, type[Router]] = {
     "expert_choice": ExpertChoiceRouter,
 }
 
-# Which auxiliary terms each router produces, and the MoEConfig field holding each weight.
-AUX_TERMS: dict[str, tuple[str, ...]] = {
-    "diffmoe": ("predictor", "z"),
-    "token_choice": ("balance", "z"),
-    "expert_choice": ("z",),
-}
 AUX_COEF_FIELDS = {"balance": "balance_coef", "z": "z_loss_coef", "predictor": "predictor_coef"}
+
+
+def aux_terms(cfg: MoEConfig) -> tuple[str, ...]:
+    """The auxiliary losses a router of this config produces in training (z only if weighted)."""
+    terms = {"diffmoe": ("predictor",), "token_choice": ("balance",), "expert_choice": ()}[cfg.router]
+    return terms + (("z",) if cfg.z_loss_coef > 0 else ())
 
 
 def build_router(cfg: MoEConfig, hidden_size: int) -> Router:

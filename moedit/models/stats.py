@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from moedit.models.moe import _AUX_ORDER, MoELayer
+from moedit.models.moe import SCALAR_SLOTS, MoELayer
 
 
 def _moe_layers(model: nn.Module) -> list[MoELayer]:
@@ -29,27 +29,30 @@ def reset_routing_stats(model: nn.Module) -> None:
         layer.reset_stats()
 
 
-def _layer_snapshot(layer: MoELayer) -> dict:
-    tp, fp, fn, tn = layer.stat_predictor_confusion.tolist()
+def layer_snapshot(layer: MoELayer) -> dict:
+    """One layer's statistics as plain Python numbers (one entry of the snapshot's "layers")."""
+    v = dict(zip(SCALAR_SLOTS, layer.stat_scalars.tolist()))
+    tp, predicted, target, total = (v["predictor_tp"], v["predictor_predicted"], v["predictor_target"],
+                                    v["predictor_total"])
     by_class = layer.stat_tokens_per_expert_by_class
     snap = {
         "block": layer.block_index,
         "router": layer.router_name,
         "num_experts": layer.num_experts,
-        "tokens": int(layer.stat_tokens),
+        "tokens": int(v["tokens"]),
         "tokens_per_expert": layer.stat_tokens_per_expert.tolist(),
         "tokens_per_expert_by_noise": layer.stat_tokens_per_expert_by_noise.tolist(),
         "tokens_per_expert_by_class": by_class.tolist() if by_class.shape[0] else None,
-        "dropped": int(layer.stat_dropped),
-        "entropy_sum": float(layer.stat_entropy_sum),
-        "entropy_count": int(layer.stat_entropy_count),
+        "dropped": int(v["dropped"]),
+        "entropy_sum": v["entropy_sum"],
+        "entropy_count": int(v["entropy_count"]),
         "predictor_tp": int(tp),
-        "predictor_fp": int(fp),
-        "predictor_fn": int(fn),
-        "predictor_tn": int(tn),
-        "capacity_used_sum": float(layer.stat_capacity_used_sum),
-        "forwards": int(layer.stat_forwards),
-        "aux": {name: float(v) for name, v in zip(_AUX_ORDER, layer.stat_aux_sum.tolist())},
+        "predictor_fp": int(predicted - tp),
+        "predictor_fn": int(target - tp),
+        "predictor_tn": int(total - predicted - target + tp),
+        "capacity_used_sum": v["capacity_used_sum"],
+        "forwards": int(v["forwards"]),
+        "aux": {name: v[f"aux_{name}"] for name in ("balance", "z", "predictor")},
     }
     if layer.router_name == "token_choice":
         snap["top_k"] = layer.top_k
@@ -61,7 +64,7 @@ def _layer_snapshot(layer: MoELayer) -> dict:
 def snapshot_routing_stats(model: nn.Module, reset: bool = True) -> dict:
     """Plain-Python routing statistics of every MoE layer (format in docs/DESIGN.md)."""
     edges = list(getattr(model, "noise_bin_edges", [0.0, 1.0]))
-    layers = [_layer_snapshot(layer) for layer in _moe_layers(model)]
+    layers = [layer_snapshot(layer) for layer in _moe_layers(model)]
     if reset:
         reset_routing_stats(model)
     return {"noise_bin_edges": edges, "layers": layers}
