@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 BAD_DATA_POLICIES = ("raise", "skip")
 SPLITS = ("shard", "sample")
+BUILTIN_SOURCES = ("digits", "synthetic")
 
 
 @dataclass
@@ -16,6 +17,13 @@ class DataConfig:
     """Shards: a directory holding `*.tar` and `dataset.json`, a brace pattern
     (`/data/in1k/shard-{000000..000127}.tar`), a `pipe:` URL (`pipe:cat /x/shard-{0..7}.tar`)
     or several of these joined by `::`."""
+
+    prepare: str | None = None
+    """Built-in dataset to prepare into `path` when its dataset.json is missing: `digits` or
+    `synthetic` (see moedit.data.prepare.prepare_builtin). None: the shards must exist."""
+
+    prepare_image_size: int | None = None
+    """Image size for `prepare: digits` (None keeps the native 8x8)."""
 
     manifest: str | None = None
     """Path of `dataset.json`. Default: inside `path` if it is a directory, else in the directory
@@ -69,6 +77,10 @@ class DataConfig:
             raise ValueError(
                 f"data.path = {self.path!r}: a pipe: URL needs data.manifest (the path of dataset.json)"
             )
+        if self.prepare not in (None,) + BUILTIN_SOURCES:
+            raise ValueError(f"data.prepare = {self.prepare!r}: use one of {', '.join(BUILTIN_SOURCES)} or null")
+        if self.prepare_image_size is not None and self.prepare_image_size < 1:
+            raise ValueError(f"data.prepare_image_size = {self.prepare_image_size}: use a positive size or null")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers = {self.num_workers}: use 0 (read in-process) or more")
         if self.prefetch_factor < 1:

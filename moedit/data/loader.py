@@ -98,6 +98,12 @@ class ShardLoader:
         lengths = self._stream_lengths()
         return sum(n // b if self.cfg.drop_last else -(-n // b) for n in lengths)
 
+    def __len__(self) -> int:
+        """Batches per full epoch (see batches_per_epoch); resampled loaders have no length."""
+        if self._rank_shards is None:
+            raise TypeError("a resampled loader has no length: it never ends")
+        return self.batches_per_epoch()
+
     def _epoch_done(self) -> bool:
         return self._rank_shards is not None and self._positions == self._stream_lengths()
 
@@ -233,6 +239,8 @@ def build_loader(data_cfg: DataConfig, *, batch_size: int, rank: int = 0, world_
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size = {world_size})")
     manifest = load_manifest(data_cfg.manifest or default_manifest_path(data_cfg.path))
+    if manifest.num_samples == 0:
+        raise MoeditError(f"{data_cfg.path}: the manifest lists no samples")
     urls = resolve_shards(data_cfg.path)
     infos = [manifest.shard(u) for u in urls]
     if not data_cfg.resampled and data_cfg.split == "shard" and len(urls) < world_size:

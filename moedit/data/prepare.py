@@ -109,6 +109,11 @@ _PROCESS: dict[str, Any] = {}
 
 def _init_process(spec: PrepareSpec, device_queue: Any) -> None:
     device = device_queue.get() if device_queue is not None else "cpu"
+    if device_queue is not None and device == "cpu":
+        import torch
+
+        # Several encoding processes share the CPU: one thread each avoids oversubscription.
+        torch.set_num_threads(1)
     _PROCESS.clear()
     _PROCESS.update(source=open_source(spec.source), device=device, spec=spec)
     if spec.source.kind == "synthetic":
@@ -266,6 +271,25 @@ def _encoder_fields(spec: PrepareSpec) -> dict[str, Any]:
     from moedit.data.encoders import IdentityEncoder
 
     return IdentityEncoder(spec.image_size, spec.channels).manifest_fields()
+
+
+def prepare_builtin(source: str, path: str | os.PathLike, *, image_size: int | None = None,
+                    num_samples: int = 4096, latent_shape: tuple[int, int, int] = (4, 16, 16),
+                    progress: bool = True) -> Manifest:
+    """Prepare a built-in dataset into `path` (used when a config sets data.prepare).
+
+    digits: all 1,797 images, 1 channel, pixel space, float32, 100 per shard (18 shards), optionally
+    resized to image_size. synthetic: `num_samples` latents of `latent_shape`, 10 classes, float16,
+    256 per shard.
+    """
+    if source == "digits":
+        spec = PrepareSpec(SourceSpec("digits"), image_size=image_size, channels=1, dtype="float32", shard_size=100)
+    elif source == "synthetic":
+        spec = PrepareSpec(SourceSpec("synthetic", num_samples=num_samples, latent_shape=tuple(latent_shape)),
+                           dtype="float16", shard_size=256)
+    else:
+        raise MoeditError(f"built-in dataset {source!r}: use digits or synthetic")
+    return prepare(spec, str(path), progress=progress)
 
 
 def main(args: argparse.Namespace) -> int:
