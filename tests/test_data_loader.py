@@ -28,8 +28,11 @@ def epoch_ids(root, world_size, workers, batch_size=4, seed=0, **cfg):
     for rank in range(world_size):
         loader = build_loader(DataConfig(path=root, num_workers=workers, shuffle_buffer=7, **cfg),
                               batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
-        batches = [list(loader) for _ in range(2)]
-        assert [len(b) for b in batches] == [len(loader)] * 2 and loader.epoch == 2
+        expected, batches = [], []
+        for _ in range(2):  # a rank's shards, so its batch count, change with the epoch
+            expected.append(len(loader))
+            batches.append(list(loader))
+        assert [len(b) for b in batches] == expected and loader.epoch == 2
         epochs = [[i for x, _ in epoch for i in sample_ids(x)] for epoch in batches]
         per_rank.append(epochs)
     return per_rank
