@@ -12,7 +12,9 @@ import torch
 from sklearn.datasets import load_digits
 
 from moedit.data import DataConfig, build_loader, load_manifest
+from moedit.cli import main as cli_main
 from moedit.data.index import index_shards
+from moedit.errors import MoeditError
 from moedit.data.prepare import PrepareSpec, prepare
 from moedit.data.sources import SourceSpec
 
@@ -78,7 +80,9 @@ def test_shards_written_by_webdataset_shardwriter_load(tmp_path):
     with wds.ShardWriter(str(tmp_path / "part-%06d.tar"), maxcount=10, verbose=0) as sink:
         for i, latent in enumerate(latents):
             sink.write({"__key__": f"img{i:04d}", "npy": latent, "cls": i % 7})
-    manifest = index_shards(str(tmp_path), num_classes=7, scaling_factor=0.5)
+    args = ["prepare", "--source", "shards", "--output", str(tmp_path), "--num-classes", "7", "--scaling-factor", "0.5"]
+    assert cli_main(args) == 0
+    manifest = load_manifest(str(tmp_path))
     assert [s.num_samples for s in manifest.shards] == [10, 10, 3]
     assert (manifest.latent_shape, manifest.latent_dtype) == ([4, 3, 3], "float16")
     loaded, labels = load_all(str(tmp_path))
@@ -100,3 +104,13 @@ def test_preparation_is_byte_identical_across_runs_and_process_counts(tmp_path):
     assert latents.shape == (500, 1, 16, 16)
     assert torch.equal(latents[1], latents[0].flip(-1))  # sample 2i + 1 is the flip of 2i
     assert torch.equal(labels[0::2], labels[1::2])
+
+
+def test_indexing_names_the_bad_sample(tmp_path):
+    import webdataset as wds
+
+    with wds.ShardWriter(str(tmp_path / "part-%06d.tar"), maxcount=10, verbose=0) as sink:
+        sink.write({"__key__": "fine", "npy": np.zeros((2, 2, 2), np.float32), "cls": 1})
+        sink.write({"__key__": "odd", "npy": np.zeros((2, 2, 2), np.float32), "cls": 9})
+    with pytest.raises(MoeditError, match=r"part-000000.tar, sample odd: label 9 out of range \[0, 7\)"):
+        index_shards(str(tmp_path), num_classes=7)
