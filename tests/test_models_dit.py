@@ -237,3 +237,14 @@ def test_training_step_reduces_loss(name):
         opt.step()
         losses.append(float(loss))
     assert losses[-1] < 0.9 * losses[0]
+
+
+def test_stat_sums_stay_float64_when_model_is_cast():
+    cfg = get_flavor("tiny-tc")
+    model = build_model(cfg).to(torch.bfloat16)
+    layer = model.moe_layers()[0]
+    assert layer.stat_scalars.dtype == torch.float64 and layer.experts.fc1_weight.dtype == torch.bfloat16
+    x, t, y = inputs(cfg)
+    model(x.to(torch.bfloat16), t, y)
+    snap = snapshot_routing_stats(model)["layers"][0]
+    assert snap["tokens"] == 8 * 64 and snap["forwards"] == 1 and sum(snap["tokens_per_expert"]) == 8 * 64

@@ -85,6 +85,6 @@ def capture_routing(model: nn.Module) -> Iterator[list[dict]]:
 
 
 def last_capacity(model: nn.Module) -> dict[int, float]:
-    """{block: tokens processed / (S / E) / E} of each MoE layer's latest forward (1.0 = C of 1)."""
+    """{block: capacity} of each MoE layer's latest forward: tokens processed / S (1.0 = C of 1)."""
     return {layer.block_index: float(layer.last_capacity) for layer in _moe_layers(model)
             if layer.last_capacity is not None}
