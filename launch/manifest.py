@@ -76,7 +76,8 @@ def merge_existing(sweep_dir: str, manifest: dict) -> dict:
     old_runs = [(r["name"], r["args"]) for r in old["runs"]]
     new_runs = [(r["name"], r["args"]) for r in manifest["runs"]]
     if old_runs != new_runs:
-        first = next((i for i, (a, b) in enumerate(zip(old_runs, new_runs)) if a != b), min(len(old_runs), len(new_runs)))
+        same_prefix = min(len(old_runs), len(new_runs))
+        first = next((i for i, (a, b) in enumerate(zip(old_runs, new_runs)) if a != b), same_prefix)
         raise MoeditError(f"{sweep_dir} already holds a different sweep (differs at run {first}); "
                           "use another --sweep-dir")
     return old

@@ -164,7 +164,8 @@ def test_gres_and_sinfo_parsing():
     assert gpus_in_gres("gpu:h100:4(S:0-1),nic:2") == 4
     assert gpus_in_gres("gpu:a100:2,gpu:v100:1") == 3
     parts = parse_sinfo_nodes("cpu*|n1|64|(null)\ncpu*|n2|32|(null)\ngpu|g1|96|gpu:h100:8(S:0-1)\n")
-    assert (parts["cpu"].nodes, parts["cpu"].max_cpus, parts["cpu"].max_gpus, parts["cpu"].is_default) == (2, 64, 0, True)
+    cpu = parts["cpu"]
+    assert (cpu.nodes, cpu.max_cpus, cpu.max_gpus, cpu.is_default) == (2, 64, 0, True)
     assert (parts["gpu"].nodes, parts["gpu"].max_gpus, parts["gpu"].is_default) == (1, 8, False)
 
 

@@ -141,7 +141,12 @@ def test_resubmit_failed_submits_only_failed_runs(tmp_path, monkeypatch, capsys)
     submitted: list[str] = []
     monkeypatch.setattr(slurm, "require_slurm", lambda command="sbatch": command)
     monkeypatch.setattr(slurm, "query_partitions", lambda: {"debug": Partition("debug", 1, 4, 0, True)})
-    monkeypatch.setattr(slurm, "submit", lambda path: submitted.append(Path(path).read_text()) or str(100 + len(submitted)))
+
+    def fake_submit(path: str) -> str:
+        submitted.append(Path(path).read_text())
+        return str(100 + len(submitted))
+
+    monkeypatch.setattr(slurm, "submit", fake_submit)
     manifest.submit_array(sweep_dir, record, [0, 1, 2], slurm.SlurmOptions())
     assert [r["job_id"] for r in record["runs"]] == ["101_0", "101_1", "101_2"]
     for run in record["runs"]:

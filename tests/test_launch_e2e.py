@@ -1,8 +1,7 @@
-"""End to end against a real SLURM cluster (start one with `bash launch/local_cluster.sh start`).
-
-Each test runs the real `moedit launch` / `moedit sweep` commands, which submit real
-`moedit train` runs of a tiny model on synthetic data. Skipped cleanly when `sinfo`
-is not on PATH or the cluster is down.
+"""End to end: the real `moedit launch` / `moedit sweep` commands running real `moedit train`
+runs of a tiny model on synthetic data, locally with torchrun and on a real SLURM cluster
+(start one with `bash launch/local_cluster.sh start`). The SLURM tests skip cleanly when
+`sinfo` is not on PATH or the cluster is down.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ def _cluster_problem() -> str | None:
 
 
 _PROBLEM = _cluster_problem()
-pytestmark = pytest.mark.skipif(_PROBLEM is not None, reason=str(_PROBLEM))
+needs_slurm = pytest.mark.skipif(_PROBLEM is not None, reason=str(_PROBLEM))
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +102,7 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@needs_slurm
 def test_two_process_job_rendezvous_and_checkpoint(setup, jobs):
     run = setup["workdir"] / "two_ranks"
     out = moedit(["launch", "slurm", setup["config"], *setup["overrides"], "train.steps=3", "--run-dir", str(run),
@@ -120,6 +120,7 @@ def test_two_process_job_rendezvous_and_checkpoint(setup, jobs):
     assert [r["step"] for r in rows] == [1, 2, 3] and {r["world_size"] for r in rows} == {2}
 
 
+@needs_slurm
 def test_sweep_array_status_and_resubmit_failed(setup, jobs):
     sweep_dir = setup["workdir"] / "sweep"
     sweep_file = setup["workdir"] / "seeds.yaml"
@@ -163,8 +164,9 @@ def test_sweep_array_status_and_resubmit_failed(setup, jobs):
     assert len(set(seeds.values())) == 3  # each run got its own seed override
 
 
+@needs_slurm
 def test_usr1_checkpoints_requeues_and_resumes_exactly(setup, jobs):
-    steps = 150
+    steps = 100
     args = [*setup["overrides"], f"train.steps={steps}", "--cpus-per-task", "1", "--time", "5"]
     interrupted, reference = setup["workdir"] / "requeued", setup["workdir"] / "reference"
     jobs.append(job := submitted_id(moedit(["launch", "slurm", setup["config"], *args, "--run-dir",
@@ -190,11 +192,12 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(setup, jobs):
     assert (interrupted / "DONE").is_file() and not (interrupted / "PREEMPTED").exists()
 
 
+@needs_slurm
 @pytest.mark.parametrize("flags, message", [
-    (["--partition", "nope"], "moedit launch: error: --partition nope: no such partition on this cluster (known: debug)"),
-    (["--gpus-per-node", "1"], "moedit launch: error: --gpus-per-node 1: nodes of partition debug have at most 0 GPU(s)"),
-    (["--nodes", "2"], "moedit launch: error: --nodes 2: partition debug has only 1 node(s)"),
-])
+    (["--partition", "nope"], "--partition nope: no such partition on this cluster (known: debug)"),
+    (["--gpus-per-node", "1"], "--gpus-per-node 1: nodes of partition debug have at most 0 GPU(s)"),
+    (["--nodes", "2"], "--nodes 2: partition debug has only 1 node(s)"),
+], ids=["partition", "gpus", "nodes"])
 def test_requests_the_cluster_cannot_meet_fail_before_submission(tmp_path, flags, message):
     config = tmp_path / "c.yaml"
     config.write_text("train:\n  run_dir: run\n")
@@ -202,5 +205,15 @@ def test_requests_the_cluster_cannot_meet_fail_before_submission(tmp_path, flags
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"moedit launch: error: {message}"), proc.stderr
     assert not (tmp_path / "run").exists()  # nothing written, nothing submitted
+
+
+def test_local_torchrun_two_processes(setup):
+    run = setup["workdir"] / "local"
+    proc = subprocess.run([sys.executable, "-m", "moedit.cli", "launch", "local", setup["config"], *setup["overrides"],
+                           "train.steps=2", f"train.run_dir={run}", "--nproc", "2"],
+                          cwd=setup["workdir"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "world_size=2" in proc.stdout and (run / "DONE").is_file()
+    assert [(r["step"], r["world_size"]) for r in metrics(run)] == [(1, 2), (2, 2)]
