@@ -116,3 +116,12 @@ def test_config_validation_names_field_and_value():
         DataConfig(path="x", prepare="mnist")
     with pytest.raises(ValueError, match=r"data.split = 'rank'"):
         DataConfig(path="x", split="rank")
+
+
+def test_missing_shards_and_manifest_are_named(tmp_path):
+    with pytest.raises(MoeditError, match=f"shards not found: {tmp_path}/none"):
+        build_loader(DataConfig(path=str(tmp_path / "none")), batch_size=2)
+    make_dataset(str(tmp_path), 4, 2)
+    os.remove(tmp_path / "dataset.json")
+    with pytest.raises(MoeditError, match=f"no manifest at {tmp_path}/dataset.json: prepare shards"):
+        build_loader(DataConfig(path=str(tmp_path)), batch_size=2)

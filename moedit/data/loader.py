@@ -238,10 +238,10 @@ def build_loader(data_cfg: DataConfig, *, batch_size: int, rank: int = 0, world_
         raise ValueError(f"batch_size = {batch_size}: use 1 or more")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size = {world_size})")
+    urls = resolve_shards(data_cfg.path)  # first: "shards not found" is the likelier mistake
     manifest = load_manifest(data_cfg.manifest or default_manifest_path(data_cfg.path))
     if manifest.num_samples == 0:
         raise MoeditError(f"{data_cfg.path}: the manifest lists no samples")
-    urls = resolve_shards(data_cfg.path)
     infos = [manifest.shard(u) for u in urls]
     if not data_cfg.resampled and data_cfg.split == "shard" and len(urls) < world_size:
         raise MoeditError(

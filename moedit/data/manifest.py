@@ -187,7 +187,8 @@ def resolve_shards(path: str) -> list[str]:
                 matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
                 missing = [m for m in matches if not os.path.isfile(m)]
                 if missing or not matches:
-                    raise MoeditError(f"shard not found: {missing[0] if missing else expanded} (from data.path {path!r})")
+                    raise MoeditError(f"shards not found: {missing[0] if missing else expanded} (data.path = {path!r}; "
+                                      "prepare them with `moedit prepare --output DIR`)")
                 urls.extend(matches)
     if not urls:
         raise MoeditError(f"data.path {path!r} names no shards")
