@@ -136,7 +136,10 @@ def _training(spec: JobSpec) -> list[str]:
         "status=0",
         # torchrun must survive SIGUSR1 (its default action is to exit) so that only the
         # training processes act on it; the ignore is reset by their own handler.
-        "srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'trap \"\" USR1; exec \"$@\"' moedit-node \\",
+        # srun is given the CPU count explicitly: some SLURM versions do not pass the
+        # job's --cpus-per-task on to steps, which would pin every process to one core.
+        "srun --ntasks-per-node=1 --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \\",
+        "  bash -c 'trap \"\" USR1; exec \"$@\"' moedit-node \\",
         f"  {python} -m torch.distributed.run \\",
         '  --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node="$NPROC_PER_NODE" \\',
         '  --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \\',

@@ -94,6 +94,7 @@ def test_rendezvous_from_first_host_and_port_from_job_id(tmp_path):
     assert f"--rdzv-endpoint=node7:{port}" in args
     assert "--rdzv-backend=c10d" in args and "--rdzv-id=123457" in args
     assert "--nproc-per-node=4" in args and "--nnodes=2" in args
+    assert args[:3] == ["--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=8"]
     # 8 CPUs of the task shared by 4 processes; NCCL settings exported
     assert (tmp_path / "stubs" / "srun.env").read_text().split() == ["node7", str(port), "2", "WARN"]
 
