@@ -114,7 +114,11 @@ def read_run_dir(run_dir: Path, *, root: Path | None = None, loss_key: str = "au
     records = read_metrics(run_dir / "metrics.jsonl")
     flops_per_image = _info_value(info, "train_flops_per_image", run_dir, default=None)
     if flops_per_image is None:
-        flops_per_image = _info_value(info, "train_gflops_per_image", run_dir) * 1e9 * FLOPS_PER_MAC
+        gmacs = _info_value(info, "train_gflops_per_image", run_dir, default=None)
+        if gmacs is None:
+            raise MoeditError(f"{run_dir / 'model_info.json'}: no 'train_gflops_per_image' (multiply-adds, DiT "
+                              f"convention) or 'train_flops_per_image' (FLOPs); keys are {sorted(info)}")
+        flops_per_image = gmacs * 1e9 * FLOPS_PER_MAC
     total = _info_value(info, "total_params", run_dir)
     activated = _info_value(info, "activated_params", run_dir, default=total)
     tokens_per_image = _info_value(info, "tokens_per_image", run_dir, default=None)

@@ -220,9 +220,12 @@ def fit_moe_bilinear(N, E, L, *, e_max: float | None = None, resamples: int = 10
         raise ValueError("MoE bilinear law: needs runs at several expert counts and several sizes")
     y = np.log(L)
     coef = np.linalg.lstsq(design, y, rcond=None)[0]
-    boot = []
+    boot, degenerate = [], 0
     for row in bootstrap_counts(len(y), resamples, seed):
         w = np.sqrt(row)
+        if np.linalg.matrix_rank(design[row > 0]) < 4:  # e.g. one size drawn only: the law is not identified
+            degenerate += 1
+            continue
         boot.append(np.linalg.lstsq(design * w[:, None], y * w, rcond=None)[0])
     boot = np.array(boot).reshape(-1, 4)
     names = ("a", "b", "c", "d")
@@ -233,6 +236,7 @@ def fit_moe_bilinear(N, E, L, *, e_max: float | None = None, resamples: int = 10
         "params": dict(zip(names, map(float, coef))),
         "ci": {k: interval(boot[:, i], level) for i, k in enumerate(names)}, "level": level,
         "gof": _gof(log_pred, y), "residuals": (log_pred - y).tolist(),
+        "bootstrap": {"resamples": int(resamples), "degenerate_skipped": degenerate},
         "_samples": {k: boot[:, i] for i, k in enumerate(names)}, "_e_max": e_max,
     }
 

@@ -159,7 +159,7 @@ def plot_loss_vs_experts(runs: list[Run], bilinear: dict, out_dir: Path, loss_la
             members = sorted(members, key=lambda i: runs[i].experts)
             E = np.array([runs[i].experts for i in members])
             color = f"C{line % 10}"
-            label = f"N_act = {np.mean(sizes[members]):.3g}, C = {np.mean(flops[members]):.2e}"
+            label = f"N_act = {np.mean(sizes[members]):.3g}, C = {np.mean(flops[members]):.2e} FLOP"
             ax.plot(E, [runs[i].loss for i in members], "o-", color=color, label=label)
             if "params" in bilinear:
                 p = bilinear["params"]
