@@ -113,6 +113,8 @@ def slurm_options(args: argparse.Namespace, defaults: dict | None = None) -> Slu
         given = getattr(args, name, None)
         if given is not None:
             values[name] = parse_env(given) if name == "env" else given
+    if isinstance(values.get("sbatch_args"), str):  # a single option written without a list
+        values["sbatch_args"] = [values["sbatch_args"]]
     if "env" in values and isinstance(values["env"], dict):
         values["env"] = {str(k): str(v) for k, v in values["env"].items()}
     try:

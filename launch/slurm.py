@@ -51,6 +51,10 @@ class SlurmOptions:
     """Extra environment variables exported in the job script (e.g. NCCL_SOCKET_IFNAME)."""
 
     def __post_init__(self) -> None:
+        for name in ("partition", "account", "time", "qos", "constraint", "mem", "job_name"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):  # YAML gives `time: 30` as an int
+                setattr(self, name, str(value))
         for name in ("nodes", "gpus_per_node", "signal_seconds", "max_requeues"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -159,6 +159,12 @@ def test_time_limit_forms(text, seconds):
     assert parse_time_limit(text) == seconds
 
 
+def test_numeric_time_from_yaml_is_minutes():
+    assert SlurmOptions(time=3, signal_seconds=179).time == "3"
+    with pytest.raises(ValueError, match="not shorter than the time limit 3 \\(180 s\\)"):
+        SlurmOptions(time=3, signal_seconds=180)
+
+
 def test_gres_and_sinfo_parsing():
     assert gpus_in_gres("(null)") == 0
     assert gpus_in_gres("gpu:8") == 8
