@@ -125,3 +125,22 @@ def test_missing_shards_and_manifest_are_named(tmp_path):
     os.remove(tmp_path / "dataset.json")
     with pytest.raises(MoeditError, match=f"no manifest at {tmp_path}/dataset.json: prepare shards"):
         build_loader(DataConfig(path=str(tmp_path)), batch_size=2)
+
+
+def test_resume_with_skipped_samples_matches_the_uninterrupted_run(tmp_path):
+    import itertools
+
+    root = str(tmp_path)
+    make_dataset(root, 40, 5, bad={i: DEFECTS["wrong_dtype"][0] for i in (3, 4, 17, 30)})
+    cfg = DataConfig(path=root, num_workers=2, shuffle_buffer=4, bad_data="skip", max_skip_fraction=0.2)
+    full_loader = build_loader(cfg, batch_size=3, seed=1)
+    full = [sample_ids(x) for x, _ in itertools.islice(full_loader.forever(), 25)]
+    first = build_loader(cfg, batch_size=3, seed=1)
+    head = [sample_ids(x) for x, _ in itertools.islice(first.forever(), 7)]
+    resumed = build_loader(cfg, batch_size=3, seed=1)
+    resumed.load_state_dict(first.state_dict())
+    tail = [sample_ids(x) for x, _ in itertools.islice(resumed.forever(), 18)]
+    assert head + tail == full
+    counters = ("samples", "samples_read", "skipped", "skipped_wrong_dtype", "epoch")
+    assert [resumed.stats()[k] for k in counters] == [full_loader.stats()[k] for k in counters]
+    assert full_loader.stats()["skipped"] >= 4  # at least one whole epoch went by

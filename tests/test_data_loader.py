@@ -89,6 +89,7 @@ def test_brace_patterns_and_pipe_urls(shards):
     pattern = os.path.join(shards, "shard-{000000..000010}.tar")
     piped = f"pipe:cat {pattern}"
     manifest = os.path.join(shards, "dataset.json")
+    assert load_manifest(pattern).num_samples == load_manifest(manifest).num_samples == NUM_SAMPLES
     for path in (pattern, piped):
         cfg = DataConfig(path=path, manifest=manifest, num_workers=0)
         ids = [i for x, _ in build_loader(cfg, batch_size=8) for i in sample_ids(x)]

@@ -110,9 +110,16 @@ def shard_basename(url: str) -> str:
     return os.path.basename(url)
 
 
-def load_manifest(shard_dir: str) -> Manifest:
-    """Read `dataset.json` from a shard directory (or the path of the json itself)."""
-    path = shard_dir if shard_dir.endswith(".json") else os.path.join(shard_dir, MANIFEST_NAME)
+def load_manifest(shard_dir: str | os.PathLike) -> Manifest:
+    """Read `dataset.json` given a shard directory, the json's own path, or a data.path shard
+    pattern (the manifest beside its first shard; `pipe:` URLs need the json path)."""
+    shard_dir = os.fspath(shard_dir)
+    if shard_dir.endswith(".json"):
+        path = shard_dir
+    elif shard_dir.startswith("pipe:"):
+        raise MoeditError(f"{shard_dir!r}: for a pipe: URL give the path of dataset.json (data.manifest)")
+    else:
+        path = default_manifest_path(shard_dir)
     if not os.path.isfile(path):
         raise MoeditError(
             f"no manifest at {path}: prepare shards with `moedit prepare`, or index existing "
