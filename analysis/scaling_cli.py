@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from moedit.errors import MoeditError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -209,7 +209,7 @@ def _progress_bar(desc, total):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="it", leave=False)
+    return tqdm(total=total, desc=desc, unit="it", leave=False, mininterval=1.0)
 
 
 @dataclass

@@ -40,9 +40,9 @@ def test_approach3_recovers_a_known_law_inside_its_intervals():
 
 def test_approach3_interval_coverage_is_sane_over_repeats():
     hits, widths = [], []
-    for rep in range(12):
+    for rep in range(10):
         N, D, L = synthetic_runs(60, seed=100 + rep, noise=0.02)
-        fit = laws.fit_approach3(N, D, L, grid="small", resamples=100, seed=rep, level=0.9)
+        fit = laws.fit_approach3(N, D, L, grid="small", resamples=80, seed=rep, level=0.9)
         for name in ("E", "alpha", "beta"):
             low, high = fit["ci"][name]
             hits.append(low <= TRUE[name] <= high)
@@ -137,12 +137,12 @@ def test_saturating_expert_transform_limits():
 
 def test_fine_grained_law_recovers_its_exponents():
     rng = np.random.default_rng(5)
-    n = 80
+    n = 60
     N, D = 10 ** rng.uniform(6, 9, n), 10 ** rng.uniform(8, 11, n)
     G = 2.0 ** rng.integers(0, 4, n)
     true = {"c": 0.2, "a": 30.0, "g": 60.0, "b": 200.0, "alpha": 0.3, "beta": 0.25, "gamma": 0.6}
     L = laws.fine_grained_predict(true, N, D, G) * np.exp(0.002 * rng.standard_normal(n))
-    fit = laws.fit_fine_grained(N, D, G, L, resamples=30)
+    fit = laws.fit_fine_grained(N, D, G, L, resamples=20)
     for name in ("alpha", "beta", "gamma", "c"):
         assert fit["params"][name] == pytest.approx(true[name], rel=0.15), name
     pred = laws.fine_grained_predict(fit["params"], N, D, G)

@@ -6,6 +6,7 @@ multiply-adds, tokens_per_image, num_experts; metrics.jsonl: loss, loss/mse, ima
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +183,24 @@ def test_missing_analysis_module_fails_only_its_subcommand(monkeypatch, capsys):
     monkeypatch.setitem(analysis_cli.SUBCOMMANDS, "routing", ("moedit.analysis.no_such_module", "missing"))
     assert moedit_main(["analyze", "routing", "anything", "--flag"]) == 2
     assert "module moedit.analysis.no_such_module is not installed" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("MOEDIT_SCALING_SWEEP"), reason="set MOEDIT_SCALING_SWEEP to a real sweep")
+def test_real_sweep_from_the_trainer(tmp_path):
+    """Point MOEDIT_SCALING_SWEEP at a directory of finished `moedit train` runs (>= 5 runs)."""
+    sweep = Path(os.environ["MOEDIT_SCALING_SWEEP"])
+    out = tmp_path / "out"
+    assert moedit_main(["analyze", "scaling", str(sweep), "--out", str(out), "--grid", "small", "--bootstrap", "50",
+                        "--quiet", "--force"]) == 0
+    report = json.loads((out / "scaling.json").read_text())
+    done = sorted(p.parent for p in sweep.rglob("DONE") if (p.parent / "metrics.jsonl").exists())
+    assert report["num_runs"] == len(done)
+    by_name = {r["name"]: r for r in report["runs"]}
+    for run_dir in done:
+        info = json.loads((run_dir / "model_info.json").read_text())
+        last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()][-1]
+        run = by_name[str(run_dir.relative_to(sweep))]
+        assert run["flops"] == pytest.approx(info["train_gflops_per_image"] * 2e9 * last["images_seen"], rel=1e-9)
+        assert run["tokens"] == last["images_seen"] * info["tokens_per_image"]
+    assert (out / "loss_vs_compute.png").exists() and (out / "loss_vs_compute.pdf").exists()
