@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="sweep directory (every run directory below it is read) or a CSV of runs")
     parser.add_argument("--out", default=None, help="output directory (default: SOURCE/scaling or CSV_STEM_scaling)")

@@ -125,9 +125,7 @@ def read_run_dir(run_dir: Path, *, root: Path | None = None, loss_key: str = "au
     if tokens_per_image is None:
         tokens_per_image = _tokens_from_config(config)
 
-    images = np.array([r.get("images_seen", np.nan) for r in records], dtype=np.float64)
-    if not np.isfinite(images[-1]):
-        raise MoeditError(f"{run_dir / 'metrics.jsonl'}: last line has no 'images_seen'; cannot compute FLOPs")
+    images = images_seen(records, config, run_dir)
     loss, source, curve_loss = final_loss(records, run_dir, loss_key=loss_key, loss_ema=loss_ema)
     moe = _moe_shape(config, info)
     keep = np.isfinite(images) & (images > 0) & np.isfinite(curve_loss)
@@ -139,6 +137,23 @@ def read_run_dir(run_dir: Path, *, root: Path | None = None, loss_key: str = "au
         images=float(images[-1]), t_sampling=t_sampling_signature(config), curve_flops=flops_per_image * images[keep],
         curve_loss=curve_loss[keep], **moe,
     )
+
+
+def images_seen(records: list[dict], config: dict, run_dir: Path) -> np.ndarray:
+    """Images seen at each metrics line: `images_seen` if logged, else step x train.global_batch_size."""
+    batch = (config.get("train") or {}).get("global_batch_size")
+    out = []
+    for r in records:
+        if r.get("images_seen") is not None:
+            out.append(float(r["images_seen"]))
+        elif r.get("step") is not None and batch:
+            out.append(float(r["step"]) * float(batch))
+        else:
+            out.append(np.nan)
+    if not np.isfinite(out[-1]):
+        raise MoeditError(f"{run_dir / 'metrics.jsonl'}: last line has neither 'images_seen' nor 'step' with "
+                          "train.global_batch_size in config.yaml; cannot compute the training FLOPs")
+    return np.array(out)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -302,9 +317,12 @@ def _tokens_from_config(config: dict) -> float | None:
 
 
 def _moe_shape(config: dict, info: dict) -> dict:
-    moe = (config.get("model") or {}).get("moe") or {}
+    # The trainer writes `moe` as a top-level section (null for dense models); accept model.moe too.
+    moe = config.get("moe") or (config.get("model") or {}).get("moe") or {}
     experts = info.get("num_experts", moe.get("num_experts", 1))
     granularity = info.get("granularity", moe.get("granularity", 1))
-    capacity = info.get("capacity", moe.get("capacity", moe.get("capacity_factor")))
+    # Token choice sizes expert buffers by capacity_factor; expert-choice routers by capacity.
+    key = "capacity_factor" if moe.get("router") == "token_choice" else "capacity"
+    capacity = info.get("capacity", moe.get(key))
     return {"experts": int(experts or 1), "granularity": float(granularity or 1),
             "capacity": None if capacity is None else float(capacity)}

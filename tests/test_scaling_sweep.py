@@ -30,14 +30,17 @@ def law_loss(N, D, experts=1):
 
 
 def write_run(path: Path, *, params: float, images: int, experts: int = 1, lines: int = 12, done: bool = True,
-              t_sampling: str = "uniform", noise: float = 0.0, seed: int = 0, aux: float = 0.05) -> list[float]:
+              t_sampling: str = "uniform", noise: float = 0.0, seed: int = 0, aux: float = 0.05,
+              with_images_seen: bool = True) -> list[float]:
     """A run directory whose loss/mse follows LAW along training; returns the logged loss/mse values."""
     path.mkdir(parents=True)
     moe = {"router": "diffmoe", "num_experts": experts, "granularity": 2, "capacity": 1.0} if experts > 1 else None
-    config = {"flavor": "tiny", "model": {"input_size": 8, "patch_size": 2, "moe": moe},
+    config = {"model": {"flavor": "tiny", "input_size": 8, "patch_size": 2}, "moe": moe,
               "diffusion": {"objective": "flow", "t_sampling": t_sampling, "t_mean": 0.0, "t_std": 1.0,
                             "sampler": "euler", "sample_steps": 250, "cfg_scale": 1.0},
               "train": {"steps": lines * 10, "global_batch_size": images // (lines * 10)}}
+    if not with_images_seen:  # as the trainer logs today: step only, images = step x global batch
+        assert images % (lines * 10) == 0
     (path / "config.yaml").write_text(yaml.safe_dump(config))
     info = {"flavor": "tiny", "total_params": params * max(experts, 1), "activated_params": params,
             "fwd_gflops_per_image": params * TOKENS / 1e9, "train_gflops_per_image": 3 * params * TOKENS / 1e9,
@@ -52,6 +55,8 @@ def write_run(path: Path, *, params: float, images: int, experts: int = 1, lines
             mse.append(value)
             record = {"step": i * 10, "epoch": 0, "images_seen": seen, "loss": value + aux, "loss/mse": value,
                       "loss/predictor": aux, "lr": 1e-4, "grad_norm": 1.0, "images_per_s": 100.0}
+            if not with_images_seen:
+                del record["images_seen"], record["epoch"]
             handle.write(json.dumps(record) + "\n")
     (path / "routing.jsonl").write_text("")
     if done:
@@ -89,6 +94,14 @@ def test_collect_reads_the_design_layout(tmp_path):
     assert run.loss == pytest.approx(acc / weight, rel=1e-12)
     assert run.loss_source == "train_ema:loss/mse"
     assert json.loads(run.t_sampling) == {"objective": "flow", "t_sampling": "uniform", "t_mean": 0.0, "t_std": 1.0}
+
+
+def test_images_seen_falls_back_to_steps_times_global_batch(tmp_path):
+    write_run(tmp_path / "r", params=1e4, images=48_000, lines=6, with_images_seen=False)
+    runs, _ = collect(tmp_path)
+    assert runs[0].images == 48_000  # 60 steps x global batch 800
+    assert runs[0].flops == pytest.approx(3 * 1e4 * TOKENS * 2 * 48_000, rel=1e-12)
+    np.testing.assert_allclose(runs[0].curve_flops, 3 * 1e4 * TOKENS * 2 * 8_000 * np.arange(1, 7), rtol=1e-12)
 
 
 def test_eval_loss_wins_and_ema_is_bias_corrected(tmp_path):
@@ -188,7 +201,7 @@ def test_missing_analysis_module_fails_only_its_subcommand(monkeypatch, capsys):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("MOEDIT_SCALING_SWEEP"), reason="set MOEDIT_SCALING_SWEEP to a real sweep")
 def test_real_sweep_from_the_trainer(tmp_path):
-    """Point MOEDIT_SCALING_SWEEP at a directory of finished `moedit train` runs (>= 5 runs)."""
+    """Point MOEDIT_SCALING_SWEEP at a directory of finished `moedit train` runs (>= 3 spanning compute)."""
     sweep = Path(os.environ["MOEDIT_SCALING_SWEEP"])
     out = tmp_path / "out"
     assert moedit_main(["analyze", "scaling", str(sweep), "--out", str(out), "--grid", "small", "--bootstrap", "50",
@@ -200,7 +213,9 @@ def test_real_sweep_from_the_trainer(tmp_path):
     for run_dir in done:
         info = json.loads((run_dir / "model_info.json").read_text())
         last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()][-1]
+        batch = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["global_batch_size"]
+        images = last.get("images_seen", last["step"] * batch)
         run = by_name[str(run_dir.relative_to(sweep))]
-        assert run["flops"] == pytest.approx(info["train_gflops_per_image"] * 2e9 * last["images_seen"], rel=1e-9)
-        assert run["tokens"] == last["images_seen"] * info["tokens_per_image"]
+        assert run["flops"] == pytest.approx(info["train_gflops_per_image"] * 2e9 * images, rel=1e-9)
+        assert run["tokens"] == images * info["tokens_per_image"]
     assert (out / "loss_vs_compute.png").exists() and (out / "loss_vs_compute.pdf").exists()
