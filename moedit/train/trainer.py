@@ -368,8 +368,8 @@ class Trainer:
         labels = torch.arange(n, device=self.device) % m.num_classes
         steps = self.cfg.train.sample_steps or None
         with self._autocast():
-            latents = self.diffusion.sample(self.ema, noise, labels, steps=steps, generator=gen)
-        decoder = build_decoder(load_manifest(self.cfg.data.path))
+            latents = self.diffusion.sample(self.ema, noise, labels, steps=steps, generator=gen, null_label=m.num_classes)
+        decoder = build_decoder(load_manifest(self.cfg.data.manifest or self.cfg.data.path))
         images = decoder(latents.float().cpu())
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,85 @@
+"""`moedit train CONFIG [section.key=value ...]`: train a model and leave a run directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moedit.errors import MoeditError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides applied last, e.g. optim.lr=2e-4")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def main(args: argparse.Namespace) -> int:
+    from moedit.train.config import config_to_dict, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
+    from moedit.train.trainer import NonFiniteLoss, Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        if trainer.engine.is_main:
+            _ensure_data(cfg)
+        trainer.engine.barrier()
+        trainer.setup()
+        if trainer.engine.is_main:
+            e = trainer.engine
+            print(
+                f"moedit train: {cfg.flavor} on {e.device} engine={e.name} world_size={e.world_size} "
+                f"micro_batch={trainer.micro_batch} accum={trainer.accum_steps} run_dir={cfg.train.run_dir}",
+                flush=True,
+            )
+        code = trainer.fit()
+        if code == 0 and trainer.engine.is_main:
+            _print_outputs(cfg)
+        return code
+    except NonFiniteLoss:
+        raise
+    finally:
+        trainer.engine.shutdown()
+
+
+def _ensure_data(cfg) -> None:
+    """Prepare a built-in dataset (digits, synthetic) into data.path when the config asks and it is missing."""
+    from pathlib import Path
+
+    source = getattr(cfg.data, "prepare", None)
+    path = Path(cfg.data.path)
+    if source and not (path / "dataset.json").is_file():
+        from moedit.data.prepare import prepare_builtin
+
+        print(f"moedit train: preparing the built-in '{source}' dataset into {path}", flush=True)
+        prepare_builtin(source, path)
+
+
+def _print_outputs(cfg) -> None:
+    from pathlib import Path
+
+    run = Path(cfg.train.run_dir)
+    samples = sorted((run / "samples").glob("*.png"))
+    lines = [
+        f"run directory   {run}",
+        f"checkpoints     {run / 'checkpoints'} (latest: {(run / 'checkpoints' / 'latest').read_text().strip()})",
+        f"metrics         {run / 'metrics.jsonl'}",
+        f"TensorBoard     tensorboard --logdir {run / 'tb'}",
+    ]
+    if (run / "routing.jsonl").is_file():
+        lines.append(f"routing stats   {run / 'routing.jsonl'}  (report: moedit analyze routing {run})")
+    if samples:
+        lines.append(f"samples         {samples[-1]}")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    from moedit.cli import main as cli_main
+
+    sys.exit(cli_main(["train", *sys.argv[1:]]))
