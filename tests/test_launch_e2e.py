@@ -51,9 +51,10 @@ def setup(tmp_path_factory):
     data = tmp_path_factory.mktemp("data") / "synthetic"
     # 4 shards so that each of 2 data-parallel ranks gets its own
     subprocess.run([sys.executable, "-m", "moedit.cli", "prepare", "--source", "synthetic", "--output", str(data),
-                    "--num-samples", "128", "--num-classes", "10", "--latent-shape", "4,16,16",
+                    "--num-samples", "128", "--num-classes", "10", "--latent-shape", "1,8,8",
                     "--shard-size", "32", "--no-progress"], check=True, capture_output=True, timeout=120)
-    overrides = ["model.flavor=tiny-diffmoe", f"data.path={data}", "data.num_workers=0",
+    overrides = ["model.flavor=tiny-diffmoe", "model.hidden_size=32", "model.depth=2", "model.num_heads=2",
+                 f"data.path={data}", "data.num_workers=0",
                  "train.global_batch_size=8", "train.num_sample_images=0", "logging.log_every=1",
                  "logging.heatmaps_every=1000000", "checkpoint.every=1000000"]
     return {"config": str(QUICKSTART), "overrides": overrides, "workdir": tmp_path_factory.mktemp("work")}
