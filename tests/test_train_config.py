@@ -17,7 +17,7 @@ def write(tmp_path, data):
     return path
 
 
-BASE = {"model": {"flavor": "tiny-diffmoe"}, "train": {"steps": 3}}
+BASE = {"model": {"flavor": "tiny-diffmoe", "learn_sigma": False}, "train": {"steps": 3}}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -57,7 +57,7 @@ def test_section_validation_message_names_the_field(tmp_path):
     with pytest.raises(ConfigError, match=r"optim.lr = -1.0: must be > 0"):
         load_config(write(tmp_path, BASE), ["optim.lr=-1"])
     with pytest.raises(ConfigError, match=r"top_k"):
-        load_config(write(tmp_path, {"model": {"flavor": "tiny-tc"}}), ["moe.top_k=99"])
+        load_config(write(tmp_path, {"model": {"flavor": "tiny-tc", "learn_sigma": False}}), ["moe.top_k=99"])
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

@@ -58,7 +58,7 @@ def _ensure_data(cfg) -> None:
         from moedit.data.prepare import prepare_builtin
 
         print(f"moedit train: preparing the built-in '{source}' dataset into {path}", flush=True)
-        prepare_builtin(source, path)
+        prepare_builtin(source, path, image_size=cfg.data.prepare_image_size)
 
 
 def _print_outputs(cfg) -> None:

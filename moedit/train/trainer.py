@@ -118,7 +118,7 @@ class Trainer:
 
         return build_loader(
             self.cfg.data,
-            batch_size=self.micro_batch,
+            batch_size=self.micro_batch * self.accum_steps,
             rank=self.engine.rank,
             world_size=self.world,
             seed=self.cfg.train.seed,
@@ -211,8 +211,12 @@ class Trainer:
         self._set_lr()
         self.optimizer.zero_grad(set_to_none=True)
         terms_sum: dict[str, torch.Tensor] = {}
+        x_all, y_all = self._next_batch()  # this rank's share of the step: micro_batch x accum_steps
         for a in range(self.accum_steps):
-            x, y = self._next_batch()
+            # Micro-batch a takes samples a::accum_steps, just as rank r of a data-parallel run with
+            # data.split=sample takes r::world_size: one rank accumulating N micro-batches then sees
+            # the same micro-batches (and, through global_micro, the same noise) as N ranks.
+            x, y = x_all[a :: self.accum_steps], y_all[a :: self.accum_steps]
             last = a == self.accum_steps - 1
             with nullcontext() if last else self.engine.no_sync(self.wrapped):
                 terms = self.forward_backward_step(x, y, global_micro=a * self.world + self.engine.rank)
@@ -321,6 +325,8 @@ class Trainer:
             reduce_routing_stats(self.model, self.engine)
         from moedit.models.stats import snapshot_routing_stats
 
+        spread = self._threshold_spread()
+
         stats = snapshot_routing_stats(self.model, reset=True) if has_stats else None
         now = time.time()
         elapsed = now - self._last_log_time
@@ -333,6 +339,9 @@ class Trainer:
             metrics["data_wait_s"] = float(values[-1]) / self.world
             metrics["skipped_steps"] = self.skipped_steps
             metrics["world_size"] = self.world
+            metrics["images_seen"] = self.step * self.cfg.train.global_batch_size
+            if spread is not None:
+                metrics["dp/threshold_max_diff"] = spread
             metrics.update({f"data/{k}": v for k, v in self.data.stats().items() if isinstance(v, (int, float))})
             self.logger.log_metrics(self.step, metrics)
             if stats is not None:
@@ -343,6 +352,16 @@ class Trainer:
         self._interval.clear()
         self._interval_steps = 0
         self._data_wait = 0.0
+
+    def _threshold_spread(self) -> float | None:
+        """Largest difference of a DiffMoE threshold between data-parallel ranks (0 when in sync)."""
+        thresholds = self.model.threshold_buffers()
+        if not thresholds or self.world == 1:
+            return None
+        flat = torch.cat([t.detach().reshape(-1).double() for t in thresholds])
+        high, neg_low = flat.clone(), -flat
+        self.engine.all_reduce_max_([high, neg_low])
+        return float((high + neg_low).max())
 
     def _throughput(self, images: int, elapsed: float) -> dict[str, float]:
         out = {"images_per_s": images / max(elapsed, 1e-9)}
