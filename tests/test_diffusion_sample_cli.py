@@ -70,7 +70,8 @@ def test_sample_is_deterministic_and_records_capacity_per_call(checkpoint, tmp_p
     assert all(set(r["capacity"]) == {"1"} and r["capacity"]["1"] > 0 for r in records)
     assert records[0]["noise_level"] == 1.0 and records[1]["t"] == pytest.approx(1 / 3)
     grid = np.asarray(Image.open(tmp_path / "a.png"))
-    assert grid.shape == (2 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2, 3)  # nrow = ceil(sqrt(5)) = 3
+    tile = SIZE * (64 // SIZE)  # small images are enlarged to at least 64 px
+    assert grid.shape == (2 * (tile + 2) + 2, 3 * (tile + 2) + 2, 3)  # nrow = ceil(sqrt(5)) = 3
     assert checkpoint.calls[0] == ("ckpt", True)
 
 
@@ -87,7 +88,7 @@ def test_raw_weights_and_bad_classes(checkpoint, tmp_path, capsys):
 def test_grid_layout_and_grayscale():
     images = torch.zeros(5, 1, 4, 6)
     images[4] = 1.0
-    grid = make_grid(images, nrow=2, padding=1)
+    grid = make_grid(images, nrow=2, padding=1, min_tile=1)
     assert grid.shape == (3 * 5 + 1, 2 * 7 + 1, 3)
     assert np.all(grid[1 + 2 * 5:1 + 2 * 5 + 4, 1:7] == 255)  # fifth image: row 2, column 0, white
     assert np.all(grid[1:5, 1:7] == 0) and np.all(grid[0] == 255)  # first image black, padding white
@@ -97,7 +98,15 @@ def test_grid_layout_and_grayscale():
 
 def test_save_grid_round_trips(tmp_path):
     images = torch.rand(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))
-    grid = save_grid(images, tmp_path / "sub" / "g.png", nrow=2)
+    grid = save_grid(images, tmp_path / "sub" / "g.png", nrow=2, min_tile=1)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "sub" / "g.png")), grid)
     expected = (images[3].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     assert np.array_equal(grid[2 + 7:2 + 7 + 5, 2 + 7:2 + 7 + 5], expected)
+
+
+def test_small_images_are_enlarged_by_an_integer_factor():
+    images = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    grid = make_grid(images, nrow=2, padding=0, min_tile=64)
+    assert grid.shape == (64, 128, 3)
+    block = grid[8:16, 16:24, 0]  # pixel (1, 2) of the first image as an 8x8 block
+    assert np.all(block == block[0, 0]) and block[0, 0] == round(float(images[0, 0, 1, 2]) * 255)

@@ -392,7 +392,9 @@ class Trainer:
         images = decoder(latents.float().cpu())
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        grid = save_grid(images, path, nrow=int(math.ceil(math.sqrt(n))))
+        # Labels cycle through the classes, so with nrow = num_classes each column is one class.
+        nrow = m.num_classes if 0 < m.num_classes <= 16 else int(math.ceil(math.sqrt(n)))
+        grid = save_grid(images, path, nrow=nrow)
         if grid is not None:
             self.logger.log_image("samples", grid, self.step)
 
