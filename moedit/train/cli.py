@@ -23,7 +23,7 @@ def main(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
-    from moedit.train.trainer import NonFiniteLoss, Trainer
+    from moedit.train.trainer import Trainer
 
     trainer = Trainer(cfg)
     try:
@@ -42,8 +42,6 @@ def main(args: argparse.Namespace) -> int:
         if code == 0 and trainer.engine.is_main:
             _print_outputs(cfg)
         return code
-    except NonFiniteLoss:
-        raise
     finally:
         trainer.engine.shutdown()
 

@@ -222,7 +222,9 @@ class Trainer:
                 terms = self.forward_backward_step(x, y, global_micro=a * self.world + self.engine.rank)
             for k, v in terms.items():
                 terms_sum[k] = terms_sum.get(k, 0) + v / self.accum_steps
-        bad_term = next((k for k, v in terms_sum.items() if not torch.isfinite(v)), None)
+        # Name a component term before the total, which is non-finite whenever one of them is.
+        order = [k for k in terms_sum if k != "loss"] + ["loss"]
+        bad_term = next((k for k in order if not torch.isfinite(terms_sum[k])), None)
         flags = torch.tensor([float(bad_term is not None), float(self._stop_signal is not None)], device=self.device)
         self.engine.all_reduce_max_([flags])  # one sync per step: every rank agrees to skip or stop
         nonfinite, stop = (bool(f) for f in flags.tolist())

@@ -1,0 +1,94 @@
+"""Non-finite losses stop (with a debug checkpoint) or skip; the LR schedule; checkpoint retention."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import yaml
+
+from moedit.train.checkpoint import list_checkpoints
+from moedit.train.config import load_config
+from moedit.train.trainer import NonFiniteLoss, Trainer
+
+
+def make_trainer(tmp_path, digits_dir, *overrides) -> Trainer:
+    cfg = {
+        "model": {"flavor": "tiny-diffmoe", "input_size": 8, "in_channels": 1, "patch_size": 2,
+                  "num_classes": 10, "learn_sigma": False},
+        "data": {"path": str(digits_dir), "num_workers": 0},
+        "train": {"run_dir": str(tmp_path / "run"), "steps": 6, "global_batch_size": 8, "num_sample_images": 0},
+        "logging": {"log_every": 1, "tensorboard": False, "progress": "none"},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return Trainer(load_config(path, list(overrides))).setup()
+
+
+def poison(trainer: Trainer, at_steps: set[int]) -> None:
+    """Make the 'mse' term NaN at the given steps (0-based)."""
+    original = trainer.diffusion.training_losses
+
+    def losses(model, x, y, generator=None):
+        terms = original(model, x, y, generator=generator)
+        if trainer.step in at_steps:
+            terms["mse"] = terms["mse"] * float("nan")
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    trainer.diffusion.training_losses = losses
+
+
+def test_nonfinite_loss_stops_naming_step_and_term_after_debug_checkpoint(tmp_path, digits_dir):
+    trainer = make_trainer(tmp_path, digits_dir)
+    poison(trainer, {2})
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step 2 \(first bad term: 'mse'\)"):
+        trainer.fit()
+    debug = tmp_path / "run" / "checkpoints" / "debug_step_0000002"
+    assert (debug / "meta.json").is_file()
+    # The debug checkpoint is never picked up by auto-resume.
+    assert [p.name for _, p in list_checkpoints(tmp_path / "run" / "checkpoints")] == []
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_skip_policy_skips_and_counts_without_touching_weights(tmp_path, digits_dir):
+    trainer = make_trainer(tmp_path, digits_dir, "train.on_nonfinite=skip", "train.max_skipped_steps=3")
+    poison(trainer, {1, 3})
+    snapshots = {}
+    step_fn = trainer.train_step
+
+    def recording_step():
+        snapshots[trainer.step] = [p.detach().clone() for p in trainer.model.parameters()]
+        return step_fn()
+
+    trainer.train_step = recording_step
+    assert trainer.fit() == 0
+    assert trainer.skipped_steps == 2
+    # A skipped step leaves the weights exactly as they were.
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[1], snapshots[2]))
+    assert all(math.isfinite(p.abs().sum().item()) for p in trainer.model.parameters())
+
+
+def test_lr_schedule_warmup_then_cosine(tmp_path, digits_dir):
+    trainer = make_trainer(tmp_path, digits_dir, "optim.lr=1e-3", "optim.warmup_steps=2", "optim.schedule=cosine",
+                           "optim.min_lr_ratio=0.1", "train.steps=12")
+    seen = []
+    for step in range(12):
+        trainer.step = step
+        trainer._set_lr()
+        seen.append(trainer.lr)
+    assert seen[0] == pytest.approx(5e-4) and seen[1] == pytest.approx(1e-3)
+    assert seen[2] == pytest.approx(1e-3)  # cosine starts at the peak
+    progress = (11 - 2) / 10
+    assert seen[11] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))))
+
+
+def test_retention_keeps_last_n_and_every_mth(tmp_path, digits_dir):
+    trainer = make_trainer(tmp_path, digits_dir, "train.steps=9", "checkpoint.every=1", "checkpoint.keep_last=2",
+                           "checkpoint.keep_every=4")
+    assert trainer.fit() == 0
+    steps = [s for s, _ in list_checkpoints(tmp_path / "run" / "checkpoints")]
+    assert steps == [4, 8, 9]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_0000009"
