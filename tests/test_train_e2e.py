@@ -140,6 +140,17 @@ def test_quickstart_config_through_cli_writes_all_outputs(tmp_path, digits_dir):
     # The loss falls by a clear margin within 60 steps (flow MSE starts near 2 = E|x - noise|^2 for unit data).
     assert rows[-1]["loss/mse"] < 0.7 * rows[0]["loss/mse"]
 
+    # EMA weights exported to one safetensors file sample exactly like the run directory itself.
+    from moedit.train.checkpoint import export_safetensors
+
+    exported = export_safetensors(run / "checkpoints" / "step_0000060", tmp_path / "export" / "qs.safetensors")
+    grids = []
+    for source, name in ((run, "a.png"), (exported, "b.png")):
+        moedit("sample", source, "--num-samples", "4", "--steps", "3", "--seed", "1", "--device", "cpu",
+               "--out", tmp_path / name)
+        grids.append((tmp_path / name).read_bytes())
+    assert grids[0] == grids[1]
+
 
 @pytest.mark.parametrize("args, message", [
     (["missing.yaml"], "config file not found"),
