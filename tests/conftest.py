@@ -18,3 +18,21 @@ def digits_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("digits")
     prepare_builtin("digits", path, progress=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory, digits_dir):
+    """A short real quickstart run (the shipped config, shortened) trained once per session."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = tmp_path_factory.mktemp("quickstart") / "run"
+    config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    subprocess.run(
+        [sys.executable, "-m", "moedit.cli", "train", str(config), f"train.run_dir={run}", f"data.path={digits_dir}",
+         "train.steps=40", "model.depth=2", "logging.log_every=10", "logging.tensorboard=false",
+         "train.sample_every=0", "train.num_sample_images=0", "checkpoint.every=20"],
+        check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    return run

@@ -110,22 +110,15 @@ def _screenshot(chromium, html, png, tmp_path):
     return (rgb.min(axis=2) < 0.9).mean(), (saturation > 0.25).mean()
 
 
-def test_report_with_probe_renders_in_chromium(tmp_path, capsys):
-    """Logs + trajectory probe + trace -> HTML rendered by headless Chromium.
-
-    MOEDIT_ROUTING_E2E_RUN=<run dir> runs it on a real run (e.g. the quickstart's) and probes that
-    run's latest checkpoint; by default a synthetic run and a tiny exported model are used.
-    """
+def test_report_with_probe_renders_in_chromium(tmp_path, capsys, quickstart_run):
+    """A real (shortened) quickstart run: logs + trajectory probe of its EMA checkpoint + trace ->
+    HTML rendered by headless Chromium. MOEDIT_ROUTING_E2E_RUN=<run dir> uses another run."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    real_run = os.environ.get("MOEDIT_ROUTING_E2E_RUN")
-    if real_run:
-        run, checkpoint = Path(real_run), []
-    else:
-        run = make_run_dir(tmp_path / "run", "diffmoe")
-        checkpoint = ["--checkpoint", _export_tiny(tmp_path, "tiny-diffmoe")]
+    run = Path(os.environ.get("MOEDIT_ROUTING_E2E_RUN", quickstart_run))
+    checkpoint = []
     trace = tmp_path / "trace.npz"
     rc, _, err = analyze(capsys, run, "--out", tmp_path / "report", "--probe", *checkpoint,
-                         "--trajectory", "--sampling-steps", 4, "--num-samples", 4,
+                         "--trajectory", "--sampling-steps", 4, "--sampler", "euler", "--num-samples", 4,
                          "--batch-size", 4, "--device", "cpu", "--trace", trace)
     assert rc == 0, err
     html = tmp_path / "report" / "routing_report.html"
