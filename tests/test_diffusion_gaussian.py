@@ -21,14 +21,6 @@ SIGMA = ROT @ torch.diag(LAM) @ ROT.T
 N = 4000
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Thousands of tiny ops: intra-op threads only add synchronisation (badly so on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)

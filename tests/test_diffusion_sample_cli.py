@@ -18,14 +18,6 @@ from moedit.models import MoEConfig, ModelConfig, build_model
 NUM_CLASSES, SIZE = 10, 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # A tiny model: intra-op threads only add synchronisation (badly so on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def checkpoint(monkeypatch, tmp_path):

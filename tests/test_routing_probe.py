@@ -14,14 +14,6 @@ from moedit.errors import MoeditError
 EDGES = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run several times faster without intra-op threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _record(block, selected, noise, labels, scores=None, prob=None, router="diffmoe"):
     selected = np.ascontiguousarray(selected, bool)
