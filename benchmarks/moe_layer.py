@@ -9,6 +9,14 @@ expert FLOPs, so ratio = t(MoE) / t(dense) is the routing + dispatch + combine o
 (DiffMoE's includes its capacity predictor). TFLOP/s counts the expert (= dense) matmul FLOPs,
 2 per multiply-add, 3x forward for fwd+bwd. CUDA timing uses CUDA events around `--iters`
 iterations after `--warmup`; the routing-statistics updates run as in training.
+
+Two parameter settings, each with its own dense baseline:
+- `bf16 params` (the headline): parameters and activations in bf16, as a Megatron/DeepSpeed bf16
+  trainer runs its micro-batches (fp32 master weights live in the optimizer, which runs once per
+  step, outside this measurement).
+- `fp32 params + autocast` (`--autocast`): fp32 parameters under torch.autocast(bf16), as plain
+  PyTorch AMP trains. Every forward then casts each weight to bf16 (E x the dense weights for an
+  MoE layer) and the backward accumulates fp32 grads, so memory-bound copies enter the ratio.
 """
 
 from __future__ import annotations
@@ -62,11 +70,12 @@ def time_fwd_bwd(step, device: torch.device, warmup: int, iters: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def make_step(module, x: torch.Tensor, probe: torch.Tensor, ctx=None):
+def make_step(module, x: torch.Tensor, probe: torch.Tensor, ctx=None, autocast: bool = False):
     params = [p for p in module.parameters() if p.requires_grad]
 
     def step():
-        out = module(x, ctx) if ctx is not None else module(x)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = module(x, ctx) if ctx is not None else module(x)
         out.backward(probe)
         for p in params:  # as an optimizer's zero_grad(set_to_none=True) would
             p.grad = None
@@ -75,31 +84,53 @@ def make_step(module, x: torch.Tensor, probe: torch.Tensor, ctx=None):
     return step
 
 
+def time_layers(args, x, probe, ctx, param_dtype, autocast: bool) -> dict[tuple[str, int], float]:
+    """Seconds per fwd+bwd of the dense FFN (key ("dense FFN", 1)) and of each MoE layer."""
+    device = x.device
+    D, S, experts, tokens_per_image = args.shapes
+    dense = GeluMLP(D, 4 * D).to(device, param_dtype)
+    times = {("dense FFN", 1): time_fwd_bwd(make_step(dense, x, probe, autocast=autocast), device,
+                                            args.warmup, args.iters)}
+    for E in experts:
+        for kind in LAYERS:
+            if args.layer and args.layer not in kind:
+                continue
+            layer = build_layer(kind, D, E, tokens_per_image).to(device, param_dtype).train()
+            if args.compile:
+                torch._dynamo.reset()  # each layer shape is its own graph; do not hit the recompile limit
+                layer = torch.compile(layer)
+            step = make_step(layer, x, probe, ctx, autocast=autocast)
+            times[(kind, E)] = time_fwd_bwd(step, device, args.warmup, args.iters)
+            if args.profile and device.type == "cuda":
+                profile(step, kind, E)
+    return times
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if (device.type == "cuda" and not args.fp32) else torch.float32
+    bf16 = device.type == "cuda" and not args.fp32
+    dtype = torch.bfloat16 if bf16 else torch.float32
     if args.small:
         D, tokens_per_image, batch, experts = 128, 64, 8, (4, 8)
     else:
         D, tokens_per_image, batch, experts = 1024, 256, 32, (8, 16)
+    if args.experts:
+        experts = (args.experts,)
     S, F = batch * tokens_per_image, 4 * D
+    args.shapes = (D, S, experts, tokens_per_image)
     torch.manual_seed(0)
     x = torch.randn(batch, tokens_per_image, D, device=device, dtype=dtype, requires_grad=True)
     probe = torch.randn_like(x)
     ctx = make_context(batch, device)
-    dense = GeluMLP(D, F).to(device, dtype)
-    t_dense = time_fwd_bwd(make_step(dense, x, probe), device, args.warmup, args.iters)
+    main = time_layers(args, x, probe, ctx, dtype, autocast=False)
+    amp = time_layers(args, x, probe, ctx, torch.float32, autocast=True) if (bf16 and args.autocast) else {}
     flops = 3 * 2 * S * 2 * D * F  # fwd + bwd expert matmul FLOPs
-    rows = [dict(layer="dense FFN", E=1, S=S, D=D, ms=t_dense * 1e3, ratio=1.0, tflops=flops / t_dense / 1e12)]
-    for E in experts:
-        for kind in LAYERS:
-            layer = build_layer(kind, D, E, tokens_per_image).to(device, dtype).train()
-            if args.compile:
-                layer = torch.compile(layer)
-            t = time_fwd_bwd(make_step(layer, x, probe, ctx), device, args.warmup, args.iters)
-            rows.append(dict(layer=kind, E=E, S=S, D=D, ms=t * 1e3, ratio=t / t_dense, tflops=flops / t / 1e12))
-            if args.profile and device.type == "cuda":
-                profile(make_step(layer, x, probe, ctx), kind, E)
+    rows = []
+    for (kind, E), t in main.items():
+        row = dict(layer=kind, E=E, S=S, D=D, ms=t * 1e3, ratio=t / main[("dense FFN", 1)], tflops=flops / t / 1e12)
+        if amp:
+            row.update(amp_ms=amp[(kind, E)] * 1e3, amp_ratio=amp[(kind, E)] / amp[("dense FFN", 1)])
+        rows.append(row)
     return rows
 
 
@@ -107,20 +138,28 @@ def profile(step, kind: str, E: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    step()
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             step()
         torch.cuda.synchronize()
     print(f"\n--- {kind}, E={E}: top CUDA kernels over 5 fwd+bwd ---")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60))
 
 
-def format_rows(rows: list[dict]) -> str:
-    header = f"| {'layer':<28} | {'E':>3} | {'S':>5} | {'D':>5} | {'fwd+bwd ms':>10} | {'ratio':>6} | {'TFLOP/s':>8} |"
-    lines = [header, "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"]
+def format_rows(rows: list[dict], param_label: str) -> str:
+    amp = "amp_ms" in rows[0]
+    cols = [("layer", 28), ("E", 3), ("S", 5), ("D", 5), (f"{param_label}: fwd+bwd ms", 10), ("ratio", 6),
+            ("TFLOP/s", 8)] + ([("fp32 params + autocast: fwd+bwd ms", 10), ("ratio", 6)] if amp else [])
+    header = "| " + " | ".join(f"{name:>{width}}" if i else f"{name:<{width}}" for i, (name, width) in
+                               enumerate(cols)) + " |"
+    lines = [header, "|" + "|".join("-" * (max(w, len(n)) + 2) for n, w in cols) + "|"]
     for r in rows:
-        lines.append(f"| {r['layer']:<28} | {r['E']:>3} | {r['S']:>5} | {r['D']:>5} | {r['ms']:>10.3f} | "
-                     f"{r['ratio']:>6.3f} | {r['tflops']:>8.3g} |")
+        cells = [f"{r['layer']:<28}", f"{r['E']:>3}", f"{r['S']:>5}", f"{r['D']:>5}",
+                 f"{r['ms']:>{max(10, len(cols[4][0]))}.3f}", f"{r['ratio']:>6.3f}", f"{r['tflops']:>8.3g}"]
+        if amp:
+            cells += [f"{r['amp_ms']:>{len(cols[7][0])}.3f}", f"{r['amp_ratio']:>6.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -129,7 +168,11 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--small", action="store_true", help="D=128, S=512, E in {4, 8}: a quick CPU check")
     parser.add_argument("--fp32", action="store_true", help="float32 on CUDA instead of bf16")
+    parser.add_argument("--autocast", action="store_true",
+                        help="also time fp32 parameters under bf16 autocast (a second column)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each MoE layer")
+    parser.add_argument("--layer", default="", help="only layers whose name contains this (e.g. diffmoe)")
+    parser.add_argument("--experts", type=int, default=0, help="only this number of experts")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels per layer")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
@@ -139,9 +182,11 @@ def main() -> int:
     rows = run(args)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     dtype = "bf16" if (args.device.startswith("cuda") and not args.fp32) else "fp32"
-    print(f"MoE FFN vs dense FFN, fwd+bwd, {name}, {dtype}, torch {torch.__version__}"
-          f"{', torch.compile' if args.compile else ''}")
-    print(format_rows(rows))
+    params = "bf16 params" if dtype == "bf16" else "fp32 params"
+    print(f"MoE FFN vs dense FFN (same activated FLOPs), fwd+bwd per micro-batch, {name}, {dtype}, "
+          f"torch {torch.__version__}{', torch.compile' if args.compile else ''}; ratio = t(MoE) / t(dense) "
+          f"with the same parameter setting")
+    print(format_rows(rows, params))
     return 0
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moedit.errors import MoeditError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

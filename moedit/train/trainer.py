@@ -16,14 +16,14 @@ import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+
 
 import torch
 
 from moedit.engines import build_engine, reduce_routing_stats
 from moedit.errors import MoeditError
 from moedit.train.checkpoint import CheckpointWriter, load_checkpoint, resolve_resume
-from moedit.train.config import Config, config_to_dict
+from moedit.train.config import Config
 
 PREEMPTED_EXIT_CODE = 143
 
