@@ -276,3 +276,45 @@ def test_dropped_tokens_are_counted_and_pass_through():
     stats = layer_snapshot(layer)
     assert stats["dropped"] == 2 * dropped
     assert stats["tokens_per_expert"] == [2 * c for c in load]
+
+
+def test_counting_sort_by_expert_matches_stable_argsort():
+    from moedit.models.routers import _stable_sort_by_expert
+
+    torch.manual_seed(1)
+    expert = torch.randint(0, 6, (300,))
+    expert[expert == 4] = 5  # an expert with no assignment
+    order, counts = _stable_sort_by_expert(expert, 7)
+    assert torch.equal(order, torch.argsort(expert, stable=True))
+    assert counts.tolist() == [int((expert == e).sum()) for e in range(7)]
+
+
+def test_diffmoe_predictor_loss_and_hits_match_naive_selection():
+    layer = make_layer(router="diffmoe", capacity=0.75).train()
+    tau = torch.tensor([0.3, 0.5, 0.6, 0.45], dtype=torch.float64)
+    layer.router.expert_threshold.copy_(tau)
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    pool = x.reshape(-1, D)
+    S, E, K = B * T, 4, int(B * T / 4 * 0.75)
+    with torch.no_grad():
+        logits = layer.router.capacity_predictor(pool)  # (S, E)
+        probs = torch.softmax(pool @ layer.router.gate.weight.T, -1)
+        target = torch.zeros(S, E, dtype=torch.float64)
+        for e in range(E):  # naive top-K per expert
+            for s in sorted(range(S), key=lambda s: -float(probs[s, e]))[:K]:
+                target[s, e] = 1.0
+        d = layer.router(pool, B)
+    bce = -(target * torch.log(torch.sigmoid(logits)) + (1 - target) * torch.log(1 - torch.sigmoid(logits))).mean()
+    torch.testing.assert_close(d.aux["predictor"], bce)
+    predicted = torch.sigmoid(logits) > tau
+    assert d.predictor_hits.tolist() == [float((predicted & target.bool()).sum()), float(predicted.sum())]
+    per_sample = target.view(B, T, E).sum(1)  # (B, E)
+    assert torch.equal(d.tokens_per_sample, per_sample.long())
+
+
+@pytest.mark.parametrize("ffn_type", ["gelu", "swiglu"])
+def test_expert_weight_grads_keep_parameter_layout(ffn_type):
+    """Weight grads come out in the (E, out, in) layout: no strided copy in AccumulateGrad."""
+    layer = make_layer(ffn_type=ffn_type, router="diffmoe").train()
+    layer(torch.randn(B, T, D, dtype=torch.float64), ctx()).sum().backward()
+    assert all(p.grad.is_contiguous() for p in layer.experts.parameters())

@@ -29,6 +29,32 @@ def _grouped_mm_usable(x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
+class ExpertLinear(torch.autograd.Function):
+    """Per-expert Linear y = x W^T + b: x (E, K, in), weight (E, out, in), bias (E, out) or None.
+
+    The backward is written out so the weight gradient is computed as grad^T x directly in the
+    parameter's (E, out, in) layout. Autograd's bmm rule on `weight.transpose(1, 2)` yields the
+    transposed layout, which AccumulateGrad then copies with a strided kernel: at DiffMoE-L, E=16,
+    that copy (E x the dense weight, per projection) cost more than the projection's GEMM.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        if bias is None:
+            return torch.bmm(x, weight.transpose(1, 2))  # (E, K, out)
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None  # (E, K, in)
+        grad_weight = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None  # (E, out, in)
+        grad_bias = grad.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None  # (E, out)
+        return grad_x, grad_weight, grad_bias
+
+
 class GroupedExperts(nn.Module):
     """E experts of type `gelu` (fc1/fc2 with biases) or `swiglu` (gate/up/down, no biases)."""
 
@@ -76,12 +102,11 @@ class GroupedExperts(nn.Module):
         x = x.to(dtype)
         if self.ffn_type == "gelu":
             w1, w2 = self._weights(dtype)
-            h = torch.baddbmm(self.fc1_bias.to(dtype).unsqueeze(1), x, w1.transpose(1, 2))  # (E, K, F)
-            h = F.gelu(h, approximate="tanh")
-            return torch.baddbmm(self.fc2_bias.to(dtype).unsqueeze(1), h, w2.transpose(1, 2))  # (E, K, D)
+            h = ExpertLinear.apply(x, w1, self.fc1_bias.to(dtype))  # (E, K, F)
+            return ExpertLinear.apply(F.gelu(h, approximate="tanh"), w2, self.fc2_bias.to(dtype))  # (E, K, D)
         wg, wu, wd = self._weights(dtype)
-        h = F.silu(torch.bmm(x, wg.transpose(1, 2))) * torch.bmm(x, wu.transpose(1, 2))  # (E, K, F)
-        return torch.bmm(h, wd.transpose(1, 2))
+        h = F.silu(ExpertLinear.apply(x, wg, None)) * ExpertLinear.apply(x, wu, None)  # (E, K, F)
+        return ExpertLinear.apply(h, wd, None)
 
     def forward_grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """(N, D) rows sorted by expert, counts (E,) summing to N -> (N, D)."""

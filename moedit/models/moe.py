@@ -88,7 +88,8 @@ class MoELayer(nn.Module):
         else:
             out = self.experts.forward_grouped(dispatched, decision.tokens_per_expert)  # (N, D)
         weighted = out * decision.weight.to(out.dtype).unsqueeze(1)
-        combined = torch.zeros(B * T, D, dtype=out.dtype, device=x.device).index_add(
+        # in place into fresh zeros: the out-of-place index_add would clone them first
+        combined = torch.zeros(B * T, D, dtype=out.dtype, device=x.device).index_add_(
             0, decision.token_index, weighted)  # (S, D)
         if self.shared_experts is not None:
             combined = combined + self.shared_experts(pool)
@@ -98,14 +99,18 @@ class MoELayer(nn.Module):
 
     def _constant_increment(self, S: int, d: RoutingDecision) -> torch.Tensor:
         """The per-forward increments that depend only on shapes, cached on device (a host->device
-        copy happens once per new shape, not per step)."""
+        copy happens once per new shape, not per step). For uniform decisions without padding this
+        includes the capacity used, E*K/S."""
         E = self.num_experts
         hits = d.predictor_hits is not None
-        key = (d.probs.device, S, int(d.tokens_per_expert.shape[0]) * (d.capacity or 0), hits)
+        uniform = d.capacity is not None and d.valid is None
+        key = (d.probs.device, S, int(d.tokens_per_expert.shape[0]) * (d.capacity or 0), hits, uniform)
         if key not in self._constants:
             values = [0.0] * len(SCALAR_SLOTS)
             values[SLOT["tokens"]] = values[SLOT["entropy_count"]] = S
             values[SLOT["forwards"]] = 1
+            if uniform:
+                values[SLOT["capacity_used_sum"]] = E * d.capacity / S
             if hits:  # expert choice at training: every expert selects exactly K tokens
                 values[SLOT["predictor_target"]] = E * d.capacity
                 values[SLOT["predictor_total"]] = E * S
@@ -118,30 +123,42 @@ class MoELayer(nn.Module):
             self._constants[key] = torch.tensor([SLOT[n] for n in slots], device=self.stat_scalars.device)
         return self._constants[key]
 
+    def _row_expert(self, d: RoutingDecision) -> torch.Tensor:
+        """(N,) the expert of each assignment row."""
+        N = d.token_index.shape[0]
+        experts = torch.arange(self.num_experts, device=d.probs.device)
+        if d.capacity is not None:
+            return experts.repeat_interleave(d.capacity)
+        return torch.repeat_interleave(experts, d.tokens_per_expert, output_size=N)
+
+    def _tokens_per_sample(self, d: RoutingDecision, batch_size: int, T: int) -> torch.Tensor:
+        """(B, E) long rows per (sample, expert): the router's when it has them, else a histogram."""
+        if d.tokens_per_sample is not None:
+            return d.tokens_per_sample
+        E, N = self.num_experts, d.token_index.shape[0]
+        valid = torch.ones(N, dtype=torch.long, device=d.probs.device) if d.valid is None else d.valid.long()
+        sample = torch.div(d.token_index, T, rounding_mode="floor")  # (N,)
+        return torch.zeros(batch_size * E, dtype=torch.long, device=d.probs.device).index_add_(
+            0, sample * E + self._row_expert(d), valid).view(batch_size, E)
+
     @torch.no_grad()
     def _record(self, d: RoutingDecision, ctx: RoutingContext, T: int) -> None:
         """Accumulate statistics on device in a handful of kernels (no host sync)."""
         S, E = d.probs.shape
-        N = d.token_index.shape[0]
-        experts = torch.arange(E, device=d.probs.device)
-        if d.capacity is not None:
-            row_expert = experts.repeat_interleave(d.capacity)  # (N,)
-        else:
-            row_expert = torch.repeat_interleave(experts, d.tokens_per_expert, output_size=N)
-        valid = torch.ones(N, dtype=torch.long, device=d.probs.device) if d.valid is None else d.valid.long()
-        # tokens per (sample, expert), then histogram samples by noise bin and by class
-        sample = torch.div(d.token_index, T, rounding_mode="floor")  # (N,)
-        per_sample = torch.zeros(ctx.batch_size * E, dtype=torch.long, device=d.probs.device).index_add_(
-            0, sample * E + row_expert, valid).view(ctx.batch_size, E)
+        per_sample = self._tokens_per_sample(d, ctx.batch_size, T)  # (B, E)
         self.stat_tokens_per_expert += d.tokens_per_expert
         self.stat_tokens_per_expert_by_noise.index_add_(0, ctx.noise_bin, per_sample)
         if self.stat_tokens_per_expert_by_class.shape[0] and ctx.labels is not None:
             self.stat_tokens_per_expert_by_class.index_add_(0, ctx.labels, per_sample)
 
-        slots, values = ["entropy_sum", "capacity_used_sum"], [
-            torch.special.entr(d.probs).sum(dtype=torch.float64),
-            d.tokens_per_expert.sum(dtype=torch.float64) / S,  # tokens processed / (S/E) / E
-        ]
+        constant = self._constant_increment(S, d)
+        slots, values = ["entropy_sum"], [torch.special.entr(d.probs).sum(dtype=torch.float64)]
+        if d.capacity is not None and d.valid is None:
+            self.last_capacity = constant[SLOT["capacity_used_sum"]]
+        else:
+            self.last_capacity = d.tokens_per_expert.sum(dtype=torch.float64) / S  # tokens processed / (S/E) / E
+            slots.append("capacity_used_sum")
+            values.append(self.last_capacity)
         if d.dropped is not None:
             slots.append("dropped")
             values.append(d.dropped.to(torch.float64))
@@ -152,13 +169,14 @@ class MoELayer(nn.Module):
             slots.append(f"aux_{name}")
             values.append(value.detach().to(torch.float64))
         self.stat_scalars.index_add_(0, self._slot_index(tuple(slots)), torch.stack(values))
-        self.stat_scalars += self._constant_increment(S, d)
-        self.last_capacity = values[1]
+        self.stat_scalars += constant
         if self.capture is not None:
-            self._capture(d, ctx, row_expert, valid.bool(), T)
+            self._capture(d, ctx, T)
 
-    def _capture(self, d: RoutingDecision, ctx: RoutingContext, row_expert, valid, T: int) -> None:
+    def _capture(self, d: RoutingDecision, ctx: RoutingContext, T: int) -> None:
         S, E = d.probs.shape
+        row_expert = self._row_expert(d)
+        valid = torch.ones_like(row_expert, dtype=torch.bool) if d.valid is None else d.valid
         selected = torch.zeros(S, E, dtype=torch.bool, device=d.probs.device)
         selected[d.token_index[valid], row_expert[valid]] = True
         labels = ctx.labels if ctx.labels is not None else torch.full_like(ctx.noise_bin, -1)
