@@ -51,7 +51,8 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def build_engine(parallel_cfg, device_preference: str = "auto", environ=None) -> Engine:
+def build_engine(parallel_cfg, device_preference: str = "auto", environ=None, deepspeed_cfg=None) -> Engine:
+    """The engine `parallel_cfg.engine` names; `deepspeed_cfg` (the config's `deepspeed` section) for deepspeed."""
     env = read_dist_env(environ)
     device = pick_device(device_preference, env.local_rank)
     name = parallel_cfg.engine
@@ -68,13 +69,24 @@ def build_engine(parallel_cfg, device_preference: str = "auto", environ=None) ->
     if name == "ddp":
         from moedit.engines.ddp import DDPEngine
 
-        backend = parallel_cfg.backend
-        if backend == "auto":
-            backend = "nccl" if device.type == "cuda" else "gloo"
-        if backend == "nccl" and device.type != "cuda":
-            raise MoeditError("parallel.backend = nccl needs CUDA; use gloo on CPU")
-        return DDPEngine(env, device, backend, parallel_cfg.find_unused_parameters)
-    raise MoeditError(f"parallel.engine = {name}: not available (choose auto, local or ddp)")
+        return DDPEngine(env, device, _backend(parallel_cfg.backend, device), parallel_cfg.find_unused_parameters)
+    if name == "deepspeed":
+        from moedit.engines.deepspeed import DeepSpeedEngine
+
+        if deepspeed_cfg is None:
+            from moedit.train.config import DeepSpeedConfig
+
+            deepspeed_cfg = DeepSpeedConfig()
+        return DeepSpeedEngine(env, device, _backend(parallel_cfg.backend, device), deepspeed_cfg)
+    raise MoeditError(f"parallel.engine = {name}: not available (choose auto, local, ddp or deepspeed)")
+
+
+def _backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise MoeditError("parallel.backend = nccl needs CUDA; use gloo on CPU")
+    return backend
 
 
 def reduce_routing_stats(model, engine: Engine) -> None:

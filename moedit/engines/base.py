@@ -1,14 +1,27 @@
 """The engine interface: how the trainer talks to one process or many.
 
 An engine owns the process group, the device, and the wrapping of the single-device model
-(DDP today; Megatron-Core and DeepSpeed later). The trainer never touches torch.distributed
+(DDP, DeepSpeed; Megatron-Core later). The trainer never touches torch.distributed
 directly: every collective it needs is a method here.
+
+One optimizer step goes through the engine like this (the defaults below are what `local` and
+`ddp` do; DeepSpeed overrides them because it owns backward, clipping, accumulation and step):
+
+    wrapped, optimizer = engine.prepare(model, optimizer, micro_batch_size=..., accum_steps=A, grad_clip=c)
+    for a in range(A):
+        with engine.accumulation_context(wrapped, last=a == A - 1):
+            loss = ...forward through wrapped...
+            engine.backward(loss, wrapped, A)
+    grad_norm = engine.step(wrapped, optimizer, model, c)    # or engine.discard_gradients(...)
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,6 +75,62 @@ class Engine:
     def no_sync(self, wrapped: nn.Module):
         """Context for micro-batches that accumulate gradients without communicating."""
         return contextlib.nullcontext()
+
+    # --- the optimizer step (the trainer's forward/backward/step go through these) ----------
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, micro_batch_size: int,
+                accum_steps: int, grad_clip: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """(module to call forward on, optimizer to set the learning rate on) for `model`."""
+        return self.wrap(model), optimizer
+
+    def accumulation_context(self, wrapped: nn.Module, last: bool):
+        """Context around one micro-batch's forward and backward; `last` ends the step's accumulation."""
+        return contextlib.nullcontext() if last else self.no_sync(wrapped)
+
+    def backward(self, loss: torch.Tensor, wrapped: nn.Module, accum_steps: int) -> None:
+        """Backward of one micro-batch's mean loss, as its 1/accum_steps share of the step's loss."""
+        (loss / accum_steps).backward()
+
+    def step(self, wrapped: nn.Module, optimizer: torch.optim.Optimizer, model: nn.Module,
+             grad_clip: float) -> torch.Tensor:
+        """Clip (grad_clip > 0) and apply the accumulated gradients; returns the norm before clipping."""
+        params = [p for p in model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+        optimizer.step()
+        return grad_norm
+
+    def discard_gradients(self, wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the accumulated gradients without stepping (a skipped non-finite step)."""
+        optimizer.zero_grad(set_to_none=True)
+
+    def gathered_parameters(self, model: nn.Module):
+        """Context in which every rank sees `model`'s full parameters (sharded ones are gathered)."""
+        return contextlib.nullcontext()
+
+    @property
+    def weights_bf16(self) -> bool:
+        """True when the engine keeps the live weights in bf16 (the trainer then autocasts to bf16)."""
+        return False
+
+    # --- checkpoint state beyond the weights ------------------------------------------------
+    def save_training_state(self, directory: Path, wrapped: nn.Module,
+                            optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], list[str]]:
+        """Called on every rank inside the checkpoint being written. Returns (entries for state.pt, names
+        of the files or directories this wrote into `directory`, which a complete checkpoint must hold)."""
+        return {"optimizer": optimizer.state_dict()}, []
+
+    def load_training_state(self, ckpt: Path, blob: dict[str, Any], model: nn.Module, wrapped: nn.Module,
+                            optimizer: torch.optim.Optimizer) -> None:
+        """Restore the weights and the optimizer from a checkpoint (`blob` = `load_checkpoint`'s result)."""
+        from moedit.errors import MoeditError
+
+        if "optimizer" not in blob["state"]:
+            engine = blob["meta"].get("engine", "another")
+            raise MoeditError(
+                f"{ckpt}: written by the {engine} engine, whose optimizer state {self.name} cannot read; "
+                f"resume with parallel.engine={engine} (or train.resume=never to start fresh)"
+            )
+        model.load_state_dict(blob["model"])
+        optimizer.load_state_dict(blob["state"]["optimizer"])
 
     # --- collectives (no-ops on one process) ----------------------------------------------
     def all_reduce_sum_(self, tensors: list[torch.Tensor]) -> None:

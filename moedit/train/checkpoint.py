@@ -8,11 +8,15 @@ Layout of one checkpoint (a directory, renamed into place only when complete):
         state.pt            optimizer, LR schedule, step, counters (plain containers only)
         rank_00000.pt       per-rank data-loader and RNG state
         config.yaml         the resolved config
-        meta.json           {"step", "world_size", "complete": true}; written last
+        deepspeed/          DeepSpeed's own checkpoint (engine deepspeed only: sharded optimizer states)
+        meta.json           {"step", "world_size", "engine", "engine_files", "complete": true}; written last
     checkpoints/latest      name of the newest complete checkpoint
 
-Nothing is ever unpickled: tensors come from safetensors, the rest through
-`torch.load(weights_only=True)`.
+model.safetensors and ema.safetensors are the canonical single-device weights whatever the
+engine, so `load_for_inference`, `export_safetensors` and `moedit sample` read every checkpoint.
+
+Nothing of moedit's is ever unpickled: tensors come from safetensors, the rest through
+`torch.load(weights_only=True)`. (DeepSpeed reads its own `deepspeed/` files itself.)
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -57,7 +61,8 @@ def is_complete(ckpt: Path) -> bool:
         return False
     needed = ["model.safetensors", "ema.safetensors", "state.pt"]
     needed += [f"rank_{r:05d}.pt" for r in range(int(info.get("world_size", 1)))]
-    return bool(info.get("complete")) and all((ckpt / n).is_file() for n in needed)
+    needed += list(info.get("engine_files", []))
+    return bool(info.get("complete")) and all((ckpt / n).exists() for n in needed)
 
 
 def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
@@ -95,7 +100,10 @@ class CheckpointWriter:
         rank_state: dict[str, Any],
         config_text: str,
         name: str | None = None,
+        engine_state: Callable[[Path], tuple[dict[str, Any], list[str]]] | None = None,
     ) -> Path:
+        """Write one checkpoint; collective. `engine_state(directory)` runs on every rank inside the
+        checkpoint being written and returns (entries added to state.pt, files it wrote there)."""
         name = name or step_dir_name(step)
         final = self.root / name
         tmp = self.root / f".tmp_{name}"
@@ -106,13 +114,15 @@ class CheckpointWriter:
             tmp.mkdir()
         self.engine.barrier()
         torch.save(rank_state, tmp / f"rank_{self.engine.rank:05d}.pt")
+        engine_entries, engine_files = engine_state(tmp) if engine_state is not None else ({}, [])
         self.engine.barrier()
         if self.engine.is_main:
             save_file(state_dict_for_save(model), str(tmp / "model.safetensors"))
             save_file(state_dict_for_save(ema), str(tmp / "ema.safetensors"))
-            torch.save(trainer_state, tmp / "state.pt")
+            torch.save({**trainer_state, **engine_entries}, tmp / "state.pt")
             (tmp / "config.yaml").write_text(config_text)
-            meta = {"step": step, "world_size": self.engine.world_size, "complete": True}
+            meta = {"step": step, "world_size": self.engine.world_size, "engine": self.engine.name,
+                    "engine_files": engine_files, "complete": True}
             (tmp / "meta.json").write_text(json.dumps(meta))
             _fsync_dir(tmp)
             if final.exists():
@@ -137,9 +147,10 @@ class CheckpointWriter:
 
 
 def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def load_checkpoint(ckpt: Path, rank: int) -> dict[str, Any]:

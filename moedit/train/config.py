@@ -3,7 +3,7 @@
     cfg = load_config("configs/quickstart.yaml", ["optim.lr=2e-4", "model.flavor=DiffMoE-S-E16"])
 
 Sections: model (a registry flavor plus field overrides), moe (overrides of the flavor's MoE
-fields), diffusion, data, optim, train, parallel, logging, checkpoint. Overrides apply last;
+fields), diffusion, data, optim, train, parallel, deepspeed, logging, checkpoint. Overrides apply last;
 `dump_config` writes the fully resolved config, which `load_config` reads back unchanged.
 """
 
@@ -97,12 +97,48 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    engine: Literal["auto", "local", "ddp"] = "auto"
-    """auto = ddp when launched with several processes (torchrun or SLURM variables), else local."""
+    engine: Literal["auto", "local", "ddp", "deepspeed"] = "auto"
+    """auto = ddp when launched with several processes (torchrun or SLURM variables), else local;
+    deepspeed = ZeRO data parallelism configured by the `deepspeed` section."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
-    """Process-group backend for ddp: auto = nccl on CUDA, gloo on CPU."""
+    """Process-group backend for ddp and deepspeed: auto = nccl on CUDA, gloo on CPU."""
     find_unused_parameters: bool = False
     """Passed to DistributedDataParallel."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    """ZeRO stage: 0 (plain data parallelism), 1 (optimizer states sharded), 2 (+ gradients), 3 (+ parameters;
+    dense models only)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states on the CPU and step there (ZeRO-Offload; stages 1-3). The optimizer stays
+    torch AdamW, so no DeepSpeed op has to be compiled."""
+    bf16: bool = False
+    """DeepSpeed bf16 mode: bf16 weights and gradients, fp32 master weights in the optimizer (less memory than
+    autocast over fp32 weights). Needs train.precision = auto or bf16."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Keys merged last into the generated DeepSpeed config (nested mappings merge), e.g.
+    {zero_optimization: {reduce_bucket_size: 50000000}}. Batch sizes, accumulation, clipping and the
+    optimizer come from the other sections and cannot be overridden here."""
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage = {self.zero_stage}: must be 0, 1, 2 or 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer = true needs deepspeed.zero_stage >= 1")
+        reserved = sorted(set(self.extra) & DEEPSPEED_RESERVED_KEYS)
+        if reserved:
+            raise ValueError(
+                f"deepspeed.extra sets {', '.join(reserved)}: moedit derives these from train.global_batch_size, "
+                "train.micro_batch_size, optim.* and deepspeed.bf16; set them there"
+            )
+
+
+DEEPSPEED_RESERVED_KEYS = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+    "optimizer", "scheduler", "bf16", "fp16",
+}
 
 
 @dataclass
@@ -144,6 +180,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -154,6 +191,7 @@ SECTIONS = {
     "optim": OptimConfig,
     "train": TrainConfig,
     "parallel": ParallelConfig,
+    "deepspeed": DeepSpeedConfig,
     "logging": LoggingConfig,
     "checkpoint": CheckpointConfig,
 }
@@ -220,6 +258,14 @@ def validate(cfg: Config) -> None:
     """Checks that span sections (each section validates its own fields)."""
     if cfg.model.learn_sigma and cfg.diffusion.objective == "flow":
         raise ConfigError("model.learn_sigma = true needs diffusion.objective = ddpm (flow predicts a velocity only)")
+    if cfg.parallel.engine == "deepspeed":
+        if cfg.deepspeed.zero_stage == 3 and cfg.model.moe is not None:
+            raise ConfigError(
+                f"deepspeed.zero_stage = 3 with the MoE model '{cfg.flavor}': DeepSpeed does not support MoE layers "
+                "under ZeRO-3; use deepspeed.zero_stage=2 (or a dense flavor)"
+            )
+        if cfg.deepspeed.bf16 and cfg.train.precision == "fp32":
+            raise ConfigError("deepspeed.bf16 = true with train.precision = fp32: use train.precision=bf16 or auto")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -35,7 +35,7 @@ class NonFiniteLoss(MoeditError):
 class Trainer:
     def __init__(self, cfg: Config, engine=None):
         self.cfg = cfg
-        self.engine = engine or build_engine(cfg.parallel, cfg.train.device)
+        self.engine = engine or build_engine(cfg.parallel, cfg.train.device, deepspeed_cfg=cfg.deepspeed)
         self.device = self.engine.device
         self.run_dir = Path(cfg.train.run_dir)
         self.step = 0
@@ -62,10 +62,12 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = self.build_model().to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.wrapped = self.engine.wrap(self.model)
+        self.wrapped, self.optimizer = self.engine.prepare(
+            self.model, self.build_optimizer(), micro_batch_size=micro, accum_steps=self.accum_steps,
+            grad_clip=cfg.optim.grad_clip,
+        )
         if cfg.train.compile:
             self.wrapped = torch.compile(self.wrapped)
-        self.optimizer = self.build_optimizer()
         self.diffusion = self.build_diffusion()
         self.data = self.build_data()
         self.writer = CheckpointWriter(
@@ -147,10 +149,9 @@ class Trainer:
                 f"{ckpt}: saved with {blob['meta']['world_size']} data-parallel ranks, resumed with {self.world}; "
                 "exact data resume needs the same world size"
             )
-        self.model.load_state_dict(blob["model"])
+        self.engine.load_training_state(ckpt, blob, self.model, self.wrapped, self.optimizer)
         self.ema.load_state_dict(blob["ema"])
         state = blob["state"]
-        self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         if blob["rank"] is not None:
@@ -166,13 +167,15 @@ class Trainer:
         dump_config(self.cfg, tmp_cfg)
         text = tmp_cfg.read_text()
         tmp_cfg.unlink()
-        trainer_state = {
-            "optimizer": self.optimizer.state_dict(),
-            "step": self.step,
-            "skipped_steps": self.skipped_steps,
-        }
+        trainer_state = {"step": self.step, "skipped_steps": self.skipped_steps}
         rank_state = {"data": self.data.state_dict()}
-        return self.writer.save(self.step, self.model, self.ema, trainer_state, rank_state, text, name=name)
+
+        def engine_state(directory: Path):
+            return self.engine.save_training_state(directory, self.wrapped, self.optimizer)
+
+        with self.engine.gathered_parameters(self.model):  # collective under ZeRO-3; a no-op otherwise
+            return self.writer.save(self.step, self.model, self.ema, trainer_state, rank_state, text, name=name,
+                                    engine_state=engine_state)
 
     # --- the loop -------------------------------------------------------------------------
     def fit(self) -> int:
@@ -218,7 +221,7 @@ class Trainer:
             # the same micro-batches (and, through global_micro, the same noise) as N ranks.
             x, y = x_all[a :: self.accum_steps], y_all[a :: self.accum_steps]
             last = a == self.accum_steps - 1
-            with nullcontext() if last else self.engine.no_sync(self.wrapped):
+            with self.engine.accumulation_context(self.wrapped, last):
                 terms = self.forward_backward_step(x, y, global_micro=a * self.world + self.engine.rank)
             for k, v in terms.items():
                 terms_sum[k] = terms_sum.get(k, 0) + v / self.accum_steps
@@ -249,14 +252,11 @@ class Trainer:
         y = y.to(self.device, non_blocking=True)
         with self._autocast():
             terms = self.diffusion.training_losses(self.wrapped, x, y, generator=gen)
-        (terms["loss"] / self.accum_steps).backward()
+        self.engine.backward(terms["loss"], self.wrapped, self.accum_steps)
         return {k: v.detach().float() for k, v in terms.items()}
 
     def optimizer_step(self) -> torch.Tensor:
-        clip = self.cfg.optim.grad_clip
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        self.optimizer.step()
+        grad_norm = self.engine.step(self.wrapped, self.optimizer, self.model, self.cfg.optim.grad_clip)
         thresholds = self.model.threshold_buffers()
         if thresholds:
             self.engine.average_data_parallel_(thresholds)
@@ -267,10 +267,13 @@ class Trainer:
     def update_ema(self) -> None:
         decay = self.cfg.train.ema_decay
         ema, live = zip(*self._ema_pairs)
-        torch._foreach_lerp_(list(ema), list(live), 1.0 - decay)
+        # bf16 live weights (deepspeed.bf16) feed an fp32 EMA; ZeRO-3 shards are gathered first.
+        with self.engine.gathered_parameters(self.model):
+            live = [t if t.dtype == e.dtype else t.to(e.dtype) for e, t in zip(ema, live)]
+            torch._foreach_lerp_(list(ema), live, 1.0 - decay)
 
     def _handle_nonfinite(self, bad_term: str | None) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.discard_gradients(self.wrapped, self.optimizer)
         if self.cfg.train.on_nonfinite == "skip" and self.skipped_steps < self.cfg.train.max_skipped_steps:
             self.skipped_steps += 1
             if self.engine.is_main:
@@ -299,7 +302,7 @@ class Trainer:
 
     def _autocast(self):
         precision = self.cfg.train.precision
-        if precision == "bf16" or (precision == "auto" and self.device.type == "cuda"):
+        if precision == "bf16" or (precision == "auto" and (self.device.type == "cuda" or self.engine.weights_bf16)):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
@@ -413,7 +416,8 @@ class Trainer:
             "train_gflops_per_image": 3 * flops.forward_gflops(m, convention="dit"),
             "tokens_per_image": (m.input_size // m.patch_size) ** 2,
             "num_experts": m.moe.num_experts if m.moe else 0,
-            "instantiated_params": sum(p.numel() for p in self.model.parameters()),
+            # Counted on the EMA copy, which no engine shards (ZeRO-3 empties the live parameters).
+            "instantiated_params": sum(p.numel() for p in self.ema.parameters()),
         }
         self.model_info = info
         (self.run_dir / "model_info.json").write_text(json.dumps(info, indent=2))
