@@ -1,0 +1,38 @@
+"""`moedit convert --from dit|diffmoe|ditmoe|diffusers SRC --out DIR [--flavor NAME] [overrides]`.
+
+    moedit convert --from dit DiT-XL-2-256x256.pt --flavor DiT-XL/2 --out ckpts/dit_xl2 data.path=/data/in1k
+    moedit convert --from diffmoe 0700000.pt --flavor DiffMoE-L-E16 --out ckpts/diffmoe_l_e16
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from moedit.interop.convert import SOURCES
+from moedit.interop.sources import WEIGHT_CHOICES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="SRC", help="checkpoint file (.pt/.pth/.bin/.safetensors) or, with "
+                        "--from diffusers, a DiTTransformer2DModel directory")
+    parser.add_argument("--from", dest="layout", required=True, choices=SOURCES, help="layout of SRC")
+    parser.add_argument("--out", required=True, help="new checkpoint directory to write")
+    parser.add_argument("--flavor", default=None, help="moedit flavor SRC was trained as (see `moedit models`)")
+    parser.add_argument("--config", default=None, help="training YAML whose sections (data, diffusion, ...) the "
+                        "checkpoint's config.yaml should carry; its model.flavor is used unless --flavor is given")
+    parser.add_argument("--weights", default="both", choices=WEIGHT_CHOICES,
+                        help="training checkpoints: both (default: raw -> model.safetensors, EMA -> ema.safetensors), "
+                        "or ema / raw in both files")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow arbitrary objects in a pickled SRC (runs code from the file; only for trusted files)")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. diffusion.objective=flow "
+                        "model.learn_sigma=false data.path=/data/in1k")
+
+
+def main(args: argparse.Namespace) -> int:
+    from moedit.interop.convert import convert_checkpoint
+
+    out = convert_checkpoint(args.source, args.layout, args.out, flavor=args.flavor, config=args.config,
+                             overrides=args.overrides, weights=args.weights, trust_pickle=args.trust_pickle)
+    print(f"wrote {out} (moedit checkpoint; `moedit sample {out}` reads it)")
+    return 0
