@@ -1,6 +1,6 @@
-"""`moedit convert --from dit|diffmoe|ditmoe|diffusers SRC --out DIR [--flavor NAME] [overrides]`.
+"""`moedit convert --from dit|diffmoe|ditmoe|diffusers SRC --out DIR [--flavor NAME] [--set KEY=VALUE ...]`.
 
-    moedit convert --from dit DiT-XL-2-256x256.pt --flavor DiT-XL/2 --out ckpts/dit_xl2 data.path=/data/in1k
+    moedit convert --from dit DiT-XL-2-256x256.pt --flavor DiT-XL/2 --out ckpts/dit_xl2 --set data.path=/data/in1k
     moedit convert --from diffmoe 0700000.pt --flavor DiffMoE-L-E16 --out ckpts/diffmoe_l_e16
 """
 
@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "or ema / raw in both files")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow arbitrary objects in a pickled SRC (runs code from the file; only for trusted files)")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. diffusion.objective=flow "
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="dotted config overrides, e.g. diffusion.objective=flow "
                         "model.learn_sigma=false data.path=/data/in1k")
 
 

@@ -27,11 +27,13 @@ WEIGHT_CHOICES = ("both", "ema", "raw")
 
 
 def _refusal_detail(exc: Exception) -> str:
-    """The line of torch's refusal that names the offending global, else the first line."""
+    """What torch refused: the pickled global it names, else its first line."""
+    import re
+
+    match = re.search(r"GLOBAL (\S+)", str(exc))
+    if match:
+        return f"it holds {match.group(1)}"
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    for line in lines:
-        if "GLOBAL" in line or "global" in line.split(":")[0]:
-            return line
     return lines[0] if lines else type(exc).__name__
 
 

@@ -1,7 +1,7 @@
-"""`moedit upcycle SRC --out DIR [--flavor MOE_FLAVOR] [--noise-std S] [overrides]`.
+"""`moedit upcycle SRC --out DIR [--flavor MOE_FLAVOR] [--noise-std S] [--set KEY=VALUE ...]`.
 
     moedit upcycle runs/dit_s2 --flavor DiffMoE-S-E16 --out ckpts/diffmoe_s_e16_upcycled
-    moedit upcycle runs/tiny --out up moe.router=token_choice moe.num_experts=4 moe.renormalize=true
+    moedit upcycle runs/tiny --out up --set moe.router=token_choice moe.num_experts=4 moe.renormalize=true
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise-std", type=float, default=0.0,
                         help="per-expert Gaussian noise on expert weights, relative to each dense matrix's std (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the router initialisation and the noise")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. moe.num_experts=8 moe.capacity=1")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="dotted config overrides, e.g. moe.num_experts=8 moe.capacity=1")
 
 
 def main(args: argparse.Namespace) -> int:
