@@ -4,6 +4,7 @@ unpickling, DiffMoE thresholds, rectified-flow conventions, and use of the conve
 import argparse
 import gzip
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -33,9 +34,16 @@ def moedit_cli(monkeypatch):
 
 
 def random_official(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random state dict with exactly the published names and shapes."""
+    """A random state dict with exactly the published names and shapes. Each tensor is a view at a
+    random offset into one pool of normal samples: distinct random values per tensor without
+    allocating the S models' hundreds of megabytes twice."""
     gen = torch.Generator().manual_seed(seed)
-    state = {key: torch.randn(shape, generator=gen) for key, shape in OFFICIAL[name]}
+    pool = torch.randn(1 << 22, generator=gen)
+    state = {}
+    for key, shape in OFFICIAL[name]:
+        numel = math.prod(shape)
+        start = int(torch.randint(0, pool.numel() - numel, (1,), generator=gen))
+        state[key] = pool[start:start + numel].view(shape)
     for key in state:
         if key.endswith("ema_decay"):
             state[key] = torch.tensor([0.95])
