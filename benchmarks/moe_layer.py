@@ -84,6 +84,13 @@ def make_step(module, x: torch.Tensor, probe: torch.Tensor, ctx=None, autocast: 
     return step
 
 
+def compile_routing(layer: MoELayer) -> None:
+    """torch.compile only the router and the statistics update (many small kernels: launch-bound);
+    the expert GEMMs, dispatch and combine stay eager."""
+    layer.router.forward = torch.compile(layer.router.forward)
+    layer._record = torch.compile(layer._record)
+
+
 def time_layers(args, x, probe, ctx, param_dtype, autocast: bool) -> dict[tuple[str, int], float]:
     """Seconds per fwd+bwd of the dense FFN (key ("dense FFN", 1)) and of each MoE layer."""
     device = x.device
@@ -91,6 +98,8 @@ def time_layers(args, x, probe, ctx, param_dtype, autocast: bool) -> dict[tuple[
     dense = GeluMLP(D, 4 * D).to(device, param_dtype)
     times = {("dense FFN", 1): time_fwd_bwd(make_step(dense, x, probe, autocast=autocast), device,
                                             args.warmup, args.iters)}
+    if args.kernel_time and device.type == "cuda" and not autocast:
+        args.kernel_ms[("dense FFN", 1)] = kernel_ms(make_step(dense, x, probe))
     for E in experts:
         for kind in LAYERS:
             if args.layer and args.layer not in kind:
@@ -99,15 +108,36 @@ def time_layers(args, x, probe, ctx, param_dtype, autocast: bool) -> dict[tuple[
             if args.compile:
                 torch._dynamo.reset()  # each layer shape is its own graph; do not hit the recompile limit
                 layer = torch.compile(layer)
+            elif args.compile_router:
+                torch._dynamo.reset()
+                compile_routing(layer)
             step = make_step(layer, x, probe, ctx, autocast=autocast)
             times[(kind, E)] = time_fwd_bwd(step, device, args.warmup, args.iters)
+            if args.kernel_time and device.type == "cuda" and not autocast:
+                args.kernel_ms[(kind, E)] = kernel_ms(step)
             if args.profile and device.type == "cuda":
                 profile(step, kind, E)
     return times
 
 
+def kernel_ms(step, iters: int = 5) -> float:
+    """Milliseconds of GPU kernel time per step (the sum over its kernels, from the profiler):
+    where it is well below the wall time per step, the host's kernel launches are the limit."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    step()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    total_us = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages())
+    return total_us / iters / 1e3
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
+    args.kernel_ms = {}
     bf16 = device.type == "cuda" and not args.fp32
     dtype = torch.bfloat16 if bf16 else torch.float32
     if args.small:
@@ -128,6 +158,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for (kind, E), t in main.items():
         row = dict(layer=kind, E=E, S=S, D=D, ms=t * 1e3, ratio=t / main[("dense FFN", 1)], tflops=flops / t / 1e12)
+        if args.kernel_ms:
+            row["kernel_ms"] = args.kernel_ms[(kind, E)]
         if amp:
             row.update(amp_ms=amp[(kind, E)] * 1e3, amp_ratio=amp[(kind, E)] / amp[("dense FFN", 1)])
         rows.append(row)
@@ -148,17 +180,20 @@ def profile(step, kind: str, E: int) -> None:
 
 
 def format_rows(rows: list[dict], param_label: str) -> str:
-    amp = "amp_ms" in rows[0]
+    amp, kernels = "amp_ms" in rows[0], "kernel_ms" in rows[0]
     cols = [("layer", 28), ("E", 3), ("S", 5), ("D", 5), (f"{param_label}: fwd+bwd ms", 10), ("ratio", 6),
-            ("TFLOP/s", 8)] + ([("fp32 params + autocast: fwd+bwd ms", 10), ("ratio", 6)] if amp else [])
+            ("TFLOP/s", 8)] + ([("GPU kernel ms", 10), ("kernel ratio", 6)] if kernels else []) + (
+        [("fp32 params + autocast: fwd+bwd ms", 10), ("ratio", 6)] if amp else [])
     header = "| " + " | ".join(f"{name:>{width}}" if i else f"{name:<{width}}" for i, (name, width) in
                                enumerate(cols)) + " |"
     lines = [header, "|" + "|".join("-" * (max(w, len(n)) + 2) for n, w in cols) + "|"]
     for r in rows:
         cells = [f"{r['layer']:<28}", f"{r['E']:>3}", f"{r['S']:>5}", f"{r['D']:>5}",
                  f"{r['ms']:>{max(10, len(cols[4][0]))}.3f}", f"{r['ratio']:>6.3f}", f"{r['tflops']:>8.3g}"]
+        if kernels:
+            cells += [f"{r['kernel_ms']:>13.3f}", f"{r['kernel_ms'] / rows[0]['kernel_ms']:>12.3f}"]
         if amp:
-            cells += [f"{r['amp_ms']:>{len(cols[7][0])}.3f}", f"{r['amp_ratio']:>6.3f}"]
+            cells += [f"{r['amp_ms']:>{len(cols[-2][0])}.3f}", f"{r['amp_ratio']:>6.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -170,7 +205,11 @@ def main() -> int:
     parser.add_argument("--fp32", action="store_true", help="float32 on CUDA instead of bf16")
     parser.add_argument("--autocast", action="store_true",
                         help="also time fp32 parameters under bf16 autocast (a second column)")
+    parser.add_argument("--kernel-time", action="store_true",
+                        help="also report GPU kernel time per fwd+bwd (profiler; bf16-params setting)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each MoE layer")
+    parser.add_argument("--compile-router", action="store_true",
+                        help="torch.compile only the router and statistics update of each MoE layer")
     parser.add_argument("--layer", default="", help="only layers whose name contains this (e.g. diffmoe)")
     parser.add_argument("--experts", type=int, default=0, help="only this number of experts")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels per layer")
@@ -184,7 +223,8 @@ def main() -> int:
     dtype = "bf16" if (args.device.startswith("cuda") and not args.fp32) else "fp32"
     params = "bf16 params" if dtype == "bf16" else "fp32 params"
     print(f"MoE FFN vs dense FFN (same activated FLOPs), fwd+bwd per micro-batch, {name}, {dtype}, "
-          f"torch {torch.__version__}{', torch.compile' if args.compile else ''}; ratio = t(MoE) / t(dense) "
+          f"torch {torch.__version__}{', torch.compile' if args.compile else ''}"
+          f"{', torch.compile(router + stats)' if args.compile_router else ''}; ratio = t(MoE) / t(dense) "
           f"with the same parameter setting")
     print(format_rows(rows, params))
     return 0

@@ -139,15 +139,19 @@ class GroupedExperts(nn.Module):
         row_expert = self._expert_of_row(tokens_per_expert, N)
         src_starts = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
         dest = starts[row_expert] + torch.arange(N, device=x.device) - src_starts[row_expert]  # (N,)
-        buffer = x.new_zeros(rows, D).index_put((dest,), x)  # (rows, D)
+        # index_copy_, not index_put: its backward is a gather, not a sort-based accumulate
+        buffer = x.new_zeros(rows, D).index_copy_(0, dest, x)  # (rows, D)
         if self.ffn_type == "gelu":
             w1, w2 = self._weights(x.dtype)
             buffer_expert = torch.searchsorted(ends, torch.arange(rows, device=x.device), right=True)
-            buffer_expert = buffer_expert.clamp(max=E - 1)  # (rows,)
-            h = torch._grouped_mm(buffer, w1.transpose(1, 2), offs=offs) + self.fc1_bias.to(x.dtype)[buffer_expert]
-            h = F.gelu(h, approximate="tanh")  # (rows, F)
-            out = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
-            return out.index_select(0, dest) + self.fc2_bias.to(x.dtype).index_select(0, row_expert)  # (N, D)
+            # per-row biases as one_hot @ bias inside addmm: the bias grad is one_hot^T @ grad, a small
+            # GEMM instead of an index backward (sort-based or atomics onto E rows)
+            one_hot = (buffer_expert.clamp(max=E - 1)[:, None] == torch.arange(E, device=x.device)).to(x.dtype)
+            h = torch.addmm(torch._grouped_mm(buffer, w1.transpose(1, 2), offs=offs), one_hot,
+                            self.fc1_bias.to(x.dtype))  # (rows, F)
+            h = F.gelu(h, approximate="tanh")
+            out = torch.addmm(torch._grouped_mm(h, w2.transpose(1, 2), offs=offs), one_hot, self.fc2_bias.to(x.dtype))
+            return out.index_select(0, dest)  # (N, D)
         wg, wu, wd = self._weights(x.dtype)
         h = F.silu(torch._grouped_mm(buffer, wg.transpose(1, 2), offs=offs)) * torch._grouped_mm(
             buffer, wu.transpose(1, 2), offs=offs)

@@ -66,9 +66,10 @@ def _stable_sort_by_expert(expert: torch.Tensor, num_experts: int) -> tuple[torc
     an H100) and bincount (which reads the max on the host: a sync on CUDA).
     """
     N = expert.shape[0]
-    running = (expert[:, None] == torch.arange(num_experts, device=expert.device)).cumsum(0)  # (N, E)
-    counts = running[-1] if N else torch.zeros(num_experts, dtype=torch.long, device=expert.device)
-    rank = running.gather(1, expert[:, None]).squeeze(1) - 1  # (N,) earlier assignments to the same expert
+    # (E, N): the scan runs along the contiguous last dim (a scan over dim 0 of (N, E) is ~1.5 ms)
+    running = (torch.arange(num_experts, device=expert.device)[:, None] == expert[None]).cumsum(1)
+    counts = running[:, -1] if N else torch.zeros(num_experts, dtype=torch.long, device=expert.device)
+    rank = running.gather(0, expert[None]).squeeze(0) - 1  # (N,) earlier assignments to the same expert
     position = (counts.cumsum(0) - counts)[expert] + rank  # (N,) sorted position
     order = torch.empty_like(expert).scatter_(0, position, torch.arange(N, device=expert.device))
     return order, counts
