@@ -133,8 +133,18 @@ def diffusers_to_moedit(state: dict[str, torch.Tensor], cfg: ModelConfig, where:
 
 
 def _canonical(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """float32 (moedit's parameter dtype), contiguous, independent storage (safetensors needs it)."""
-    return {k: (v.float() if v.is_floating_point() else v).contiguous().clone() for k, v in state.items()}
+    """float32 (moedit's parameter dtype), contiguous tensors with independent storage (safetensors
+    refuses shared storage); copies only where needed, as XL-sized sources are gigabytes."""
+    out, seen = {}, set()
+    for key, value in state.items():
+        value = value.float() if value.is_floating_point() else value
+        storage = value.untyped_storage().data_ptr()
+        if storage in seen or not value.is_contiguous() or value.storage_offset() or \
+                value.untyped_storage().nbytes() != value.numel() * value.element_size():
+            value = value.contiguous().clone()
+        seen.add(value.untyped_storage().data_ptr())
+        out[key] = value
+    return out
 
 
 # ----- output ----------------------------------------------------------------------------------
