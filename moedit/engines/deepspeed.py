@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,8 @@ class DeepSpeedEngine(DDPEngine):
                 "parallel.engine = deepspeed but DeepSpeed is not installed; install it with "
                 "`DS_BUILD_OPS=0 pip install deepspeed` (moedit needs none of its compiled ops)"
             ) from None
+        # DeepSpeed calls torch.distributed collectives that torch marks deprecated, once per step.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         self.ds_cfg = ds_cfg
         self.ds_engine = None
         # DeepSpeed reads the torchrun variables itself (LOCAL_RANK picks the device); under SLURM or a
