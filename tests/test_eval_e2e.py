@@ -68,7 +68,8 @@ def test_evaluate_writes_json_statistics_and_tensorboard_scalars(tiny_run, basel
     for events in (tiny_run / "tb").glob("events.*"):
         for event in EventFileLoader(str(events)).Load():
             for value in event.summary.value:
-                scalars[value.tag] = (event.step, float(torch.tensor(value.tensor.float_val or [value.simple_value])[0]))
+                number = value.tensor.float_val[0] if value.tensor.float_val else value.simple_value
+                scalars[value.tag] = (event.step, float(number))
     assert scalars["eval/base/fid"] == (20, pytest.approx(metrics["fid"], rel=1e-6))
 
 
@@ -93,8 +94,8 @@ def test_two_gloo_processes_give_the_statistics_of_one(tiny_run, baseline, tmp_p
         assert proc.returncode == 0, err
     two = tiny_run / "eval" / "ws2" / "step_0000020"
     # Samples (chunks 0, 2 on rank 0; 1, 3 on rank 1) and the reference (split by index) match.
-    for ours, theirs in ((two.with_suffix(".npz"), baseline.with_suffix(".npz")),
-                         (next((tmp_path / "ref2").glob("*.npz")), next((tiny_run / "eval" / "reference").glob("*.npz")))):
+    references = (next((tmp_path / "ref2").glob("*.npz")), next((tiny_run / "eval" / "reference").glob("*.npz")))
+    for ours, theirs in ((two.with_suffix(".npz"), baseline.with_suffix(".npz")), references):
         a, b = load_npz(ours), load_npz(theirs)
         assert a.keys() == b.keys()
         for key in a:

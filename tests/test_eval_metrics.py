@@ -29,7 +29,8 @@ def stats_of(features: dict, num_samples=None, keep=0, batch=None, split_size=50
                          split_size=split_size)
     batch = batch or n
     for start in range(0, n, batch):
-        stats.update({k: v[start:start + batch] for k, v in features.items()}, torch.arange(start, min(n, start + batch)))
+        stop = min(n, start + batch)
+        stats.update({k: v[start:stop] for k, v in features.items()}, torch.arange(start, stop))
     return stats
 
 

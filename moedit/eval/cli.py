@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where computed reference statistics are cached (default: OUT/reference)")
     parser.add_argument("--sampler", default=None, choices=FLOW_SAMPLERS + DDPM_SAMPLERS,
                         help="default: the run's diffusion.sampler")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's diffusion.sample_steps)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampler steps (default: the run's diffusion.sample_steps)")
     parser.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the run's; 1 = none)")
     parser.add_argument("--guidance-channels", type=int, default=None, help="guide only the first N latent channels")
     parser.add_argument("--seed", type=int, default=0, help="seeds every chunk's noise (default 0)")
@@ -58,9 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="evaluation name (default: built from the settings)")
     parser.add_argument("--out-dir", default=None, help="default: RUN/eval")
     parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
-    parser.add_argument("--vae-path", default=None, help="local VAE directory overriding the one in the dataset manifest")
+    parser.add_argument("--vae-path", default=None,
+                        help="local VAE directory overriding the one in the dataset manifest")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = CUDA when available")
-    parser.add_argument("--restart", action="store_true", help="discard an unfinished or finished evaluation of this name")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard an unfinished or finished evaluation of this name")
     parser.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard scalars")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -178,7 +181,8 @@ def evaluate(args, engine, out_dir: Path, run: Path | None, step: int | None) ->
                                 keep=keep, batch_size=args.batch_size, progress=progress)
     manifest = load_manifest(cfg.data.manifest or default_manifest_path(cfg.data.path))
     decoder = build_decoder(manifest, vae_path=args.vae_path)
-    settings = {"checkpoint": str(Path(args.checkpoint).resolve()), "step": step, "weights": "raw" if args.raw else "ema",
+    settings = {"checkpoint": str(Path(args.checkpoint).resolve()), "step": step,
+                "weights": "raw" if args.raw else "ema",
                 "features": extractor.identity(), "pr_num_samples": keep, "world_size": engine.world_size,
                 **plan_settings(plan)}
     started = time.perf_counter()

@@ -118,7 +118,8 @@ class FeatureStats:
             raise ValueError(f"saved statistics hold {sorted(state)}, expected {sorted(self.tensors)}")
         for key, value in self.tensors.items():
             if state[key].shape != value.shape:
-                raise ValueError(f"saved statistics {key}: shape {tuple(state[key].shape)}, expected {tuple(value.shape)}")
+                raise ValueError(f"saved statistics {key}: shape {tuple(state[key].shape)}, "
+                                 f"expected {tuple(value.shape)}")
             value.copy_(state[key])
 
     def moments(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
