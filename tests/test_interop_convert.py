@@ -218,8 +218,8 @@ def test_bad_inputs_name_what_to_change(tmp_path):
                            overrides=["model.learn_sigma=false"])
 
 
-def test_converted_checkpoint_samples_and_refuses_resume(tmp_path, moedit_cli, digits_dir, capsys):
-    """`moedit sample` reads the converted directory; `train.resume=DIR` stops with a clear error."""
+def test_converted_checkpoint_samples_and_trains_on(tmp_path, moedit_cli, digits_dir, capsys):
+    """`moedit sample` reads the converted directory; `train.resume=DIR` starts training from its weights."""
     fields = ["model.input_size=8", "model.in_channels=1", "model.patch_size=1", f"data.path={digits_dir}",
               "data.num_workers=0", "model.learn_sigma=false", "diffusion.objective=flow"]
     cfg = build_config("tiny-dense", None, fields, "flow")
@@ -234,6 +234,13 @@ def test_converted_checkpoint_samples_and_refuses_resume(tmp_path, moedit_cli, d
     config.write_text((tmp_path / "c" / "config.yaml").read_text())
     capsys.readouterr()
     code = moedit_cli(["train", str(config), f"train.resume={tmp_path / 'c'}", f"train.run_dir={tmp_path / 'run'}",
-                       "train.steps=1", "train.global_batch_size=4", "logging.tensorboard=false"])
-    err = capsys.readouterr().err
-    assert code == 2 and "saved with 0 data-parallel ranks" in err
+                       "train.steps=1", "train.global_batch_size=4", "logging.tensorboard=false",
+                       "optim.lr=1e-12", "train.ema_decay=0.5", "train.num_sample_images=0"])
+    out = capsys.readouterr().out
+    assert code == 0 and "initialised from imported weights" in out
+    # One step at a negligible learning rate: the trained weights are still the converted ones.
+    from safetensors.torch import load_file
+
+    before = load_file(str(tmp_path / "c" / "model.safetensors"))
+    after = load_file(str(tmp_path / "run" / "checkpoints" / "step_0000001" / "model.safetensors"))
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)

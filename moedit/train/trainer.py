@@ -144,6 +144,15 @@ class Trainer:
             self._data_iter = None
             return
         blob = load_checkpoint(ckpt, self.engine.rank)
+        if blob["meta"].get("imported"):
+            # A converted or upcycled checkpoint (moedit convert / upcycle): weights only. Training
+            # starts at step 0 with a fresh optimizer and data order.
+            self.model.load_state_dict(blob["model"])
+            self.ema.load_state_dict(blob["ema"])
+            self._data_iter = None
+            if self.engine.is_main:
+                print(f"initialised from imported weights {ckpt}", flush=True)
+            return
         if blob["meta"]["world_size"] != self.world:
             raise MoeditError(
                 f"{ckpt}: saved with {blob['meta']['world_size']} data-parallel ranks, resumed with {self.world}; "
