@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("moedit.analysis.cli", "routing reports and scaling-law fits"),
     "launch": ("moedit.launch.cli", "launch training on SLURM or locally with torchrun"),
     "sweep": ("moedit.launch.sweep_cli", "expand, submit and track sweeps"),
+    "evaluate": ("moedit.eval.cli", "FID, sFID, Inception Score and precision/recall of a checkpoint's samples"),
     "convert": ("moedit.interop.convert_cli", "import DiT / DiffMoE / DiT-MoE / diffusers checkpoints"),
     "upcycle": ("moedit.interop.upcycle_cli", "initialise an MoE checkpoint from a dense one"),
     "export": ("moedit.interop.export_cli", "export to diffusers, an official layout or safetensors"),
