@@ -136,6 +136,35 @@ def test_quickstart_with_deepspeed_override_matches_the_local_engine(quickstart_
     assert (run / "DONE").is_file() and (run / "checkpoints" / "step_0000040" / "deepspeed").is_dir()
 
 
+def test_skipped_nonfinite_steps_discard_deepspeed_gradients(tmp_path, digits_dir, monkeypatch):
+    """ZeRO-2 with train.on_nonfinite=skip trains exactly what the local engine trains: the poisoned
+    steps' gradients, already reduced into DeepSpeed's partitions, must not leak into the next step."""
+    from test_train_failures import make_trainer, poison
+
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    weights = {}
+    for engine in ("local", "deepspeed"):
+        (tmp_path / engine).mkdir()
+        trainer = make_trainer(tmp_path / engine, digits_dir, f"parallel.engine={engine}", "train.on_nonfinite=skip",
+                               "optim.grad_clip=0.5", "train.micro_batch_size=4")
+        poison(trainer, {1, 3})
+        try:
+            assert trainer.fit() == 0 and trainer.skipped_steps == 2
+        finally:
+            trainer.engine.shutdown()
+        weights[engine] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    logged = {}
+    for engine in weights:
+        rows = [json.loads(line) for line in (tmp_path / engine / "run" / "metrics.jsonl").read_text().splitlines()]
+        logged[engine] = {r["step"]: r["loss"] for r in rows if "loss" in r}  # skipped steps log no loss
+    assert sorted(logged["local"]) == [1, 3, 5, 6]
+    assert logged["deepspeed"] == pytest.approx(logged["local"], rel=1e-5)
+    for name, tensor in weights["local"].items():
+        assert (weights["deepspeed"][name] - tensor).abs().max() <= 1e-5 * (1 + tensor.abs().max()), name
+
+
 # --- pure functions: config generation and validation ------------------------------------------
 
 
