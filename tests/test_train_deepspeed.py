@@ -185,6 +185,11 @@ def test_generated_deepspeed_config_maps_moedit_fields():
     assert config["zero_optimization"]["reduce_bucket_size"] == 1000
     assert config["prescale_gradients"] is True
     assert ds.extra == {"zero_optimization": {"reduce_bucket_size": 1000}, "prescale_gradients": True}
+    # bf16 autocast of the trainer is kept on inside DeepSpeed's engine only when asked for.
+    assert "torch_autocast" not in config
+    kept = build_deepspeed_config(ds, micro_batch_size=8, accum_steps=4, world_size=2, grad_clip=1.5,
+                                  autocast_bf16=True)
+    assert kept["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
 
 
 @pytest.mark.parametrize("overrides, message", [

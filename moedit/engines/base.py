@@ -78,8 +78,12 @@ class Engine:
 
     # --- the optimizer step (the trainer's forward/backward/step go through these) ----------
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, micro_batch_size: int,
-                accum_steps: int, grad_clip: float) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """(module to call forward on, optimizer to set the learning rate on) for `model`."""
+                accum_steps: int, grad_clip: float, autocast_bf16: bool = False
+                ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """(module to call forward on, optimizer to set the learning rate on) for `model`.
+
+        `autocast_bf16`: the trainer runs forwards under bf16 autocast (engines that reset
+        autocast inside their wrapper must keep it on)."""
         return self.wrap(model), optimizer
 
     def accumulation_context(self, wrapped: nn.Module, last: bool):

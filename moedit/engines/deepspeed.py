@@ -35,7 +35,7 @@ CHECKPOINT_TAG = "state"
 
 
 def build_deepspeed_config(ds_cfg, *, micro_batch_size: int, accum_steps: int, world_size: int,
-                           grad_clip: float) -> dict[str, Any]:
+                           grad_clip: float, autocast_bf16: bool = False) -> dict[str, Any]:
     """The DeepSpeed JSON config for moedit's `deepspeed` section and batch plan."""
     zero: dict[str, Any] = {"stage": ds_cfg.zero_stage}
     if ds_cfg.offload_optimizer:
@@ -54,6 +54,10 @@ def build_deepspeed_config(ds_cfg, *, micro_batch_size: int, accum_steps: int, w
         "steps_per_print": 2**31 - 1,  # moedit logs; DeepSpeed's own progress lines would duplicate them
         "wall_clock_breakdown": False,
     }
+    if autocast_bf16:
+        # DeepSpeed switches an outer torch.autocast off inside its engine unless told to keep it:
+        # without this a "bf16" run computes in fp32 (and bf16 weights meet fp32 activations).
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return _merge(config, copy.deepcopy(ds_cfg.extra))
 
 
@@ -109,11 +113,12 @@ class DeepSpeedEngine(DDPEngine):
         return bool(self.ds_cfg.bf16)
 
     # --- model ------------------------------------------------------------------------------
-    def prepare(self, model, optimizer, *, micro_batch_size, accum_steps, grad_clip):
+    def prepare(self, model, optimizer, *, micro_batch_size, accum_steps, grad_clip, autocast_bf16=False):
         import deepspeed
 
         config = build_deepspeed_config(self.ds_cfg, micro_batch_size=micro_batch_size, accum_steps=accum_steps,
-                                        world_size=self.world_size, grad_clip=grad_clip)
+                                        world_size=self.world_size, grad_clip=grad_clip,
+                                        autocast_bf16=autocast_bf16)
         buffer_dtypes = {name: b.dtype for name, b in model.named_buffers()}
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         _restore_buffer_dtypes(model, buffer_dtypes)

@@ -64,7 +64,7 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.wrapped, self.optimizer = self.engine.prepare(
             self.model, self.build_optimizer(), micro_batch_size=micro, accum_steps=self.accum_steps,
-            grad_clip=cfg.optim.grad_clip,
+            grad_clip=cfg.optim.grad_clip, autocast_bf16=self._uses_bf16_autocast(),
         )
         if cfg.train.compile:
             self.wrapped = torch.compile(self.wrapped)
@@ -309,9 +309,12 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
 
-    def _autocast(self):
+    def _uses_bf16_autocast(self) -> bool:
         precision = self.cfg.train.precision
-        if precision == "bf16" or (precision == "auto" and (self.device.type == "cuda" or self.engine.weights_bf16)):
+        return precision == "bf16" or (precision == "auto" and (self.device.type == "cuda" or self.engine.weights_bf16))
+
+    def _autocast(self):
+        if self._uses_bf16_autocast():
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
