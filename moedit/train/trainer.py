@@ -41,7 +41,7 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self._stop_signal: int | None = None
-        self._interval: dict[str, float] = {}
+        self._interval: dict[str, torch.Tensor] = {}  # loss-term sums on the device: no sync per step
         self._interval_steps = 0
         self._data_wait = 0.0
         self._last_log_time = time.time()
@@ -248,7 +248,7 @@ class Trainer:
         self.step += 1
         if not nonfinite:
             for k, v in terms_sum.items():
-                self._interval[k] = self._interval.get(k, 0.0) + float(v)
+                self._interval[k] = self._interval.get(k, 0.0) + v.double()
             self._interval_steps += 1
         return stop
 
@@ -334,7 +334,9 @@ class Trainer:
     def log_interval(self) -> None:
         steps = max(self._interval_steps, 1)
         names = sorted(self._interval)
-        values = torch.tensor([self._interval[k] for k in names] + [self._data_wait], dtype=torch.float64)
+        # One device-to-host copy per log interval for all loss terms.
+        sums = torch.stack([self._interval[k] for k in names]).cpu().tolist() if names else []
+        values = torch.tensor(sums + [self._data_wait], dtype=torch.float64)
         self.engine.all_reduce_sum_([values])
         means = {k: float(v) / (steps * self.world) for k, v in zip(names, values.tolist())}
         has_stats = bool(self.model.moe_layers()) if hasattr(self.model, "moe_layers") else False
