@@ -157,7 +157,7 @@ def batched_lbfgs(fun, x0: np.ndarray, *, memory: int = 10, max_iter: int = 1000
         active = active[~done]
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(active=int(active.size))
+            bar.set_postfix(active=int(active.size), refresh=False)  # redraw at mininterval, not every iteration
     if bar is not None:
         bar.close()
     return {"x": x, "f": f, "grad": g, "iterations": iters, "converged": converged}
