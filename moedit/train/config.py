@@ -10,6 +10,7 @@ fields), diffusion, data, optim, train, parallel, deepspeed, logging, checkpoint
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -235,8 +236,6 @@ def _build_model_config(model: dict[str, Any], moe: dict[str, Any] | None) -> tu
 
 
 def _hints(cls: type) -> dict[str, Any]:
-    import typing
-
     return typing.get_type_hints(cls)
 
 

@@ -170,12 +170,11 @@ class Trainer:
             print(f"resumed from {ckpt} at step {self.step}", flush=True)
 
     def save_checkpoint(self, name: str | None = None) -> Path:
-        from moedit.train.config import dump_config
+        import yaml
 
-        tmp_cfg = self.run_dir / f".config_{self.engine.rank}.yaml"
-        dump_config(self.cfg, tmp_cfg)
-        text = tmp_cfg.read_text()
-        tmp_cfg.unlink()
+        from moedit.train.config import config_to_dict
+
+        text = yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
         trainer_state = {"step": self.step, "skipped_steps": self.skipped_steps}
         rank_state = {"data": self.data.state_dict()}
 
