@@ -35,22 +35,23 @@ class RoutingContext:
     labels: torch.Tensor | None  # (B,) long after label dropout (num_classes = null), None if unconditional
 
 
-class MoELayer(nn.Module):
-    """Routed experts (+ optional shared experts) replacing one block's FFN."""
+class RoutingStats:
+    """Routing-statistics buffers and their on-device updates, for any module that routes.
 
-    def __init__(self, cfg: ModelConfig, block_index: int, num_noise_bins: int):
-        super().__init__()
+    A mixin for nn.Module subclasses: the canonical `MoELayer` below and the Megatron-Core
+    router wrapper (moedit/engines/megatron) share it, so both record the same statistics from a
+    `RoutingDecision`. `moedit.models.stats` finds every module of this type.
+    """
+
+    def init_routing_stats(self, cfg: ModelConfig, block_index: int, num_noise_bins: int) -> None:
         moe = cfg.moe
         assert moe is not None
-        E, D = moe.num_experts, cfg.hidden_size
+        E = moe.num_experts
         self.block_index = block_index
         self.router_name = moe.router
         self.num_experts = E
         self.top_k = moe.top_k
         self.capacity = moe.capacity
-        self.router = build_router(moe, D)
-        self.experts = GroupedExperts(E, D, cfg.expert_hidden, cfg.ffn_type)
-        self.shared_experts = build_dense_ffn(cfg.ffn_type, D, cfg.shared_hidden) if cfg.shared_hidden else None
         self.last_aux: dict[str, torch.Tensor] = {}
         self.capture: list | None = None  # set by moedit.models.stats.capture_routing
         self.last_capacity: torch.Tensor | None = None  # () tokens processed / S of the latest forward
@@ -75,27 +76,6 @@ class MoELayer(nn.Module):
 
     def stat_buffers(self) -> list[torch.Tensor]:
         return [b for n, b in self.named_buffers(recurse=False) if n.startswith("stat_")]
-
-    def forward(self, x: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
-        B, T, D = x.shape
-        pool = x.reshape(B * T, D)  # (S, D), sample-major
-        decision = self.router(pool, B)
-        # index_select, not pool[idx]: its backward is an index_add, not a sort-based index_put
-        dispatched = pool.index_select(0, decision.token_index)  # (N, D)
-        if decision.capacity is not None:
-            out = self.experts.forward_uniform(dispatched.view(self.num_experts, decision.capacity, D))
-            out = out.reshape(-1, D)  # (N, D)
-        else:
-            out = self.experts.forward_grouped(dispatched, decision.tokens_per_expert)  # (N, D)
-        weighted = out * decision.weight.to(out.dtype).unsqueeze(1)
-        # in place into fresh zeros: the out-of-place index_add would clone them first
-        combined = torch.zeros(B * T, D, dtype=out.dtype, device=x.device).index_add_(
-            0, decision.token_index, weighted)  # (S, D)
-        if self.shared_experts is not None:
-            combined = combined + self.shared_experts(pool)
-        self.last_aux = decision.aux
-        self._record(decision, ctx, T)
-        return combined.view(B, T, D).to(x.dtype)
 
     def _constant_increment(self, S: int, d: RoutingDecision) -> torch.Tensor:
         """The per-forward increments that depend only on shapes, cached on device (a host->device
@@ -197,3 +177,38 @@ class MoELayer(nn.Module):
     def reset_stats(self) -> None:
         for b in self.stat_buffers():
             b.zero_()
+
+
+class MoELayer(RoutingStats, nn.Module):
+    """Routed experts (+ optional shared experts) replacing one block's FFN."""
+
+    def __init__(self, cfg: ModelConfig, block_index: int, num_noise_bins: int):
+        super().__init__()
+        moe = cfg.moe
+        assert moe is not None
+        D = cfg.hidden_size
+        self.router = build_router(moe, D)
+        self.experts = GroupedExperts(moe.num_experts, D, cfg.expert_hidden, cfg.ffn_type)
+        self.shared_experts = build_dense_ffn(cfg.ffn_type, D, cfg.shared_hidden) if cfg.shared_hidden else None
+        self.init_routing_stats(cfg, block_index, num_noise_bins)
+
+    def forward(self, x: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        B, T, D = x.shape
+        pool = x.reshape(B * T, D)  # (S, D), sample-major
+        decision = self.router(pool, B)
+        # index_select, not pool[idx]: its backward is an index_add, not a sort-based index_put
+        dispatched = pool.index_select(0, decision.token_index)  # (N, D)
+        if decision.capacity is not None:
+            out = self.experts.forward_uniform(dispatched.view(self.num_experts, decision.capacity, D))
+            out = out.reshape(-1, D)  # (N, D)
+        else:
+            out = self.experts.forward_grouped(dispatched, decision.tokens_per_expert)  # (N, D)
+        weighted = out * decision.weight.to(out.dtype).unsqueeze(1)
+        # in place into fresh zeros: the out-of-place index_add would clone them first
+        combined = torch.zeros(B * T, D, dtype=out.dtype, device=x.device).index_add_(
+            0, decision.token_index, weighted)  # (S, D)
+        if self.shared_experts is not None:
+            combined = combined + self.shared_experts(pool)
+        self.last_aux = decision.aux
+        self._record(decision, ctx, T)
+        return combined.view(B, T, D).to(x.dtype)

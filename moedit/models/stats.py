@@ -12,11 +12,11 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from moedit.models.moe import SCALAR_SLOTS, MoELayer
+from moedit.models.moe import SCALAR_SLOTS, RoutingStats
 
 
-def _moe_layers(model: nn.Module) -> list[MoELayer]:
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
+def _moe_layers(model: nn.Module) -> list[RoutingStats]:
+    return [m for m in model.modules() if isinstance(m, RoutingStats)]
 
 
 def routing_stat_tensors(model: nn.Module) -> list[torch.Tensor]:
@@ -29,7 +29,7 @@ def reset_routing_stats(model: nn.Module) -> None:
         layer.reset_stats()
 
 
-def layer_snapshot(layer: MoELayer) -> dict:
+def layer_snapshot(layer: RoutingStats) -> dict:
     """One layer's statistics as plain Python numbers (one entry of the snapshot's "layers")."""
     v = dict(zip(SCALAR_SLOTS, layer.stat_scalars.tolist()))
     tp, predicted, target, total = (v["predictor_tp"], v["predictor_predicted"], v["predictor_target"],
