@@ -1,0 +1,164 @@
+"""Weights between the canonical single-device DiT and the Megatron model.
+
+Three forms of the same weights:
+- canonical: `moedit.models.DiT.state_dict()` (what `moedit sample` and the analysis tools read);
+- global: Megatron's sharded-state-dict keys (layers by global index, experts stacked (E, ...)),
+  full tensors, in Megatron's layouts (fused qkv rows interleaved per head: [q_h, k_h, v_h]);
+- local: what one rank's `MegatronDiT` holds, a slice of the global form that the model's own
+  `sharded_state_dict()` describes (offsets for TP, EP and the pipeline stage's layers).
+
+canonical <-> global is a renaming plus the qkv row order; global -> local slices by the
+offsets Megatron computes, so no layout logic is repeated here.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.distributed as dist
+
+from moedit.models.config import ModelConfig
+
+# (canonical suffix inside blocks.i., megatron suffix inside decoder.layers.i.)
+_BLOCK_RENAMES = (
+    ("attn.qkv.", "self_attention.linear_qkv."),
+    ("attn.proj.", "self_attention.linear_proj."),
+    ("attn.q_norm.", "self_attention.q_layernorm."),
+    ("attn.k_norm.", "self_attention.k_layernorm."),
+    ("mlp.fc1.", "mlp.linear_fc1."),
+    ("mlp.fc2.", "mlp.linear_fc2."),
+    ("mlp.router.", "mlp.router.impl."),
+    ("mlp.experts.", "mlp.experts.impl."),
+    ("adaLN_modulation.", "adaLN_modulation."),
+)
+
+
+def _qkv_to_megatron(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows [q (all heads), k, v] -> [per head: q_h, k_h, v_h] (weight (3D, D) or bias (3D,))."""
+    rest = t.shape[1:]
+    return t.reshape(3, heads, -1, *rest).transpose(0, 1).reshape(t.shape)
+
+
+def _qkv_to_canonical(t: torch.Tensor, heads: int) -> torch.Tensor:
+    rest = t.shape[1:]
+    return t.reshape(heads, 3, -1, *rest).transpose(0, 1).reshape(t.shape)
+
+
+def canonical_to_global(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        m = re.match(r"blocks\.(\d+)\.(.*)", key)
+        if m is None:
+            out[key] = value
+            continue
+        index, rest = m.groups()
+        for canonical, megatron in _BLOCK_RENAMES:
+            if rest.startswith(canonical):
+                if canonical == "attn.qkv.":
+                    value = _qkv_to_megatron(value, cfg.num_heads)
+                out[f"decoder.layers.{index}.{megatron}{rest[len(canonical):]}"] = value
+                break
+        else:
+            raise KeyError(f"canonical key {key!r} has no Megatron counterpart")
+    return out
+
+
+def global_to_canonical(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        if key.endswith("_extra_state"):
+            continue
+        m = re.match(r"decoder\.layers\.(\d+)\.(.*)", key)
+        if m is None:
+            out[key] = value
+            continue
+        index, rest = m.groups()
+        for canonical, megatron in _BLOCK_RENAMES:
+            if rest.startswith(megatron):
+                if canonical == "attn.qkv.":
+                    value = _qkv_to_canonical(value, cfg.num_heads)
+                out[f"blocks.{index}.{canonical}{rest[len(megatron):]}"] = value
+                break
+        else:
+            raise KeyError(f"Megatron key {key!r} has no canonical counterpart")
+    return out
+
+
+def _sharded_tensors(model) -> list:
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    return [sh for sh in model.sharded_state_dict().values() if isinstance(sh, ShardedTensor)]
+
+
+@torch.no_grad()
+def load_global(model, state: dict[str, torch.Tensor]) -> None:
+    """Copy this rank's slices of the global-form `state` into `model` (every tensor must be there)."""
+    missing = []
+    for sh in _sharded_tensors(model):
+        if sh.key not in state:
+            missing.append(sh.key)
+            continue
+        full = state[sh.key]
+        if tuple(full.shape) != tuple(sh.global_shape[sh.prepend_axis_num:]) and sh.prepend_axis_num == 0:
+            raise ValueError(f"{sh.key}: checkpoint shape {tuple(full.shape)} != model shape {tuple(sh.global_shape)}")
+        piece = full[_offsets_slice(sh)]
+        sh.data.copy_(piece.reshape(sh.data.shape))
+    if missing:
+        raise KeyError(f"weights missing for {len(missing)} tensors, e.g. {missing[:3]}")
+
+
+def _offsets_slice(sh) -> tuple[slice, ...]:
+    """Slice of the global tensor held by this shard (prepended axes index single positions)."""
+    pre = sh.prepend_axis_num
+    idx = [slice(o, o + 1) for o in sh.global_offset[:pre]]
+    idx += [slice(o, o + n) for o, n in zip(sh.global_offset[pre:], sh.local_shape)]
+    return tuple(idx)
+
+
+def load_canonical(model, state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """This rank's slices of a canonical (single-device) state dict into the Megatron model."""
+    load_global(model, canonical_to_global(state, cfg))
+
+
+@torch.no_grad()
+def gather_global(model, what: str = "data", group=None) -> dict[str, torch.Tensor]:
+    """The full global-form tensors assembled from every rank (`what` = "data" or "grad"; a grad is
+    read from `main_grad` under Megatron DDP). Every rank returns the same dict (CPU tensors)."""
+    pieces = []
+    for sh in _sharded_tensors(model):
+        tensor = sh.data
+        if what == "grad":
+            param = _param_of(model, sh.data)
+            grad = getattr(param, "main_grad", None) if param is not None else None
+            if grad is None and param is not None:
+                grad = param.grad
+            if grad is None:
+                continue
+            tensor = grad
+        pieces.append((sh.key, tuple(sh.global_shape), _offsets_slice(sh), tensor.detach().float().cpu().clone()))
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    gathered = [None] * world
+    if world > 1:
+        dist.all_gather_object(gathered, pieces, group=group)
+    else:
+        gathered = [pieces]
+    out: dict[str, torch.Tensor] = {}
+    for rank_pieces in gathered:
+        for key, shape, index, tensor in rank_pieces:
+            if key not in out:
+                out[key] = torch.zeros(shape)
+            out[key][index] = tensor.reshape(out[key][index].shape)
+    for key in list(out):  # drop prepended singleton axes
+        out[key] = out[key].reshape(out[key].shape)
+    return out
+
+
+def _param_of(model, tensor: torch.Tensor):
+    for p in model.parameters():
+        if p is tensor or (p.data_ptr() == tensor.data_ptr() and p.shape == tensor.shape):
+            return p
+    return None
+
+
+__all__ = ["canonical_to_global", "gather_global", "global_to_canonical", "load_canonical", "load_global"]

@@ -1,0 +1,436 @@
+"""The DiT on Megatron-Core: a `TransformerBlock` of adaLN-Zero layers, sequence-first.
+
+The model zoo's modules are reused, not copied: the embedders and final layer are
+`moedit.models.layers`, the routers are `moedit.models.routers` (wrapped to return Megatron's
+(probs, routing_map) pair), the experts are `moedit.models.experts.GroupedExperts` behind
+Megatron's experts interface, and routing statistics are the same `RoutingStats` buffers.
+Megatron supplies tensor-parallel attention and dense MLPs, the MoE token dispatcher (alltoall
+across expert-parallel ranks), the pipeline schedules and distributed checkpointing.
+
+Conventions (FACTS.md section 4, as NVIDIA's own diffusion code builds a DiT on Megatron):
+- hidden states are [s, b, h]; with sequence parallelism each tensor-parallel rank holds s / TP;
+- the conditioning vector c (b, h) travels through the layers' `attention_mask` argument;
+- adaLN linears, embedders, routers and the final layer are replicated across tensor-parallel
+  ranks; under sequence parallelism each rank sees part of the tokens, so their gradients are
+  partial and are marked `sequence_parallel` (Megatron's finalize_model_grads sums them over TP);
+- timestep / label embedders live on every pipeline stage (`pipeline_shared`: the engine sums
+  their gradients over the pipeline group); every stage gets (t, y) from its data iterator.
+
+Routing pool: the DiffMoE pool is the whole micro-batch, as on one device. Under sequence
+parallelism a router gathers its input over the tensor-parallel group, decides on the full pool
+(identically on every TP rank) and keeps its own rows, so TP does not change the routing. Each
+TP rank then carries the full auxiliary loss: it is added with weight 1 / TP so the sum over
+ranks is the loss once.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_layer import MoELayer as MegatronMoELayer
+from megatron.core.transformer.moe.moe_layer import MoESubmodules
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+from moedit.models.config import ModelConfig
+from moedit.models.experts import GroupedExperts
+from moedit.models.layers import FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
+from moedit.models.moe import RoutingContext, RoutingStats
+from moedit.models.routers import AUX_COEF_FIELDS, DiffMoERouter, build_router
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _mark(module: nn.Module, **attrs) -> None:
+    for p in module.parameters():
+        for name, value in attrs.items():
+            setattr(p, name, value)
+
+
+# ----- attention ---------------------------------------------------------------------------------
+class SDPACoreAttention(MegatronModule):
+    """Megatron core-attention interface over F.scaled_dot_product_attention (flash on H100).
+
+    query/key/value [s, b, heads_local, head_dim] -> [s, b, heads_local * head_dim]. Bidirectional:
+    a DiT attends over all image tokens, so every mask argument must be empty.
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None):
+        super().__init__(config=config)
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
+            raise ValueError("SDPACoreAttention: a DiT attends over all tokens; masks and packed sequences "
+                             "are not supported")
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # (b, heads, s, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale)
+        s, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+# ----- MoE: moedit routers and experts behind Megatron's interfaces --------------------------------
+class MegatronRouter(RoutingStats, MegatronModule):
+    """A model-zoo router (`impl`) returning Megatron's (probs, routing_map) for the token dispatcher.
+
+    `ctx` (a RoutingContext) is set by the model before each forward, for the statistics.
+    """
+
+    def __init__(self, config: TransformerConfig, pg_collection=None, *, model_cfg: ModelConfig,
+                 block_index: int, num_noise_bins: int):
+        super().__init__(config=config)
+        self.impl = build_router(model_cfg.moe, model_cfg.hidden_size)
+        self.init_routing_stats(model_cfg, block_index, num_noise_bins)
+        self.aux_coefs = {name: float(getattr(model_cfg.moe, AUX_COEF_FIELDS[name])) for name in self.aux_names}
+        self.tp_group = pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
+        self.ctx: RoutingContext | None = None
+        self.layer_number = None
+        if config.sequence_parallel:
+            _mark(self, sequence_parallel=True)
+
+    def set_layer_number(self, layer_number: int) -> None:
+        self.layer_number = layer_number
+
+    def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        """input [s_local, b, h] -> probs [s_local * b, E] (combine weights, 0 where not routed), routing_map (bool)."""
+        tp = self.tp_group.size() if self.config.sequence_parallel else 1
+        x = gather_from_sequence_parallel_region(input, group=self.tp_group) if tp > 1 else input  # [s, b, h]
+        s, b, h = x.shape
+        E = self.num_experts
+        pool = x.transpose(0, 1).reshape(b * s, h)  # sample-major, as the single-device pool
+        decision = self.impl(pool, b)
+        valid = decision.valid
+        token, expert = decision.token_index, self._row_expert(decision)
+        weight = decision.weight
+        if valid is not None:
+            token, expert, weight = token[valid], expert[valid], weight[valid]
+        probs = torch.zeros(b * s, E, dtype=weight.dtype, device=x.device).index_put((token, expert), weight)
+        routing_map = torch.zeros(b * s, E, dtype=torch.bool, device=x.device).index_put(
+            (token, expert), torch.ones_like(token, dtype=torch.bool))
+        self.last_aux = decision.aux
+        self._record(decision, self.ctx, s)
+
+        def local(t: torch.Tensor) -> torch.Tensor:  # sample-major (b*s, E) -> this rank's [s_local*b, E]
+            t = t.view(b, s, E).transpose(0, 1)
+            if tp > 1:
+                n = s // tp
+                r = self.tp_group.rank()
+                t = t[r * n:(r + 1) * n]
+            return t.reshape(-1, E)
+
+        probs, routing_map = local(probs), local(routing_map)
+        if self.training and decision.aux:
+            total = sum(self.aux_coefs[name] * value for name, value in decision.aux.items()) / tp
+            probs = MoEAuxLossAutoScaler.apply(probs, total)
+        return probs.float(), routing_map.contiguous()
+
+
+class MegatronExperts(MegatronModule):
+    """The model zoo's grouped experts (one batched / grouped GEMM) behind Megatron's experts
+    interface: forward(dispatched tokens sorted by local expert, tokens per local expert, probs)."""
+
+    def __init__(self, num_local_experts: int, config: TransformerConfig, pg_collection=None, *,
+                 model_cfg: ModelConfig, submodules=None):
+        super().__init__(config=config)
+        self.num_local_experts = num_local_experts
+        self.impl = GroupedExperts(num_local_experts, model_cfg.hidden_size, model_cfg.expert_hidden,
+                                   model_cfg.ffn_type)
+        self.ep_group = pg_collection.ep if pg_collection is not None else parallel_state.get_expert_model_parallel_group()
+        self.expt_dp_group = (pg_collection.expt_dp if pg_collection is not None
+                              else parallel_state.get_expert_data_parallel_group())
+        _mark(self, allreduce=False)  # Megatron DDP: reduce over the expert-data-parallel group
+
+    def forward(self, tokens: torch.Tensor, tokens_per_expert: torch.Tensor, permuted_probs: torch.Tensor):
+        counts = tokens_per_expert.to(device=tokens.device, dtype=torch.long)
+        out = self.impl.forward_grouped(tokens, counts)
+        return (out * permuted_probs.unsqueeze(-1).to(out.dtype)).to(tokens.dtype), None
+
+    def backward_dw(self) -> None:
+        pass
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Each (E_local, ...) tensor is the slice [ep_rank * E_local, ...) of a global (E, ...) tensor."""
+        ep_rank, ep_size = self.ep_group.rank(), self.ep_group.size()
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        out = {}
+        for name, tensor in self.impl.state_dict(keep_vars=True).items():
+            key = f"{prefix}impl.{name}"
+            out[key] = ShardedTensor.from_rank_offsets(
+                key, tensor, *sharded_offsets, (len(sharded_offsets), ep_rank, ep_size),
+                replica_id=(0, tp_rank, self.expt_dp_group.rank()), prepend_axis_num=len(sharded_offsets))
+        return out
+
+
+# ----- the adaLN-Zero layer ------------------------------------------------------------------------
+class AdaLNZeroLayer(TransformerLayer):
+    """DiT block on Megatron: x + gate * attn(modulate(LN(x))), x + gate * mlp(modulate(LN(x))).
+
+    `attention_mask` carries the conditioning c (b, h); the adaLN linear is replicated."""
+
+    def __init__(self, config: TransformerConfig, submodules: TransformerLayerSubmodules, layer_number: int = 1,
+                 hidden_dropout: float | None = None, pg_collection=None, vp_stage: int | None = None):
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number,
+                         hidden_dropout=hidden_dropout, pg_collection=pg_collection, vp_stage=vp_stage)
+        D = config.hidden_size
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=config.layernorm_epsilon)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=config.layernorm_epsilon)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D, dtype=config.params_dtype))
+        if config.sequence_parallel:
+            _mark(self.adaLN_modulation, sequence_parallel=True)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        c = attention_mask  # (b, h)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            m.unsqueeze(0) for m in self.adaLN_modulation(c).chunk(6, dim=-1))  # each (1, b, h)
+        x = hidden_states
+        attn, bias = self.self_attention(self.norm1(x) * (1 + scale_msa) + shift_msa, attention_mask=None)
+        if bias is not None:
+            attn = attn + bias
+        x = x + gate_msa * attn
+        out, bias = self.mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp)
+        if bias is not None:
+            out = out + bias
+        return x + gate_mlp * out, None
+
+
+def layer_spec(cfg: ModelConfig, block_index: int, num_noise_bins: int) -> ModuleSpec:
+    """The Megatron spec of DiT block `block_index` (dense MLP or MoE with moedit's router/experts)."""
+    qk_norm = partial(nn.LayerNorm, eps=1e-6) if cfg.qk_norm else None
+    attention = ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.no_mask},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=ColumnParallelLinear, core_attention=SDPACoreAttention, linear_proj=RowParallelLinear,
+            q_layernorm=_HeadNorm if qk_norm else None, k_layernorm=_HeadNorm if qk_norm else None),
+    )
+    if cfg.is_moe_block(block_index):
+        mlp = ModuleSpec(module=MegatronMoELayer, submodules=MoESubmodules(
+            experts=ModuleSpec(module=MegatronExperts, params={"model_cfg": cfg}),
+            router=partial(MegatronRouter, model_cfg=cfg, block_index=block_index, num_noise_bins=num_noise_bins)))
+    else:
+        mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                               linear_fc2=RowParallelLinear))
+    return ModuleSpec(module=AdaLNZeroLayer, submodules=TransformerLayerSubmodules(self_attention=attention, mlp=mlp))
+
+
+class _HeadNorm(nn.LayerNorm):
+    """qk-norm over the head dimension with Megatron's norm constructor signature."""
+
+    def __init__(self, hidden_size: int, config: TransformerConfig, eps: float = 1e-6):
+        super().__init__(hidden_size, eps=1e-6, dtype=config.params_dtype)
+
+
+# ----- the model -----------------------------------------------------------------------------------
+class MegatronDiT(MegatronModule):
+    """`model(x, t, y)` as the single-device DiT, on one pipeline stage of a Megatron layout.
+
+    First stage: patch embedding + position. Last stage: final layer + unpatchify, returns
+    (B, C_out, H, W). Other stages return hidden states [s, b, h] for the schedule to send on.
+    """
+
+    def __init__(self, cfg: ModelConfig, config: TransformerConfig, pre_process: bool = True,
+                 post_process: bool = True, vp_stage: int | None = None):
+        super().__init__(config=config)
+        if cfg.ffn_type != "gelu" or cfg.shared_hidden:
+            raise ValueError(f"the megatron engine supports ffn_type = gelu without shared experts; got "
+                             f"ffn_type = {cfg.ffn_type}, shared experts hidden = {cfg.shared_hidden}: "
+                             f"train this flavor with parallel.engine = ddp or deepspeed")
+        self.cfg = cfg
+        self.pre_process, self.post_process = pre_process, post_process
+        self.sequence_parallel = config.sequence_parallel
+        D, p = cfg.hidden_size, cfg.patch_size
+        self.grid = cfg.input_size // p
+        edges = cfg.moe.noise_bin_edges() if cfg.moe else [0.0, 1.0]
+        self.noise_bin_edges = list(edges)
+        self.register_buffer("_inner_edges", torch.tensor(edges[1:-1], dtype=torch.float32), persistent=False)
+        self.time_convention, self.num_timesteps = "flow", 1000
+        dtype = config.params_dtype
+        if pre_process:
+            self.x_embedder = PatchEmbed(p, cfg.in_channels, D).to(dtype)
+            self.pos_embed = nn.Parameter(sincos_2d(D, self.grid, self.grid).unsqueeze(0).to(dtype), requires_grad=False)
+        # Conditioning on every stage (each computes c for its own layers)
+        self.t_embedder = TimestepEmbedder(D).to(dtype)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, D, 0.0).to(dtype) if cfg.num_classes else None
+        shared = [self.t_embedder] + ([self.y_embedder] if self.y_embedder is not None else [])
+        for m in shared:
+            _mark(m, pipeline_shared=True, sequence_parallel=config.sequence_parallel)
+
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        offset = get_transformer_layer_offset(config, vp_stage, pp_rank)
+        from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+        n_local = get_num_layers_to_build(config, vp_stage, pp_rank)
+        specs = [layer_spec(cfg, offset + i, len(edges) - 1) for i in range(n_local)]
+        self.decoder = TransformerBlock(config, TransformerBlockSubmodules(layer_specs=specs, layer_norm=None),
+                                        post_layer_norm=False, pre_process=pre_process, post_process=post_process,
+                                        vp_stage=vp_stage)
+        if post_process:
+            self.final_layer = FinalLayer(D, p, cfg.out_channels).to(dtype)
+            if config.sequence_parallel:
+                _mark(self.final_layer, sequence_parallel=True)
+
+    # --- pipeline plumbing -----------------------------------------------------------------
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def moe_layers(self) -> list[MegatronRouter]:
+        return [m for m in self.modules() if isinstance(m, MegatronRouter)]
+
+    def threshold_buffers(self) -> list[torch.Tensor]:
+        return [r.impl.expert_threshold for r in self.moe_layers() if isinstance(r.impl, DiffMoERouter)]
+
+    def set_time_convention(self, convention: str, num_timesteps: int = 1000) -> None:
+        self.time_convention, self.num_timesteps = convention, int(num_timesteps)
+
+    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
+        level = 1.0 - t.float() if self.time_convention == "flow" else t.float() / self.num_timesteps
+        return level.clamp(0.0, 1.0)
+
+    # --- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor | None, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W) on the first stage (ignored elsewhere), t (B,), y (B,) labels after dropout."""
+        c = self.t_embedder(t)
+        labels = None
+        if self.y_embedder is not None:
+            if y is None:
+                raise ValueError("model: class labels y are required (num_classes > 0)")
+            labels = y
+            c = c + self.y_embedder(y)
+        if self.cfg.moe is not None:
+            level = self.noise_level(t)
+            ctx = RoutingContext(t.shape[0], level, torch.bucketize(level, self._inner_edges, right=True), labels)
+            for router in self.moe_layers():
+                router.ctx = ctx
+        h = None
+        if self.pre_process:
+            h = (self.x_embedder(x.to(self.pos_embed.dtype)) + self.pos_embed).transpose(0, 1).contiguous()  # [s, b, h]
+            if self.sequence_parallel:
+                h = scatter_to_sequence_parallel_region(h)
+        h = self.decoder(hidden_states=h, attention_mask=c)
+        if not self.post_process:
+            return h
+        out = self.final_layer(h.transpose(0, 1), c)  # (b, s_local, p*p*C)
+        if self.sequence_parallel:
+            # every TP rank computes the loss on the full output: the backward keeps the local slice
+            out = gather_from_sequence_parallel_region(out.transpose(0, 1).contiguous(),
+                                                       tensor_parallel_output_grad=False).transpose(0, 1)
+        return self.unpatchify(out)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        B, p, c, g = x.shape[0], self.cfg.patch_size, self.cfg.out_channels, self.grid
+        x = x.reshape(B, g, g, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(B, c, g * p, g * p)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Megatron's sharded state dict, with layers keyed by global index (not stacked)."""
+        metadata = dict(metadata or {})
+        metadata["non_homogeneous_layers"] = True
+        out = self.decoder.sharded_state_dict(f"{prefix}decoder.", sharded_offsets, metadata)
+        local = {}
+        for name, module in self.named_children():
+            if name != "decoder":
+                local.update({f"{name}.{k}": v for k, v in module.state_dict(keep_vars=True).items()})
+        for name, param in self.named_parameters(recurse=False):
+            local[name] = param
+        out.update(make_sharded_tensors_for_checkpoint(local, prefix, {}, sharded_offsets))
+        return out
+
+
+def transformer_config(cfg: ModelConfig, *, tensor: int = 1, pipeline: int = 1, expert: int = 1,
+                       sequence_parallel: bool = False, virtual_pipeline: int | None = None,
+                       dtype: torch.dtype = torch.float32, use_cpu_initialization: bool = False) -> TransformerConfig:
+    """Megatron's TransformerConfig for a moedit ModelConfig and a parallel layout."""
+    moe = cfg.moe
+    kwargs = {}
+    if moe is not None:
+        kwargs = dict(
+            num_moe_experts=moe.num_experts,
+            moe_ffn_hidden_size=cfg.expert_hidden,
+            moe_router_topk=moe.top_k if moe.router == "token_choice" else 1,
+            moe_token_dispatcher_type="alltoall",
+            moe_router_load_balancing_type="none",
+            moe_router_pre_softmax=True,  # unused (moedit routers score tokens); Megatron asks for it at top-1
+            moe_aux_loss_coeff=0.0,
+            # moedit routers make the routing decision (capacities, drops) themselves; a capacity
+            # factor set without padding makes the dispatcher send exactly routing_map's tokens
+            moe_expert_capacity_factor=float(max(moe.capacity, moe.capacity_factor or 0.0, 1.0) * max(moe.num_experts, 1)),
+            moe_pad_expert_input_to_capacity=False,
+        )
+    return TransformerConfig(
+        num_layers=cfg.depth,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_heads,
+        ffn_hidden_size=cfg.ffn_hidden,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        gated_linear_unit=False,
+        activation_func=gelu_tanh,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        normalization="LayerNorm",
+        layernorm_epsilon=1e-6,
+        qk_layernorm=cfg.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tensor,
+        pipeline_model_parallel_size=pipeline,
+        virtual_pipeline_model_parallel_size=virtual_pipeline,
+        expert_model_parallel_size=expert,
+        expert_tensor_parallel_size=1,
+        sequence_parallel=sequence_parallel,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=use_cpu_initialization,
+        perform_initialization=False,
+        hetereogenous_dist_checkpoint=True,
+        **kwargs,
+    )
+
+
+def build_megatron_model(cfg: ModelConfig, config: TransformerConfig, vp_stage: int | None = None) -> MegatronDiT:
+    """This rank's stage of the DiT (parallel_state must be initialised)."""
+    from megatron.core.pipeline_parallel.utils import is_pp_first_stage, is_pp_last_stage
+
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    return MegatronDiT(cfg, config, pre_process=is_pp_first_stage(pp_group), post_process=is_pp_last_stage(pp_group),
+                       vp_stage=vp_stage)
+
+
+__all__ = ["AdaLNZeroLayer", "MegatronDiT", "MegatronExperts", "MegatronRouter", "SDPACoreAttention",
+           "build_megatron_model", "layer_spec", "transformer_config"]
