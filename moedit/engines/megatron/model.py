@@ -13,8 +13,9 @@ Conventions (FACTS.md section 4, as NVIDIA's own diffusion code builds a DiT on 
 - adaLN linears, embedders, routers and the final layer are replicated across tensor-parallel
   ranks; under sequence parallelism each rank sees part of the tokens, so their gradients are
   partial and are marked `sequence_parallel` (Megatron's finalize_model_grads sums them over TP);
-- timestep / label embedders live on every pipeline stage (`pipeline_shared`: the engine sums
-  their gradients over the pipeline group); every stage gets (t, y) from its data iterator.
+- timestep / label embedders live on every pipeline stage; their parameters are marked
+  `pipeline_parallel` and the config `has_cond_embedder`, so Megatron's finalize_model_grads sums
+  their gradients over the pipeline group; every stage gets (t, y) from its data iterator.
 
 Routing pool: the DiffMoE pool is the whole micro-batch, as on one device. Under sequence
 parallelism a router gathers its input over the tensor-parallel group, decides on the full pool
@@ -39,7 +40,7 @@ from megatron.core.tensor_parallel import (
     scatter_to_sequence_parallel_region,
 )
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.enums import AttnMaskType, ModelType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_layer import MoELayer as MegatronMoELayer
@@ -260,6 +261,8 @@ class MegatronDiT(MegatronModule):
     def __init__(self, cfg: ModelConfig, config: TransformerConfig, pre_process: bool = True,
                  post_process: bool = True, vp_stage: int | None = None):
         super().__init__(config=config)
+        self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = False  # read by finalize_model_grads
         if cfg.ffn_type != "gelu" or cfg.shared_hidden:
             raise ValueError(f"the megatron engine supports ffn_type = gelu without shared experts; got "
                              f"ffn_type = {cfg.ffn_type}, shared experts hidden = {cfg.shared_hidden}: "
@@ -282,7 +285,7 @@ class MegatronDiT(MegatronModule):
         self.y_embedder = LabelEmbedder(cfg.num_classes, D, 0.0).to(dtype) if cfg.num_classes else None
         shared = [self.t_embedder] + ([self.y_embedder] if self.y_embedder is not None else [])
         for m in shared:
-            _mark(m, pipeline_shared=True, sequence_parallel=config.sequence_parallel)
+            _mark(m, pipeline_parallel=True, sequence_parallel=config.sequence_parallel)
 
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         offset = get_transformer_layer_offset(config, vp_stage, pp_rank)
@@ -387,7 +390,7 @@ def transformer_config(cfg: ModelConfig, *, tensor: int = 1, pipeline: int = 1, 
             moe_expert_capacity_factor=float(max(moe.capacity, moe.capacity_factor or 0.0, 1.0) * max(moe.num_experts, 1)),
             moe_pad_expert_input_to_capacity=False,
         )
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=cfg.depth,
         hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_heads,
@@ -421,6 +424,8 @@ def transformer_config(cfg: ModelConfig, *, tensor: int = 1, pipeline: int = 1, 
         hetereogenous_dist_checkpoint=True,
         **kwargs,
     )
+    config.has_cond_embedder = True  # finalize_model_grads: sum `pipeline_parallel` params over stages
+    return config
 
 
 def build_megatron_model(cfg: ModelConfig, config: TransformerConfig, vp_stage: int | None = None) -> MegatronDiT:
