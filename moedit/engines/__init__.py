@@ -78,7 +78,13 @@ def build_engine(parallel_cfg, device_preference: str = "auto", environ=None, de
 
             deepspeed_cfg = DeepSpeedConfig()
         return DeepSpeedEngine(env, device, _backend(parallel_cfg.backend, device), deepspeed_cfg)
-    raise MoeditError(f"parallel.engine = {name}: not available (choose auto, local, ddp or deepspeed)")
+    if name == "megatron":
+        try:
+            from moedit.engines.megatron.engine import MegatronEngine
+        except ImportError as exc:
+            raise MoeditError(f"parallel.engine = megatron needs megatron-core ({exc}); install moedit[megatron]")
+        return MegatronEngine(env, device, _backend(parallel_cfg.backend, device))
+    raise MoeditError(f"parallel.engine = {name}: not available (choose auto, local, ddp, deepspeed or megatron)")
 
 
 def _backend(backend: str, device: torch.device) -> str:

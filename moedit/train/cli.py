@@ -22,7 +22,10 @@ def main(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
-    from moedit.train.trainer import Trainer
+    if cfg.parallel.engine == "megatron":
+        from moedit.engines.megatron.trainer import MegatronTrainer as Trainer
+    else:
+        from moedit.train.trainer import Trainer
 
     trainer = Trainer(cfg)
     try:

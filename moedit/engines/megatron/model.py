@@ -366,7 +366,12 @@ class MegatronDiT(MegatronModule):
                 local.update({f"{name}.{k}": v for k, v in module.state_dict(keep_vars=True).items()})
         for name, param in self.named_parameters(recurse=False):
             local[name] = param
-        out.update(make_sharded_tensors_for_checkpoint(local, prefix, {}, sharded_offsets))
+        shared = make_sharded_tensors_for_checkpoint(local, prefix, {}, sharded_offsets)
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        for key, sh in shared.items():
+            if key.startswith(("t_embedder.", "y_embedder.")):  # on every stage: one main replica
+                sh.replica_id = (pp_rank, *sh.replica_id[1:])
+        out.update(shared)
         return out
 
 
