@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moedit.models.fused import BiasGelu, triton_usable
+
 
 GROUP_ALIGN = 8  # rows; 16 bytes of bf16
 
@@ -64,6 +66,9 @@ class GroupedExperts(nn.Module):
         self.num_experts, self.ffn_type = E, ffn_type
         # "auto": torch._grouped_mm where usable, else pad + bmm; "grouped_mm" / "padded" force one
         self.grouped_backend = "auto"
+        # "auto": fc1's bias applied inside a fused GELU where Triton runs (no (E, K, F) broadcast copy
+        # for baddbmm), else baddbmm; "fused" / "baddbmm" force one
+        self.bias_gelu_backend = "auto"
         if ffn_type == "gelu":
             self.fc1_weight = nn.Parameter(torch.empty(E, Fh, D))
             self.fc1_bias = nn.Parameter(torch.zeros(E, Fh))
@@ -102,8 +107,12 @@ class GroupedExperts(nn.Module):
         x = x.to(dtype)
         if self.ffn_type == "gelu":
             w1, w2 = self._weights(dtype)
-            h = ExpertLinear.apply(x, w1, self.fc1_bias.to(dtype))  # (E, K, F)
-            return ExpertLinear.apply(F.gelu(h, approximate="tanh"), w2, self.fc2_bias.to(dtype))  # (E, K, D)
+            backend = self.bias_gelu_backend
+            if backend == "fused" or (backend == "auto" and triton_usable(x)):
+                h = BiasGelu.apply(ExpertLinear.apply(x, w1, None), self.fc1_bias.to(dtype))  # (E, K, F)
+            else:
+                h = F.gelu(ExpertLinear.apply(x, w1, self.fc1_bias.to(dtype)), approximate="tanh")  # (E, K, F)
+            return ExpertLinear.apply(h, w2, self.fc2_bias.to(dtype))  # (E, K, D)
         wg, wu, wd = self._weights(dtype)
         h = F.silu(ExpertLinear.apply(x, wg, None)) * ExpertLinear.apply(x, wu, None)  # (E, K, F)
         return ExpertLinear.apply(h, wd, None)

@@ -1,8 +1,10 @@
 """The MoE FFN: route -> dispatch -> experts -> combine, plus routing statistics buffers.
 
 Dispatch is a gather of the pool rows the decision names (the place expert parallelism would
-plug in); combine is one out-of-place index_add (scatter-add) of weighted expert outputs, so a
-token taken by several experts (expert choice) gets the sum and a token taken by none gets 0.
+plug in); combine adds the weighted expert outputs into their tokens, so a token taken by several
+experts (expert choice) gets the sum and a token taken by none gets 0. Where Triton runs (CUDA)
+the combine and the backward of dispatch are gather-sums over an (E, S) inverse map (fused.py:
+no atomics); elsewhere one in-place index_add_ (scatter-add) each.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import nn
 
 from moedit.models.config import ModelConfig
 from moedit.models.experts import GroupedExperts
+from moedit.models.fused import GatherCombine, GatherDispatch, inverse_map, triton_usable
 from moedit.models.layers import build_dense_ffn
 from moedit.models.routers import RoutingDecision, aux_terms, build_router
 
@@ -106,9 +109,13 @@ class RoutingStats:
     def _row_expert(self, d: RoutingDecision) -> torch.Tensor:
         """(N,) the expert of each assignment row."""
         N = d.token_index.shape[0]
+        if d.capacity is not None:  # a shape-only constant: built once per capacity
+            key = ("row_expert", d.probs.device, d.capacity)
+            if key not in self._constants:
+                experts = torch.arange(self.num_experts, device=d.probs.device)
+                self._constants[key] = experts.repeat_interleave(d.capacity)
+            return self._constants[key]
         experts = torch.arange(self.num_experts, device=d.probs.device)
-        if d.capacity is not None:
-            return experts.repeat_interleave(d.capacity)
         return torch.repeat_interleave(experts, d.tokens_per_expert, output_size=N)
 
     def _tokens_per_sample(self, d: RoutingDecision, batch_size: int, T: int) -> torch.Tensor:
@@ -191,22 +198,34 @@ class MoELayer(RoutingStats, nn.Module):
         self.experts = GroupedExperts(moe.num_experts, D, cfg.expert_hidden, cfg.ffn_type)
         self.shared_experts = build_dense_ffn(cfg.ffn_type, D, cfg.shared_hidden) if cfg.shared_hidden else None
         self.init_routing_stats(cfg, block_index, num_noise_bins)
+        # "auto": gather-sum combine where Triton runs, else index_add_; "gather" / "index_add" force one
+        self.combine_backend = "auto"
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         B, T, D = x.shape
         pool = x.reshape(B * T, D)  # (S, D), sample-major
         decision = self.router(pool, B)
-        # index_select, not pool[idx]: its backward is an index_add, not a sort-based index_put
-        dispatched = pool.index_select(0, decision.token_index)  # (N, D)
+        backend = self.combine_backend
+        gather = backend == "gather" or (backend == "auto" and triton_usable(pool))
+        if gather:
+            inv = inverse_map(decision.token_index, self._row_expert(decision), decision.valid,
+                              self.num_experts, B * T)  # (E, S)
+            dispatched = GatherDispatch.apply(pool, decision.token_index, inv)  # (N, D)
+        else:
+            # index_select, not pool[idx]: its backward is an index_add, not a sort-based index_put
+            dispatched = pool.index_select(0, decision.token_index)  # (N, D)
         if decision.capacity is not None:
             out = self.experts.forward_uniform(dispatched.view(self.num_experts, decision.capacity, D))
             out = out.reshape(-1, D)  # (N, D)
         else:
             out = self.experts.forward_grouped(dispatched, decision.tokens_per_expert)  # (N, D)
-        weighted = out * decision.weight.to(out.dtype).unsqueeze(1)
-        # in place into fresh zeros: the out-of-place index_add would clone them first
-        combined = torch.zeros(B * T, D, dtype=out.dtype, device=x.device).index_add_(
-            0, decision.token_index, weighted)  # (S, D)
+        if gather:
+            combined = GatherCombine.apply(out, decision.weight, decision.token_index, inv)  # (S, D)
+        else:
+            weighted = out * decision.weight.to(out.dtype).unsqueeze(1)
+            # in place into fresh zeros: the out-of-place index_add would clone them first
+            combined = torch.zeros(B * T, D, dtype=out.dtype, device=x.device).index_add_(
+                0, decision.token_index, weighted)  # (S, D)
         if self.shared_experts is not None:
             combined = combined + self.shared_experts(pool)
         self.last_aux = decision.aux
