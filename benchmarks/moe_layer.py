@@ -17,6 +17,15 @@ Two parameter settings, each with its own dense baseline:
 - `fp32 params + autocast` (`--autocast`): fp32 parameters under torch.autocast(bf16), as plain
   PyTorch AMP trains. Every forward then casts each weight to bf16 (E x the dense weights for an
   MoE layer) and the backward accumulates fp32 grads, so memory-bound copies enter the ratio.
+
+`--cuda-graph layer` captures each layer (the dense FFN too) for its fixed shapes
+(moedit.models.cuda_graph.graph_moe_layer; torch.cuda.make_graphed_callables for the dense FFN):
+one replay per forward and one per backward, callable from eager code; autograd then copies the
+static weight gradients into `.grad`. `--cuda-graph step` captures the whole timed step (forward,
+backward, fresh `.grad`) with moedit.models.cuda_graph.CUDAGraphStep: one replay per step, no
+copies, as a trainer that graphs its whole step would run. Either way wall time approaches the GPU
+kernel time on a launch-bound host. `--combine` and `--bias-gelu` pick the MoE layer's combine / fc1-bias backends
+(default auto: the fused Triton paths on CUDA) to compare against the plain PyTorch ones.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import time
 import torch
 
 from moedit.models.config import ModelConfig, MoEConfig
+from moedit.models.cuda_graph import CUDAGraphStep, graph_moe_layer
 from moedit.models.layers import GeluMLP
 from moedit.models.moe import MoELayer, RoutingContext
 
@@ -96,15 +106,23 @@ def time_layers(args, x, probe, ctx, param_dtype, autocast: bool) -> dict[tuple[
     device = x.device
     D, S, experts, tokens_per_image = args.shapes
     dense = GeluMLP(D, 4 * D).to(device, param_dtype)
-    times = {("dense FFN", 1): time_fwd_bwd(make_step(dense, x, probe, autocast=autocast), device,
-                                            args.warmup, args.iters)}
+    if args.cuda_graph == "layer" and not autocast:
+        dense = torch.cuda.make_graphed_callables(dense, (x.detach().clone().requires_grad_(),))
+    dense_step = make_step(dense, x, probe, autocast=autocast)
+    if args.cuda_graph == "step" and not autocast:
+        dense_step = CUDAGraphStep(dense_step)
+    times = {("dense FFN", 1): time_fwd_bwd(dense_step, device, args.warmup, args.iters)}
     if args.kernel_time and device.type == "cuda" and not autocast:
-        args.kernel_ms[("dense FFN", 1)] = kernel_ms(make_step(dense, x, probe))
+        args.kernel_ms[("dense FFN", 1)] = kernel_ms(dense_step)
     for E in experts:
         for kind in LAYERS:
             if args.layer and args.layer not in kind:
                 continue
             layer = build_layer(kind, D, E, tokens_per_image).to(device, param_dtype).train()
+            layer.combine_backend = args.combine
+            layer.experts.bias_gelu_backend = args.bias_gelu
+            if args.cuda_graph == "layer" and not autocast:
+                graph_moe_layer(layer, x, ctx)
             if args.compile:
                 torch._dynamo.reset()  # each layer shape is its own graph; do not hit the recompile limit
                 layer = torch.compile(layer)
@@ -112,6 +130,8 @@ def time_layers(args, x, probe, ctx, param_dtype, autocast: bool) -> dict[tuple[
                 torch._dynamo.reset()
                 compile_routing(layer)
             step = make_step(layer, x, probe, ctx, autocast=autocast)
+            if args.cuda_graph == "step" and not autocast:
+                step = CUDAGraphStep(step, restore=(layer,))
             times[(kind, E)] = time_fwd_bwd(step, device, args.warmup, args.iters)
             if args.kernel_time and device.type == "cuda" and not autocast:
                 args.kernel_ms[(kind, E)] = kernel_ms(step)
@@ -176,7 +196,7 @@ def profile(step, kind: str, E: int) -> None:
             step()
         torch.cuda.synchronize()
     print(f"\n--- {kind}, E={E}: top CUDA kernels over 5 fwd+bwd ---")
-    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=80, max_name_column_width=60))
 
 
 def format_rows(rows: list[dict], param_label: str) -> str:
@@ -210,6 +230,13 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile each MoE layer")
     parser.add_argument("--compile-router", action="store_true",
                         help="torch.compile only the router and statistics update of each MoE layer")
+    parser.add_argument("--cuda-graph", default="", choices=["", "layer", "step"],
+                        help="CUDA graphs (bf16-params setting): 'layer' graphs each layer's forward and "
+                             "backward, 'step' the whole timed step")
+    parser.add_argument("--combine", default="auto", choices=["auto", "gather", "index_add"],
+                        help="MoE combine / dispatch-backward backend")
+    parser.add_argument("--bias-gelu", default="auto", choices=["auto", "fused", "baddbmm"],
+                        help="expert fc1 bias: fused into the GELU, or baddbmm")
     parser.add_argument("--layer", default="", help="only layers whose name contains this (e.g. diffmoe)")
     parser.add_argument("--experts", type=int, default=0, help="only this number of experts")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels per layer")
@@ -224,7 +251,9 @@ def main() -> int:
     params = "bf16 params" if dtype == "bf16" else "fp32 params"
     print(f"MoE FFN vs dense FFN (same activated FLOPs), fwd+bwd per micro-batch, {name}, {dtype}, "
           f"torch {torch.__version__}{', torch.compile' if args.compile else ''}"
-          f"{', torch.compile(router + stats)' if args.compile_router else ''}; ratio = t(MoE) / t(dense) "
+          f"{', torch.compile(router + stats)' if args.compile_router else ''}"
+          f"{f', CUDA graphs ({args.cuda_graph})' if args.cuda_graph else ''}"
+          f", combine={args.combine}, bias-gelu={args.bias_gelu}; ratio = t(MoE) / t(dense) "
           f"with the same parameter setting")
     print(format_rows(rows, params))
     return 0

@@ -1,0 +1,60 @@
+"""The expert projections alone at DiffMoE-L shapes: batched bmm vs torch._grouped_mm vs one dense mm.
+
+    python benchmarks/expert_gemm_variants.py   # CUDA, bf16; microseconds per GEMM from CUDA-graph replays
+
+Each row is one of the six GEMMs of an expert FFN's forward + backward (x (E, K, D), W1 (E, F, D),
+h (E, K, F), W2 (E, D, F)) in the layouts experts.ExpertLinear uses, next to the same GEMM of the
+dense FFN (S = E * K rows, one matmul): the gap is what batching over experts costs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def timed_us(fn, iters: int = 100) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters
+
+
+def main() -> None:
+    D, F, S = 1024, 4096, 8192
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    xs, hs = torch.randn(S, D, **bf16), torch.randn(S, F, **bf16)
+    w1s, w2s = torch.randn(F, D, **bf16), torch.randn(D, F, **bf16)
+    dense = {"fwd fc1 x W1^T": (xs, w1s.t()), "fwd fc2 h W2^T": (hs, w2s.t()), "bwd fc2 grad_h = g W2": (xs, w2s),
+             "bwd fc2 grad_W2 = g^T h": (xs.t(), hs), "bwd fc1 grad_x = g W1": (hs, w1s),
+             "bwd fc1 grad_W1 = g^T x": (hs.t(), xs)}
+    print(f"{'GEMM':26s} {'E':>3s} {'bmm us':>8s} {'_grouped_mm us':>15s} {'dense mm us':>12s}")
+    for E in (8, 16):
+        K = S // E
+        x, h = xs.view(E, K, D), hs.view(E, K, F)
+        w1, w2 = torch.randn(E, F, D, **bf16), torch.randn(E, D, F, **bf16)
+        cases = {"fwd fc1 x W1^T": (x, w1.transpose(1, 2)), "fwd fc2 h W2^T": (h, w2.transpose(1, 2)),
+                 "bwd fc2 grad_h = g W2": (x, w2), "bwd fc2 grad_W2 = g^T h": (x.transpose(1, 2), h),
+                 "bwd fc1 grad_x = g W1": (h, w1), "bwd fc1 grad_W1 = g^T x": (h.transpose(1, 2), x)}
+        for name, (a, b) in cases.items():
+            t_bmm = timed_us(lambda: torch.bmm(a, b))
+            try:
+                t_grouped = timed_us(lambda: torch._grouped_mm(a, b))
+            except (RuntimeError, AttributeError) as err:
+                print(f"  _grouped_mm: {str(err).splitlines()[0][:100]}")
+                t_grouped = float("nan")
+            da, db = dense[name]
+            t_dense = timed_us(lambda: torch.mm(da, db))
+            print(f"{name:26s} {E:3d} {t_bmm:8.1f} {t_grouped:15.1f} {t_dense:12.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""DiffMoE's selection step alone: ways to take the top-K of S scores for 2E rows (H100 timing aid).
+
+    python benchmarks/topk_variants.py   # CUDA; prints microseconds per call from CUDA-graph replays
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def timed_us(fn, iters: int = 200) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    for E in (8, 16):
+        S = 8192
+        K = S // E
+        probs = torch.randn(S, E, device="cuda").softmax(-1)
+        pred = torch.rand(S, E, device="cuda")
+        stacked_t = torch.cat([probs, pred], 1).t().contiguous()
+        variants = {
+            "cat.t().topk(sorted=False) [current]": lambda: torch.cat([probs, pred], 1).t().topk(
+                K, dim=1, sorted=False),
+            "cat.t().contiguous().topk(sorted=False)": lambda: torch.cat([probs, pred], 1).t().contiguous().topk(
+                K, dim=1, sorted=False),
+            "topk only (contiguous input)": lambda: stacked_t.topk(K, dim=1, sorted=False),
+            "topk sorted (contiguous input)": lambda: stacked_t.topk(K, dim=1, sorted=True),
+            "sort(descending)[:, :K] (contiguous input)": lambda: stacked_t.sort(dim=1, descending=True),
+            "probs.t().topk + pred kthvalue": lambda: (probs.t().topk(K, dim=1, sorted=False),
+                                                       pred.t().kthvalue(S - K + 1, dim=1)),
+        }
+        ref = stacked_t.topk(K, dim=1, sorted=True).values
+        for name, fn in variants.items():
+            print(f"E={E:2d} K={K:4d} {name:45s} {timed_us(fn):8.1f} us")
+        s = stacked_t.sort(dim=1, descending=True).values[:, :K]
+        assert torch.equal(s, ref)
+
+
+if __name__ == "__main__":
+    main()
