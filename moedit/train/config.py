@@ -98,13 +98,68 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    engine: Literal["auto", "local", "ddp", "deepspeed"] = "auto"
+    engine: Literal["auto", "local", "ddp", "deepspeed", "megatron"] = "auto"
     """auto = ddp when launched with several processes (torchrun or SLURM variables), else local;
-    deepspeed = ZeRO data parallelism configured by the `deepspeed` section."""
+    deepspeed = ZeRO data parallelism configured by the `deepspeed` section; megatron = Megatron-Core
+    with the tensor/pipeline/expert degrees below (needs moedit[megatron])."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
-    """Process-group backend for ddp and deepspeed: auto = nccl on CUDA, gloo on CPU."""
+    """Process-group backend for ddp, deepspeed and megatron: auto = nccl on CUDA, gloo on CPU."""
     find_unused_parameters: bool = False
     """Passed to DistributedDataParallel."""
+    tensor: int = 1
+    """Megatron: tensor-parallel degree TP. Attention heads and the dense FFN hidden are split over TP ranks;
+    the model needs num_heads (and the dense FFN hidden) divisible by it."""
+    pipeline: int = 1
+    """Megatron: pipeline stages PP, run with the 1F1B schedule; each stage holds depth / PP blocks."""
+    expert: int = 1
+    """Megatron: expert-parallel degree EP; each rank holds num_experts / EP experts and tokens reach them by
+    all-to-all. EP ranks are carved out of the data-parallel (x tensor-parallel) ranks."""
+    expert_tensor: int = 1
+    """Megatron: tensor-parallel degree inside the experts. Only 1 is supported: moedit's grouped experts keep
+    each expert's weights whole."""
+    sequence_parallel: bool = False
+    """Megatron: split the tokens of the non-tensor-parallel regions (norms, residuals, MoE layers) over the TP
+    ranks. Required with tensor > 1 and MoE layers; ignored when tensor = 1 (it would split nothing)."""
+    virtual_pipeline: int | None = None
+    """Megatron: model chunks per pipeline stage for the interleaved 1F1B schedule (>= 2, needs pipeline > 1);
+    null = the plain 1F1B schedule."""
+    micro_batch: int | None = None
+    """Megatron: images per forward on one data-parallel replica; null = train.global_batch_size / data degree /
+    num_microbatches. (The other engines use train.micro_batch_size.)"""
+    num_microbatches: int = 1
+    """Megatron: micro-batches per optimizer step, run through the pipeline schedule (keep it >= pipeline to
+    fill the pipeline). train.global_batch_size = data degree x micro_batch x num_microbatches."""
+
+    def __post_init__(self):
+        for name in ("tensor", "pipeline", "expert", "expert_tensor", "num_microbatches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} = {getattr(self, name)}: must be an integer >= 1")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ValueError(f"parallel.micro_batch = {self.micro_batch}: must be >= 1, or null to derive it from "
+                             "train.global_batch_size")
+        if self.virtual_pipeline is not None and self.virtual_pipeline < 2:
+            raise ValueError(f"parallel.virtual_pipeline = {self.virtual_pipeline}: must be >= 2 model chunks per "
+                             "stage, or null for the plain 1F1B schedule")
+        if self.engine != "megatron":
+            for name, default in MEGATRON_ONLY_DEFAULTS.items():
+                value = getattr(self, name)
+                if value != default:
+                    other = {"micro_batch": "train.micro_batch_size", "num_microbatches": "train.micro_batch_size"}
+                    alternative = f" (engine {self.engine} uses {other[name]})" if name in other else ""
+                    raise ValueError(
+                        f"parallel.{name} = {_yaml(value)}: only parallel.engine = megatron uses it, the engine is "
+                        f"'{self.engine}'; set parallel.engine=megatron, or parallel.{name}={_yaml(default)}{alternative}"
+                    )
+
+
+MEGATRON_ONLY_DEFAULTS = {
+    "tensor": 1, "pipeline": 1, "expert": 1, "expert_tensor": 1, "sequence_parallel": False,
+    "virtual_pipeline": None, "micro_batch": None, "num_microbatches": 1,
+}
+
+
+def _yaml(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 @dataclass
@@ -257,6 +312,12 @@ def validate(cfg: Config) -> None:
     """Checks that span sections (each section validates its own fields)."""
     if cfg.model.learn_sigma and cfg.diffusion.objective == "flow":
         raise ConfigError("model.learn_sigma = true needs diffusion.objective = ddpm (flow predicts a velocity only)")
+    if cfg.parallel.engine == "megatron" and cfg.train.micro_batch_size:
+        raise ConfigError(
+            f"train.micro_batch_size = {cfg.train.micro_batch_size} with parallel.engine = megatron: the megatron engine "
+            "takes its micro-batch from parallel.micro_batch and parallel.num_microbatches; set "
+            "train.micro_batch_size=0 and parallel.micro_batch instead"
+        )
     if cfg.parallel.engine == "deepspeed":
         if cfg.deepspeed.zero_stage == 3 and cfg.model.moe is not None:
             raise ConfigError(
