@@ -1,5 +1,8 @@
 """`parallel.engine = megatron`: process groups from Megatron-Core's parallel_state.
 
+GPU only: Megatron-Core hard-codes CUDA in a few places. moedit's CPU tests run it on gloo with
+those places stubbed (tests/megatron/cpu_stubs.py) and MOEDIT_MEGATRON_CPU=1; nothing else should.
+
 The engine owns the process group (as the ddp engine does) and Megatron's model-parallel grid;
 its data-parallel collectives run over Megatron's data-parallel group, so routing statistics are
 summed over replicas that saw different tokens and never over tensor-parallel copies (which
@@ -8,10 +11,13 @@ route identically) or pipeline stages (which hold different layers).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
 from moedit.engines.base import DistEnv
+from moedit.errors import MoeditError
 from moedit.engines.ddp import DDPEngine
 
 
@@ -19,6 +25,9 @@ class MegatronEngine(DDPEngine):
     name = "megatron"
 
     def __init__(self, env: DistEnv, device: torch.device, backend: str):
+        if device.type != "cuda" and os.environ.get("MOEDIT_MEGATRON_CPU") != "1":
+            raise MoeditError("parallel.engine = megatron needs CUDA GPUs: Megatron-Core hard-codes CUDA (RNG "
+                              "tracker, streams, pipeline buffers); train on CPU with parallel.engine=local or ddp")
         super().__init__(env, device, backend)
         self.layout = None
 
@@ -30,10 +39,9 @@ class MegatronEngine(DDPEngine):
                 tensor_model_parallel_size=layout.tensor, pipeline_model_parallel_size=layout.pipeline,
                 virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
                 expert_model_parallel_size=layout.expert, expert_tensor_parallel_size=layout.expert_tensor)
-        if self.device.type == "cuda":
-            from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-            model_parallel_cuda_manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed)
         self.layout = layout
 
     # --- groups ---------------------------------------------------------------------------

@@ -425,14 +425,14 @@ class MegatronTrainer(Trainer):
                 if self.engine.is_main:
                     print(f"{ckpt}: saved at layout {state.get('layout')}, resumed at {_layout_dict(self.layout)}: "
                           "weights resharded, optimizer state starts fresh", flush=True)
-        saved_world = state.get("layout", {}).get("data", meta["world_size"])
-        if saved_world != self.world:
-            raise MoeditError(f"{ckpt}: saved with {saved_world} data-parallel replicas, resumed with {self.world}; "
-                              "exact data resume needs the same number (or start from its weights with "
-                              "train.resume=never and an imported checkpoint)")
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.data.load_state_dict(self._data_state(ckpt, blob["rank"]))
+        saved_world = state.get("layout", {}).get("data", meta["world_size"])
+        if saved_world == self.world:
+            self.data.load_state_dict(self._data_state(ckpt, blob["rank"]))
+        elif self.engine.is_main:
+            print(f"{ckpt}: saved with {saved_world} data-parallel replicas, resumed with {self.world}: the data "
+                  "stream restarts its order (exact data resume needs the same number)", flush=True)
         if self.engine.is_main:
             print(f"resumed from {ckpt} at step {self.step}", flush=True)
 

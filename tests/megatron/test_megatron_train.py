@@ -1,0 +1,128 @@
+"""Training on the Megatron engine (2 gloo processes, real digits): EP=2 and PP=2 runs whose
+DiffMoE thresholds stay identical across data-parallel ranks, exact resume, and a checkpoint
+saved at EP=2 that loads at TP=2 and on one rank with the canonical model's outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+pytest.importorskip("megatron.core")
+pytest.importorskip("psutil")
+
+import torch  # noqa: E402
+
+from harness import run_distributed  # noqa: E402
+
+
+def _config(digits_dir, run_dir, steps=4, **parallel):
+    from moedit.train.config import config_from_dict
+
+    return config_from_dict({
+        "model": {"flavor": "tiny-diffmoe", "input_size": 8, "in_channels": 1, "patch_size": 2, "num_classes": 10,
+                  "learn_sigma": False, "depth": 4, "hidden_size": 32, "num_heads": 2},
+        "moe": {"every": 2, "first": 1},
+        "diffusion": {"objective": "flow", "sample_steps": 2},
+        "data": {"path": str(digits_dir), "num_workers": 0, "shuffle_buffer": 64},
+        "optim": {"lr": 1e-3},
+        "train": {"steps": steps, "global_batch_size": 8, "ema_decay": 0.9, "num_sample_images": 0,
+                  "run_dir": str(run_dir), "device": "cpu"},
+        "logging": {"log_every": 1, "tensorboard": False, "progress": "none"},
+        "checkpoint": {"every": 2, "keep_last": 5},
+        "parallel": {"engine": "megatron", **parallel},
+    })
+
+
+def _train(rank, world_size, digits_dir, run_dir, steps, parallel):
+    os.environ["MOEDIT_MEGATRON_CPU"] = "1"  # the harness has stubbed Megatron's CUDA calls
+    from moedit.engines.megatron.trainer import MegatronTrainer
+
+    trainer = MegatronTrainer(_config(digits_dir, run_dir, steps, **parallel)).setup()
+    code = trainer.fit()
+    thresholds = [t.clone() for t in trainer.model.threshold_buffers()]
+    return {"code": code, "thresholds": thresholds, "step": trainer.step}
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _load_outputs(rank, world_size, digits_dir, run_dir, ckpt, parallel):
+    """Build the layout `parallel`, resume from `ckpt`'s weights and run one fixed batch."""
+    os.environ["MOEDIT_MEGATRON_CPU"] = "1"
+    from moedit.engines.megatron.trainer import MegatronTrainer
+
+    cfg = _config(digits_dir, run_dir, 1, **parallel)
+    cfg.train.resume = str(ckpt)
+    trainer = MegatronTrainer(cfg).setup()
+    model = trainer.model.eval()
+    g = torch.Generator().manual_seed(3)
+    x, t, y = torch.randn(2, 1, 8, 8, generator=g), torch.rand(2, generator=g), torch.tensor([1, 7])
+    from megatron.core import parallel_state
+
+    out = model(x, t, y) if parallel_state.is_pipeline_last_stage() and parallel_state.get_pipeline_model_parallel_world_size() == 1 else None
+    return {"out": out.detach() if out is not None else None, "x": x, "t": t, "y": y}
+
+
+def test_ep2_training_resume_and_resharding(tmp_path, digits_dir):
+    run = tmp_path / "ep2"
+    results = run_distributed(_train, 2, digits_dir, run, 4, {"expert": 2}, timeout=300)
+    assert all(r["code"] == 0 for r in results)
+    for a, b in zip(results[0]["thresholds"], results[1]["thresholds"]):
+        assert torch.equal(a, b)  # averaged over the data-parallel group every step
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r.get("dp/threshold_max_diff", 0.0) == 0.0 for r in rows)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+    # exact resume: from step 2 to 4 equals the uninterrupted run
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run / "checkpoints" / "step_0000002", resumed / "checkpoints" / "step_0000002")
+    (resumed / "checkpoints" / "latest").write_text("step_0000002\n")
+    run_distributed(_train, 2, digits_dir, resumed, 4, {"expert": 2}, timeout=300)
+    from safetensors.torch import load_file
+
+    a = load_file(str(run / "checkpoints" / "step_0000004" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "step_0000004" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in _metrics(resumed)] == [r["loss"] for r in rows[2:]]
+
+    # resharding: the EP=2 checkpoint at TP=2 and on one rank gives the canonical model's outputs
+    ckpt = run / "checkpoints" / "step_0000004"
+    from moedit.train.checkpoint import load_for_inference
+
+    canonical, _ = load_for_inference(ckpt, use_ema=False)
+    tp2 = run_distributed(_load_outputs, 2, digits_dir, tmp_path / "tp2", ckpt,
+                          {"tensor": 2, "sequence_parallel": True}, timeout=300)
+    one = run_distributed(_load_outputs, 1, digits_dir, tmp_path / "one", ckpt, {}, timeout=300)
+    for r in tp2 + one:
+        expected = canonical.eval()(r["x"], r["t"], r["y"])
+        torch.testing.assert_close(r["out"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pp2_training_loss_is_finite_and_thresholds_agree(tmp_path, digits_dir):
+    run = tmp_path / "pp2"
+    results = run_distributed(_train, 2, digits_dir, run, 2, {"pipeline": 2, "num_microbatches": 2}, timeout=300)
+    assert all(r["code"] == 0 for r in results)
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["loss"] > 0 for r in rows)
+    # the canonical checkpoint holds every block although each rank held half of them
+    from moedit.train.checkpoint import load_for_inference
+
+    model, _ = load_for_inference(run / "checkpoints" / "step_0000002", use_ema=False)
+    assert len(model.blocks) == 4
+
+
+def test_megatron_engine_on_cpu_is_refused_with_the_reason(monkeypatch):
+    from moedit.engines import build_engine
+    from moedit.errors import MoeditError
+    from moedit.train.config import ParallelConfig
+
+    monkeypatch.delenv("MOEDIT_MEGATRON_CPU", raising=False)
+    with pytest.raises(MoeditError, match="parallel.engine = megatron needs CUDA"):
+        build_engine(ParallelConfig(engine="megatron"), "cpu", environ={})
