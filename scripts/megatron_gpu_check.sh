@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The Megatron-Core GPU check of issue 6, in one device call on a 2-GPU machine:
+#   (a) parity with the single-device DiT: TP=2 (sequence parallel), EP=2, PP=2 (1F1B), DP=2 on
+#       two GPUs, then TP=EP=PP=1 on one (bf16, fp32, autocast; scripts/megatron_gpu_parity.py);
+#   (b) train-step throughput / MFU on one GPU (benchmarks/train_step.py);
+#   (c) the EP=2 throughput of DiffMoE-L-E16 on two GPUs against (b);
+#   (d) (b) for two models in the fp32-parameters + autocast recipe, for comparison.
+# Every step runs even if an earlier one failed; outputs are tee'd into OUT_DIR, exit codes are
+# collected in OUT_DIR/summary.txt and the script exits 1 if any step failed.
+#
+# Usage (repo root; the device machine has Python 3.12 + torch but no megatron-core, so the
+# wheels in .whl_mc - megatron-core 0.16.1 cp312, psutil; fallback/ numpy, packaging - must be
+# carried along): bash scripts/megatron_gpu_check.sh [OUT_DIR]     (default $OUT)
+# Each step has a time limit (a hung collective cannot eat the device call); expected total
+# about 5-6 minutes, inside one 10-minute device call (the limits add up to ~11 minutes: a call
+# cut at 10 minutes still returns what is in OUT_DIR).
+set -uo pipefail
+out="${1:-${OUT:-/tmp/megatron_gpu_check}}"
+mkdir -p "$out"
+start=$(date +%s)
+
+if ! ls .whl_mc/*.whl >/dev/null 2>&1; then
+  echo "no wheels in .whl_mc/: carry .whl_mc to this machine (megatron-core is not installed here)" | tee "$out/summary.txt"
+  exit 1
+fi
+python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site .whl_mc/*.whl \
+  && export PYTHONPATH="/tmp/site:$PWD"
+export PYTHONPATH="${PYTHONPATH:-$PWD}" PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+# megatron-core needs numpy and packaging >= 24.2: install the carried wheels only where missing or old
+python3 -c "import numpy" 2>/dev/null \
+  || python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site .whl_mc/fallback/numpy-*.whl
+python3 -c "import packaging, sys; from packaging.version import Version; sys.exit(Version(packaging.__version__) < Version('24.2'))" 2>/dev/null \
+  || python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site .whl_mc/fallback/packaging-*.whl
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, numpy, megatron.core as mc; print('torch', torch.__version__, '| cuda', torch.version.cuda, '| megatron-core', mc.__version__, '| numpy', numpy.__version__, '| GPUs', torch.cuda.device_count())"
+  git log -1 --format='commit %h %s' 2>/dev/null || true
+} 2>&1 | tee "$out/env.txt"
+: > "$out/summary.txt"
+
+failures=0
+# step NAME LIMIT_S COMMAND...: run, tee into OUT/NAME.txt, record the exit status
+step() {
+  local name="$1" limit="$2"
+  shift 2
+  echo "== $name ($(($(date +%s) - start)) s elapsed): $*"
+  timeout --kill-after=15 "$limit" "$@" 2>&1 | tee "$out/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 124 ] && echo "== $name: timed out after $limit s" | tee -a "$out/$name.txt"
+  echo "$name: exit $rc" | tee -a "$out/summary.txt"
+  [ "$rc" -eq 0 ] || failures=$((failures + 1))
+}
+
+# (a) parity: one invocation per layout (a case that raises stops its invocation, since a rank
+#     may be left inside a collective; the next layout starts clean)
+for layout in tp2 ep2 pp2 dp2; do
+  limit=75; [ "$layout" = tp2 ] && limit=120  # the first run compiles the Triton kernels (cached after)
+  step "parity_$layout" "$limit" torchrun --standalone --nproc_per_node 2 scripts/megatron_gpu_parity.py \
+    --layouts "$layout" --json "$out/parity_$layout.json"
+done
+step parity_one 60 torchrun --standalone --nproc_per_node 1 scripts/megatron_gpu_parity.py --layouts one \
+  --json "$out/parity_one.json"
+# (b) one GPU: DiT-XL/2, DiT-L/2, DiffMoE-L-E8, DiffMoE-L-E16 (bf16 parameters, distributed optimizer)
+step train_step_1gpu 170 python3 benchmarks/train_step.py --json "$out/train_step_1gpu.json"
+# (c) EP=2 on two GPUs, at the 1-GPU run's batch, ratio against it
+baseline=()
+[ -f "$out/train_step_1gpu.json" ] && baseline=(--baseline-json "$out/train_step_1gpu.json")
+step train_step_ep2 100 torchrun --standalone --nproc_per_node 2 benchmarks/train_step.py --expert 2 \
+  ${baseline[@]+"${baseline[@]}"} --json "$out/train_step_ep2.json"
+# (d) the megatron trainer's current recipe (fp32 parameters + bf16 autocast) on one GPU, for comparison
+step train_step_1gpu_autocast 80 python3 benchmarks/train_step.py --precision autocast \
+  --models DiT-XL/2 DiffMoE-L-E8 --json "$out/train_step_1gpu_autocast.json"
+# (e) PLACEHOLDER (lead): the 2-GPU training run (EP=2, then PP=2) of DiffMoE-S-E16 goes here, e.g.
+# step train_2gpu LIMIT torchrun --standalone --nproc_per_node 2 -m moedit.cli train ...
+
+echo "== done in $(($(date +%s) - start)) s; $failures step(s) failed" | tee -a "$out/summary.txt"
+[ "$failures" -eq 0 ]
