@@ -5,6 +5,8 @@
 #   (b) train-step throughput / MFU on one GPU (benchmarks/train_step.py);
 #   (c) the EP=2 throughput of DiffMoE-L-E16 on two GPUs against (b);
 #   (d) (b) for two models in the fp32-parameters + autocast recipe, for comparison.
+#   (e) the 2-GPU training run (EP=2, resumed, then PP=2 resharded) through `moedit train`.
+# PHASE=check runs (a) and (e), PHASE=bench (b)-(d), default both.
 # Every step runs even if an earlier one failed; outputs are tee'd into OUT_DIR, exit codes are
 # collected in OUT_DIR/summary.txt and the script exits 1 if any step failed.
 #
@@ -53,6 +55,8 @@ step() {
   [ "$rc" -eq 0 ] || failures=$((failures + 1))
 }
 
+phase="${PHASE:-all}"  # check = (a) + (e); bench = (b)-(d); all = everything
+if [ "$phase" != bench ]; then
 # (a) parity: one invocation per layout (a case that raises stops its invocation, since a rank
 #     may be left inside a collective; the next layout starts clean)
 for layout in tp2 ep2 pp2 dp2; do
@@ -62,6 +66,11 @@ for layout in tp2 ep2 pp2 dp2; do
 done
 step parity_one 60 torchrun --standalone --nproc_per_node 1 scripts/megatron_gpu_parity.py --layouts one \
   --json "$out/parity_one.json"
+# the trainer's recipe (fp32 parameters + bf16 autocast) at TP=2 with sequence parallelism
+step parity_tp2_autocast 90 torchrun --standalone --nproc_per_node 2 scripts/megatron_gpu_parity.py \
+  --layouts tp2 --autocast-sequence-parallel --json "$out/parity_tp2_autocast.json"
+fi
+if [ "$phase" != check ]; then
 # (b) one GPU: DiT-XL/2, DiT-L/2, DiffMoE-L-E8, DiffMoE-L-E16 (bf16 parameters, distributed optimizer)
 step train_step_1gpu 170 python3 benchmarks/train_step.py --json "$out/train_step_1gpu.json"
 # (c) EP=2 on two GPUs, at the 1-GPU run's batch, ratio against it
@@ -72,8 +81,21 @@ step train_step_ep2 100 torchrun --standalone --nproc_per_node 2 benchmarks/trai
 # (d) the megatron trainer's current recipe (fp32 parameters + bf16 autocast) on one GPU, for comparison
 step train_step_1gpu_autocast 80 python3 benchmarks/train_step.py --precision autocast \
   --models DiT-XL/2 DiffMoE-L-E8 --json "$out/train_step_1gpu_autocast.json"
-# (e) PLACEHOLDER (lead): the 2-GPU training run (EP=2, then PP=2) of DiffMoE-S-E16 goes here, e.g.
-# step train_2gpu LIMIT torchrun --standalone --nproc_per_node 2 -m moedit.cli train ...
+fi
+# (e) 2-GPU training of DiffMoE-S-E16 on synthetic latents through `moedit train`: EP=2 to step 30
+# (checkpoint), a second launch resumes it to 60, then PP=2 resumes that EP=2 checkpoint
+# (weights resharded) to 120; scripts/megatron_train_check.py judges the run directory.
+if [ "$phase" != bench ]; then
+  cfg=configs/megatron_diffmoe_s_e16_synthetic.yaml
+  run=/tmp/megatron_train_run
+  common=(train.run_dir=$run data.path=/tmp/synthetic-4x16x16 logging.log_every=5 logging.progress=lines
+          checkpoint.every=30 optim.warmup_steps=10)
+  step train_ep2_a 100 torchrun --standalone --nproc_per_node 2 -m moedit.cli train $cfg "${common[@]}" train.steps=30
+  step train_ep2_b 80 torchrun --standalone --nproc_per_node 2 -m moedit.cli train $cfg "${common[@]}" train.steps=60
+  step train_pp2 100 torchrun --standalone --nproc_per_node 2 -m moedit.cli train $cfg "${common[@]}" train.steps=120 \
+    parallel.expert=1 parallel.pipeline=2 parallel.num_microbatches=2
+  step train_check 60 python3 scripts/megatron_train_check.py $run --steps 120
+fi
 
 echo "== done in $(($(date +%s) - start)) s; $failures step(s) failed" | tee -a "$out/summary.txt"
 [ "$failures" -eq 0 ]

@@ -68,6 +68,14 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """Under autocast, hand tensor-parallel linears their compute dtype: with sequence parallelism
+    their backward reduce-scatters the input gradient into a buffer of the input's dtype."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        return x.to(torch.get_autocast_dtype("cuda"))
+    return x
+
+
 def _mark(module: nn.Module, **attrs) -> None:
     for p in module.parameters():
         for name, value in attrs.items():
@@ -137,7 +145,9 @@ class MegatronRouter(RoutingStats, MegatronModule):
         probs = torch.zeros(b * s, E, dtype=weight.dtype, device=x.device).index_put((token, expert), weight)
         routing_map = torch.zeros(b * s, E, dtype=torch.bool, device=x.device).index_put(
             (token, expert), torch.ones_like(token, dtype=torch.bool))
-        self.last_aux = decision.aux
+        # detached: the loss gets the aux terms through MoEAuxLossAutoScaler; a graph kept here would
+        # keep the step's activations (and, through them, a discarded model) alive
+        self.last_aux = {k: v.detach() for k, v in decision.aux.items()}
         self._record(decision, self.ctx, s)
 
         def local(t: torch.Tensor) -> torch.Tensor:  # sample-major (b*s, E) -> this rank's [s_local*b, E]
@@ -213,11 +223,12 @@ class AdaLNZeroLayer(TransformerLayer):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             m.unsqueeze(0) for m in self.adaLN_modulation(c).chunk(6, dim=-1))  # each (1, b, h)
         x = hidden_states
-        attn, bias = self.self_attention(self.norm1(x) * (1 + scale_msa) + shift_msa, attention_mask=None)
+        attn, bias = self.self_attention(_compute_dtype(self.norm1(x) * (1 + scale_msa) + shift_msa),
+                                         attention_mask=None)
         if bias is not None:
             attn = attn + bias
         x = x + gate_msa * attn
-        out, bias = self.mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp)
+        out, bias = self.mlp(_compute_dtype(self.norm2(x) * (1 + scale_mlp) + shift_mlp))
         if bias is not None:
             out = out + bias
         return x + gate_mlp * out, None
