@@ -341,6 +341,22 @@ def warmup(setup: Setup, batch_size: int, steps: int, device: torch.device, seed
         batch_size //= 2
 
 
+def print_profile(name: str, setup: Setup, batch: dict[str, torch.Tensor], losses: list, steps: int = 3) -> None:
+    """GPU time per step of the top kernels (and their share) over `steps` profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            train_step(setup, batch, losses)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events)
+    print(f"## profile {name}: {total / steps / 1000:.1f} ms of kernels per step", flush=True)
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]:
+        print(f"  {e.self_device_time_total / steps / 1000:8.2f} ms {100 * e.self_device_time_total / total:5.1f}%"
+              f" x{e.count // steps:<5d} {e.key[:110]}", flush=True)
+
+
 def measure(name: str, batch_size: int, args, device: torch.device) -> Result:
     from moedit.models.flops import train_gflops
 
@@ -370,6 +386,8 @@ def measure(name: str, batch_size: int, args, device: torch.device) -> Result:
             for _ in range(args.steps):
                 train_step(setup, batch, losses)
             step_ms = 1000 * (time.perf_counter() - t0) / args.steps
+        if args.profile and device.type == "cuda" and dist.get_rank() == 0:
+            print_profile(name, setup, batch, losses)
         # the slowest rank sets the pace of a synchronous step
         slowest = torch.tensor([step_ms], device=device, dtype=torch.float64)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
@@ -488,6 +506,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (>= 2: Adam states allocate "
                         "in the first step)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of 3 extra steps (rank 0)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the card if unknown")
     parser.add_argument("--json", default=None, help="write the rows and targets here (rank 0)")
     parser.add_argument("--baseline-json", default=None, help="a 1-GPU run's --json, for the EP=N ratio")

@@ -76,6 +76,39 @@ def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _ln_modulate_eager(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """adaLN: LayerNorm without affine, then x * (1 + scale) + shift; x [s, b, h], shift/scale [1, b, h]."""
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale) + shift
+
+
+def _gated_residual_eager(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x + gate * (y + bias), gate [1, b, h]."""
+    return x + gate * (y if bias is None else y + bias)
+
+
+class _OnCuda:
+    """`fn` compiled (one fused kernel forward and backward) for CUDA tensors, eager elsewhere.
+
+    The adaLN modulation and the gated residual broadcast a per-sample vector over the sequence;
+    eager PyTorch runs those as generic (non-vectorised) broadcast kernels, and with their
+    backward reductions they took about a quarter of a DiT-XL/2 step on an H100."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled = None
+
+    def __call__(self, x, *args):
+        if not x.is_cuda:
+            return self.fn(x, *args)
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=False)
+        return self.compiled(x, *args)
+
+
+_ln_modulate = _OnCuda(_ln_modulate_eager)
+_gated_residual = _OnCuda(_gated_residual_eager)
+
+
 def _mark(module: nn.Module, **attrs) -> None:
     for p in module.parameters():
         for name, value in attrs.items():
@@ -212,8 +245,6 @@ class AdaLNZeroLayer(TransformerLayer):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          hidden_dropout=hidden_dropout, pg_collection=pg_collection, vp_stage=vp_stage)
         D = config.hidden_size
-        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=config.layernorm_epsilon)
-        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=config.layernorm_epsilon)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D, dtype=config.params_dtype))
         if config.sequence_parallel:
             _mark(self.adaLN_modulation, sequence_parallel=True)
@@ -223,15 +254,12 @@ class AdaLNZeroLayer(TransformerLayer):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             m.unsqueeze(0) for m in self.adaLN_modulation(c).chunk(6, dim=-1))  # each (1, b, h)
         x = hidden_states
-        attn, bias = self.self_attention(_compute_dtype(self.norm1(x) * (1 + scale_msa) + shift_msa),
+        eps = self.config.layernorm_epsilon
+        attn, bias = self.self_attention(_compute_dtype(_ln_modulate(x, shift_msa, scale_msa, eps)),
                                          attention_mask=None)
-        if bias is not None:
-            attn = attn + bias
-        x = x + gate_msa * attn
-        out, bias = self.mlp(_compute_dtype(self.norm2(x) * (1 + scale_mlp) + shift_mlp))
-        if bias is not None:
-            out = out + bias
-        return x + gate_mlp * out, None
+        x = _gated_residual(x, gate_msa, attn, bias)
+        out, bias = self.mlp(_compute_dtype(_ln_modulate(x, shift_mlp, scale_mlp, eps)))
+        return _gated_residual(x, gate_mlp, out, bias), None
 
 
 def layer_spec(cfg: ModelConfig, block_index: int, num_noise_bins: int) -> ModuleSpec:
