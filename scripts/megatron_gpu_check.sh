@@ -85,7 +85,7 @@ fi
 # (e) 2-GPU training of DiffMoE-S-E16 on synthetic latents through `moedit train`: EP=2 to step 30
 # (checkpoint), a second launch resumes it to 60, then PP=2 resumes that EP=2 checkpoint
 # (weights resharded) to 120; scripts/megatron_train_check.py judges the run directory.
-if [ "$phase" != bench ]; then
+if [ "$phase" != bench ] && [ "${SKIP_TRAIN:-0}" != 1 ]; then
   cfg=configs/megatron_diffmoe_s_e16_synthetic.yaml
   run=/tmp/megatron_train_run
   common=(train.run_dir=$run data.path=/tmp/synthetic-4x16x16 logging.log_every=5 logging.progress=lines

@@ -416,8 +416,14 @@ class MegatronDiT(MegatronModule):
 
 def transformer_config(cfg: ModelConfig, *, tensor: int = 1, pipeline: int = 1, expert: int = 1,
                        sequence_parallel: bool = False, virtual_pipeline: int | None = None,
-                       dtype: torch.dtype = torch.float32, use_cpu_initialization: bool = False) -> TransformerConfig:
-    """Megatron's TransformerConfig for a moedit ModelConfig and a parallel layout."""
+                       dtype: torch.dtype = torch.float32, use_cpu_initialization: bool = False,
+                       bias_gelu_fusion: bool | None = None) -> TransformerConfig:
+    """Megatron's TransformerConfig for a moedit ModelConfig and a parallel layout.
+
+    `bias_gelu_fusion` (default: on where CUDA is available) uses Megatron's fused bias + GELU in
+    dense MLPs; that kernel is the tanh approximation, as DiT's GELU. Megatron selects it for
+    activation_func = F.gelu, so the unfused path is given the tanh approximation explicitly."""
+    fuse = torch.cuda.is_available() if bias_gelu_fusion is None else bias_gelu_fusion
     moe = cfg.moe
     kwargs = {}
     if moe is not None:
@@ -442,8 +448,8 @@ def transformer_config(cfg: ModelConfig, *, tensor: int = 1, pipeline: int = 1, 
         add_bias_linear=True,
         add_qkv_bias=True,
         gated_linear_unit=False,
-        activation_func=gelu_tanh,
-        bias_activation_fusion=False,
+        activation_func=F.gelu if fuse else gelu_tanh,
+        bias_activation_fusion=fuse,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
