@@ -66,9 +66,6 @@ for layout in tp2 ep2 pp2 dp2; do
 done
 step parity_one 60 torchrun --standalone --nproc_per_node 1 scripts/megatron_gpu_parity.py --layouts one \
   --json "$out/parity_one.json"
-# the trainer's recipe (fp32 parameters + bf16 autocast) at TP=2 with sequence parallelism
-step parity_tp2_autocast 90 torchrun --standalone --nproc_per_node 2 scripts/megatron_gpu_parity.py \
-  --layouts tp2 --autocast-sequence-parallel --json "$out/parity_tp2_autocast.json"
 fi
 if [ "$phase" != check ]; then
 # (b) one GPU: DiT-XL/2, DiT-L/2, DiffMoE-L-E8, DiffMoE-L-E16 (bf16 parameters, distributed optimizer)
