@@ -103,6 +103,16 @@ def test_ep2_training_resume_and_resharding(tmp_path, digits_dir):
         expected = canonical.eval()(r["x"], r["t"], r["y"])
         torch.testing.assert_close(r["out"], expected, rtol=1e-5, atol=1e-6)
 
+    # the Megatron run's checkpoint samples with the ordinary tool
+    import subprocess
+    import sys
+
+    grid = tmp_path / "grid.png"
+    subprocess.run([sys.executable, "-m", "moedit.cli", "sample", str(ckpt), "--num-samples", "4", "--steps", "2",
+                    "--device", "cpu", "--out", str(grid)], check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert grid.stat().st_size > 0
+
 
 def test_pp2_training_loss_is_finite_and_thresholds_agree(tmp_path, digits_dir):
     run = tmp_path / "pp2"
