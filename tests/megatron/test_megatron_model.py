@@ -135,9 +135,21 @@ def _check(results, rtol=1e-5):
     assert checked >= NUM_MICRO  # the last stage's outputs were compared
 
 
-@pytest.mark.parametrize("layout", ["tp2", "ep2", "pp2", "one"])
+# layout -> (TP, PP, EP, world size); EP is carved out of the data-parallel ranks
+LAYOUTS = {"tp2": (2, 1, 1, 2), "ep2": (1, 1, 2, 2), "pp2": (1, 2, 1, 2), "one": (1, 1, 1, 1)}
+# issue 12 on CPU: the pairs and the full 3-D layout (4 and 8 gloo processes; slow on 2 cores)
+LAYOUTS_3D = {"tp2-ep2": (2, 1, 2, 4), "pp2-ep2": (1, 2, 2, 4), "tp2-pp2": (2, 2, 1, 4), "tp2-pp2-ep2": (2, 2, 2, 8)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_megatron_dit_matches_single_device(layout):
-    tp, pp, ep = {"tp2": (2, 1, 1), "ep2": (1, 1, 2), "pp2": (1, 2, 1), "one": (1, 1, 1)}[layout]
-    world = tp * pp * (ep if layout == "ep2" else 1)
+    tp, pp, ep, world = LAYOUTS[layout]
     flavor = "tiny-diffmoe" if layout != "one" else "tiny-tc"
     _check(run_distributed(_parity_worker, world, flavor, tp, pp, ep, 0, timeout=240))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS_3D))
+def test_megatron_dit_3d_layouts_match_single_device(layout):
+    tp, pp, ep, world = LAYOUTS_3D[layout]
+    _check(run_distributed(_parity_worker, world, "tiny-diffmoe", tp, pp, ep, 0, timeout=600))
