@@ -122,9 +122,10 @@ def load_canonical(model, state: dict[str, torch.Tensor], cfg: ModelConfig) -> N
 
 
 @torch.no_grad()
-def gather_global(model, what: str = "data", group=None) -> dict[str, torch.Tensor]:
+def gather_global(model, what: str = "data", group=None, dst: int | None = None) -> dict[str, torch.Tensor]:
     """The full global-form tensors assembled from every rank (`what` = "data" or "grad"; a grad is
-    read from `main_grad` under Megatron DDP). Every rank returns the same dict (CPU tensors)."""
+    read from `main_grad` under Megatron DDP), as CPU tensors. Collective. With `dst` only that
+    global rank assembles them (the others return {}, holding no copy of the model); else every rank."""
     pieces = []
     for sh in _sharded_tensors(model):
         tensor = sh.data
@@ -139,10 +140,14 @@ def gather_global(model, what: str = "data", group=None) -> dict[str, torch.Tens
         pieces.append((sh.key, tuple(sh.global_shape), _offsets_slice(sh), tensor.detach().float().cpu().clone()))
     world = dist.get_world_size(group) if dist.is_initialized() else 1
     gathered = [None] * world
-    if world > 1:
+    if world == 1:
+        gathered = [pieces]
+    elif dst is None:
         dist.all_gather_object(gathered, pieces, group=group)
     else:
-        gathered = [pieces]
+        dist.gather_object(pieces, gathered if dist.get_rank() == dst else None, dst=dst, group=group)
+        if dist.get_rank() != dst:
+            return {}
     out: dict[str, torch.Tensor] = {}
     for rank_pieces in gathered:
         for key, shape, index, tensor in rank_pieces:

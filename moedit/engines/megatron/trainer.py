@@ -308,30 +308,34 @@ class MegatronTrainer(Trainer):
     # --- canonical weights, samples, checkpoints --------------------------------------------
     @torch.no_grad()
     def canonical_state(self, ema: bool = False) -> dict[str, torch.Tensor]:
-        """The single-device state dict of the live (or EMA) weights; collective."""
+        """The single-device state dict of the live (or EMA) weights on rank 0 ({} elsewhere); collective."""
         from moedit.engines.megatron.convert import gather_global, global_to_canonical
 
         if not ema:
-            return global_to_canonical(gather_global(self.model), self.cfg.model)
+            return global_to_canonical(gather_global(self.model, dst=0), self.cfg.model)
         live = [p.detach().clone() for _, p in self._ema_pairs]
         for e, p in self._ema_pairs:
             p.copy_(e)
         try:
-            return global_to_canonical(gather_global(self.model), self.cfg.model)
+            return global_to_canonical(gather_global(self.model, dst=0), self.cfg.model)
         finally:
             for saved, (_, p) in zip(live, self._ema_pairs):
                 p.copy_(saved)
 
     def _full_state(self, ema: bool) -> dict[str, torch.Tensor]:
-        """Canonical state incl. buffers (thresholds) the gather does not cover, from the template."""
+        """Canonical state on rank 0 ({} elsewhere); entries the gather does not cover come from the
+        single-device template. Collective."""
+        gathered = self.canonical_state(ema)
+        if not self.engine.is_main:
+            return {}
         state = {k: v.clone() for k, v in self._canonical_template.state_dict().items()}
-        state.update(self.canonical_state(ema))
+        state.update(gathered)
         return state
 
     def write_samples(self) -> None:
         if not self.cfg.train.num_sample_images:
             return
-        state = self._full_state(ema=True)  # collective: every rank gathers
+        state = self._full_state(ema=True)  # collective: rank 0 assembles
         if not self.engine.is_main:
             return
         from moedit.models import build_model
