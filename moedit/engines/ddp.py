@@ -42,12 +42,12 @@ class DDPEngine(Engine):
     def no_sync(self, wrapped: nn.Module):
         return wrapped.no_sync()
 
-    def _flat_reduce(self, tensors: list[torch.Tensor], op) -> None:
+    def _flat_reduce(self, tensors: list[torch.Tensor], op, group=None) -> None:
         # One collective for many small tensors (routing statistics are dozens of them).
         if not tensors:
             return
         flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
-        dist.all_reduce(flat, op=op)
+        dist.all_reduce(flat, op=op, group=group)
         offset = 0
         for t in tensors:
             n = t.numel()

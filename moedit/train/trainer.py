@@ -417,10 +417,14 @@ class Trainer:
             self.logger.log_image("samples", grid, self.step)
 
     def _write_model_info(self) -> None:
+        self.model_info = info = self._model_info()
+        (self.run_dir / "model_info.json").write_text(json.dumps(info, indent=2))
+
+    def _model_info(self) -> dict:
         from moedit.models import flops
 
         m = self.cfg.model
-        info = {
+        return {
             "flavor": self.cfg.flavor,
             "total_params": flops.count_params(m),
             "activated_params": flops.activated_params(m),
@@ -429,11 +433,12 @@ class Trainer:
             "train_gflops_per_image": 3 * flops.forward_gflops(m, convention="dit"),
             "tokens_per_image": (m.input_size // m.patch_size) ** 2,
             "num_experts": m.moe.num_experts if m.moe else 0,
-            # Counted on the EMA copy, which no engine shards (ZeRO-3 empties the live parameters).
-            "instantiated_params": sum(p.numel() for p in self.ema.parameters()),
+            "instantiated_params": self._instantiated_params(),
         }
-        self.model_info = info
-        (self.run_dir / "model_info.json").write_text(json.dumps(info, indent=2))
+
+    def _instantiated_params(self) -> int:
+        # Counted on the EMA copy, which no engine shards (ZeRO-3 empties the live parameters).
+        return sum(p.numel() for p in self.ema.parameters())
 
     # --- signals --------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:

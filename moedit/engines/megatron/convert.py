@@ -45,44 +45,38 @@ def _qkv_to_canonical(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.reshape(heads, 3, -1, *rest).transpose(0, 1).reshape(t.shape)
 
 
-def canonical_to_global(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        m = re.match(r"blocks\.(\d+)\.(.*)", key)
-        if m is None:
-            out[key] = value
-            continue
-        index, rest = m.groups()
-        for canonical, megatron in _BLOCK_RENAMES:
-            if rest.startswith(canonical):
-                if canonical == "attn.qkv.":
-                    value = _qkv_to_megatron(value, cfg.num_heads)
-                out[f"decoder.layers.{index}.{megatron}{rest[len(canonical):]}"] = value
-                break
-        else:
-            raise KeyError(f"canonical key {key!r} has no Megatron counterpart")
-    return out
-
-
-def global_to_canonical(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def _rename_blocks(state: dict[str, torch.Tensor], src: str, dst: str, pairs, qkv) -> dict[str, torch.Tensor]:
+    """Keys `{src}.{i}.{a}...` -> `{dst}.{i}.{b}...` for (a, b) in `pairs`, qkv rows reordered by `qkv`;
+    keys outside the blocks keep their names; Megatron's `_extra_state` entries are dropped."""
     out = {}
     for key, value in state.items():
         if key.endswith("_extra_state"):
             continue
-        m = re.match(r"decoder\.layers\.(\d+)\.(.*)", key)
+        m = re.match(rf"{re.escape(src)}\.(\d+)\.(.*)", key)
         if m is None:
             out[key] = value
             continue
         index, rest = m.groups()
-        for canonical, megatron in _BLOCK_RENAMES:
-            if rest.startswith(megatron):
-                if canonical == "attn.qkv.":
-                    value = _qkv_to_canonical(value, cfg.num_heads)
-                out[f"blocks.{index}.{canonical}{rest[len(megatron):]}"] = value
+        for old, new in pairs:
+            if rest.startswith(old):
+                out[f"{dst}.{index}.{new}{rest[len(old):]}"] = qkv(value) if old in _QKV else value
                 break
         else:
-            raise KeyError(f"Megatron key {key!r} has no canonical counterpart")
+            raise KeyError(f"{key!r} has no counterpart in the {'Megatron' if src == 'blocks' else 'canonical'} model")
     return out
+
+
+_QKV = ("attn.qkv.", "self_attention.linear_qkv.")
+
+
+def canonical_to_global(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    return _rename_blocks(state, "blocks", "decoder.layers", _BLOCK_RENAMES,
+                          lambda t: _qkv_to_megatron(t, cfg.num_heads))
+
+
+def global_to_canonical(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    return _rename_blocks(state, "decoder.layers", "blocks", [(b, a) for a, b in _BLOCK_RENAMES],
+                          lambda t: _qkv_to_canonical(t, cfg.num_heads))
 
 
 def _sharded_tensors(model) -> list:

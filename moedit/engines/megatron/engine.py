@@ -57,27 +57,16 @@ class MegatronEngine(DDPEngine):
 
         return parallel_state.get_data_parallel_rank()
 
-    def _group_reduce(self, tensors, op, group) -> None:
-        if not tensors:
-            return
-        flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
-        dist.all_reduce(flat, op=op, group=group)
-        offset = 0
-        for t in tensors:
-            n = t.numel()
-            t.copy_(flat[offset:offset + n].view_as(t).to(t.dtype))
-            offset += n
-
     def all_reduce_sum_(self, tensors):
         """Sum over the data-parallel replicas (routing statistics; see the module docstring)."""
-        self._group_reduce(tensors, dist.ReduceOp.SUM, self.data_parallel_group)
+        self._flat_reduce(tensors, dist.ReduceOp.SUM, self.data_parallel_group)
 
     def all_reduce_sum_world_(self, tensors):
-        self._group_reduce(tensors, dist.ReduceOp.SUM, None)
+        self._flat_reduce(tensors, dist.ReduceOp.SUM)
 
     def average_data_parallel_(self, tensors):
         group = self.data_parallel_group
-        self._group_reduce(tensors, dist.ReduceOp.SUM, group)
+        self._flat_reduce(tensors, dist.ReduceOp.SUM, group)
         for t in tensors:
             t.div_(dist.get_world_size(group))
 

@@ -436,8 +436,9 @@ def transformer_config(cfg: ModelConfig, *, tensor: int = 1, pipeline: int = 1, 
             moe_router_pre_softmax=True,  # unused (moedit routers score tokens); Megatron asks for it at top-1
             moe_aux_loss_coeff=0.0,
             # moedit routers make the routing decision (capacities, drops) themselves; a capacity
-            # factor set without padding makes the dispatcher send exactly routing_map's tokens
-            moe_expert_capacity_factor=float(max(moe.capacity, moe.capacity_factor or 0.0, 1.0) * max(moe.num_experts, 1)),
+            # factor set without padding makes the dispatcher send exactly routing_map's tokens.
+            # E x (S/E) = S tokens per expert: never binding.
+            moe_expert_capacity_factor=float(moe.num_experts),
             moe_pad_expert_input_to_capacity=False,
         )
     config = TransformerConfig(

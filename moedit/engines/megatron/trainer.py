@@ -17,7 +17,6 @@ What differs from the other engines, and why:
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -279,31 +278,21 @@ class MegatronTrainer(Trainer):
         thresholds = self.model.threshold_buffers()
         if self.world == 1:
             return None
+        # over the world: every rank joins, a stage without MoE layers contributes a zero
         flat = torch.cat([t.detach().reshape(-1).double() for t in thresholds]) if thresholds else \
             torch.zeros(1, dtype=torch.float64, device=self.device)
         high, neg_low = flat.clone(), -flat
-        self.engine.all_reduce_max_([high, neg_low])  # world: stages without MoE layers contribute 0
-        return float((high + neg_low).max()) if thresholds or self.engine.world_size > 1 else None
+        self.engine.all_reduce_max_([high, neg_low])
+        return float((high + neg_low).max())
 
-    def _write_model_info(self) -> None:
-        from moedit.models import flops
+    def _instantiated_params(self) -> int:
+        return sum(p.numel() for p in self._canonical_template.parameters())  # the whole model, not a shard
 
-        m = self.cfg.model
-        info = {
-            "flavor": self.cfg.flavor,
-            "total_params": flops.count_params(m),
-            "activated_params": flops.activated_params(m),
-            "fwd_gflops_per_image": flops.forward_gflops(m, convention="dit"),
-            "fwd_gflops_per_image_ditmoe": flops.forward_gflops(m, convention="ditmoe"),
-            "train_gflops_per_image": 3 * flops.forward_gflops(m, convention="dit"),
-            "tokens_per_image": (m.input_size // m.patch_size) ** 2,
-            "num_experts": m.moe.num_experts if m.moe else 0,
-            "instantiated_params": sum(p.numel() for p in self._canonical_template.parameters()),
-            "layout": {k: getattr(self.layout, k) for k in ("tensor", "pipeline", "expert", "data",
-                                                             "sequence_parallel", "micro_batch", "num_microbatches")},
-        }
-        self.model_info = info
-        (self.run_dir / "model_info.json").write_text(json.dumps(info, indent=2))
+    def _model_info(self) -> dict:
+        info = super()._model_info()
+        info["layout"] = {k: getattr(self.layout, k) for k in ("tensor", "pipeline", "expert", "data",
+                                                               "sequence_parallel", "micro_batch", "num_microbatches")}
+        return info
 
     # --- canonical weights, samples, checkpoints --------------------------------------------
     @torch.no_grad()
