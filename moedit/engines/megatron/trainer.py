@@ -182,27 +182,27 @@ class MegatronTrainer(Trainer):
             self._interval_steps += 1
         return stop
 
-    def _owned_grads(self) -> list[torch.Tensor]:
-        """Each global gradient element once: the shards whose replica id is all zeros."""
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    def _owned_params(self) -> list[torch.nn.Parameter]:
+        """The parameters whose shard is the main replica (replica id all zeros): summed over all
+        ranks, their squared gradients count each global gradient element once. Computed once."""
+        if getattr(self, "_owned", None) is None:
+            from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-        by_ptr = {p.data_ptr(): p for p in self.model.parameters() if p.requires_grad}
-        out = []
-        for sh in self.model.sharded_state_dict().values():
-            if isinstance(sh, ShardedTensor) and not any(sh.replica_id if isinstance(sh.replica_id, tuple)
-                                                          else (sh.replica_id,)):
-                p = by_ptr.get(sh.data.data_ptr())
-                if p is not None and p.grad is not None:
-                    out.append(p.grad)
-        return out
+            by_ptr = {p.data_ptr(): p for p in self.model.parameters() if p.requires_grad}
+            self._owned = []
+            for sh in self.model.sharded_state_dict().values():
+                replica = sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,)
+                if isinstance(sh, ShardedTensor) and not any(replica) and sh.data.data_ptr() in by_ptr:
+                    self._owned.append(by_ptr[sh.data.data_ptr()])
+        return self._owned
 
     def optimizer_step(self) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.requires_grad]
         for p in params:
             p.grad = p.main_grad.to(p.dtype) if p.main_grad.dtype != p.dtype else p.main_grad
-        sq = torch.zeros((), dtype=torch.float64, device=self.device)
-        for g in self._owned_grads():
-            sq += g.double().pow(2).sum()
+        owned = [p.grad for p in self._owned_params()]
+        norms = torch._foreach_norm(owned) if owned else [torch.zeros((), device=self.device)]
+        sq = torch.stack(norms).double().pow(2).sum()
         dist.all_reduce(sq)
         grad_norm = sq.sqrt()
         clip = self.cfg.optim.grad_clip
