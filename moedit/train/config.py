@@ -129,6 +129,11 @@ class ParallelConfig:
     num_microbatches: int = 1
     """Megatron: micro-batches per optimizer step, run through the pipeline schedule (keep it >= pipeline to
     fill the pipeline). train.global_batch_size = data degree x micro_batch x num_microbatches."""
+    megatron_optimizer: Literal["auto", "distributed", "torch"] = "auto"
+    """Megatron: distributed = Megatron's distributed optimizer (AdamW with fp32 master weights and Adam
+    states sharded over the data-parallel ranks; bf16 parameters unless train.precision = fp32), CUDA only;
+    torch = torch AdamW on each rank's fp32 parameters (bf16 autocast per train.precision); auto = distributed
+    on CUDA when train.precision is auto or bf16, else torch."""
 
     def __post_init__(self):
         for name in ("tensor", "pipeline", "expert", "expert_tensor", "num_microbatches"):
@@ -154,7 +159,7 @@ class ParallelConfig:
 
 MEGATRON_ONLY_DEFAULTS = {
     "tensor": 1, "pipeline": 1, "expert": 1, "expert_tensor": 1, "sequence_parallel": False,
-    "virtual_pipeline": None, "micro_batch": None, "num_microbatches": 1,
+    "virtual_pipeline": None, "micro_batch": None, "num_microbatches": 1, "megatron_optimizer": "auto",
 }
 
 
@@ -317,6 +322,11 @@ def validate(cfg: Config) -> None:
             f"train.micro_batch_size = {cfg.train.micro_batch_size} with parallel.engine = megatron: the megatron engine "
             "takes its micro-batch from parallel.micro_batch and parallel.num_microbatches; set "
             "train.micro_batch_size=0 and parallel.micro_batch instead"
+        )
+    if cfg.parallel.megatron_optimizer == "distributed" and cfg.train.device == "cpu":
+        raise ConfigError(
+            "parallel.megatron_optimizer = distributed with train.device = cpu: Megatron's distributed optimizer "
+            "allocates on CUDA; use parallel.megatron_optimizer=torch (or auto) on the CPU, or train.device=cuda"
         )
     if cfg.parallel.engine == "deepspeed":
         if cfg.deepspeed.zero_stage == 3 and cfg.model.moe is not None:

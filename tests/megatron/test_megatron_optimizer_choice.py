@@ -1,0 +1,168 @@
+"""parallel.megatron_optimizer (issue 6): which optimizer the Megatron trainer picks, the errors
+for impossible choices, the bf16 module wrapper keeping moedit's float buffers, and a checkpoint
+of bf16 parameters resumed by a run with fp32 parameters (CPU: through the canonical files).
+
+Megatron's distributed optimizer itself allocates on CUDA: its training, exact resume and
+resharding are checked on GPUs by scripts/megatron_gpu_check.sh (PHASE=train) and
+tests/megatron/test_megatron_gpu_optimizer.py."""
+
+from __future__ import annotations
+
+import os
+import re
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("megatron.core")
+pytest.importorskip("psutil")
+
+import torch  # noqa: E402
+
+from harness import run_distributed  # noqa: E402
+
+
+def _cfg(**sections):
+    from moedit.train.config import config_from_dict
+
+    data = {"model": {"flavor": "tiny-diffmoe", "input_size": 8, "in_channels": 1, "patch_size": 2,
+                      "num_classes": 10, "learn_sigma": False, "depth": 2, "hidden_size": 32, "num_heads": 2},
+            "diffusion": {"objective": "flow"}, "parallel": {"engine": "megatron"}}
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return config_from_dict(data)
+
+
+def test_distributed_optimizer_on_cpu_is_a_config_error_naming_the_key_and_the_fix():
+    from moedit.configtools import ConfigError
+
+    with pytest.raises(ConfigError, match=r"parallel\.megatron_optimizer = distributed.*train\.device = cpu.*"
+                                          r"parallel\.megatron_optimizer=torch"):
+        _cfg(parallel={"megatron_optimizer": "distributed"}, train={"device": "cpu"})
+
+
+def test_megatron_optimizer_is_a_megatron_only_key():
+    from moedit.configtools import ConfigError
+
+    with pytest.raises(ConfigError, match=r"parallel\.megatron_optimizer = torch: only parallel\.engine = megatron"):
+        _cfg(parallel={"engine": "ddp", "megatron_optimizer": "torch"})
+    with pytest.raises(ConfigError, match="megatron_optimizer"):
+        _cfg(parallel={"megatron_optimizer": "adam"})
+
+
+@pytest.mark.parametrize("choice, precision, device, expected", [
+    ("auto", "auto", "cuda", "distributed"),
+    ("auto", "bf16", "cuda", "distributed"),
+    ("auto", "fp32", "cuda", "torch"),
+    ("auto", "auto", "cpu", "torch"),
+    ("torch", "bf16", "cuda", "torch"),
+    ("distributed", "fp32", "cuda", "distributed"),
+])
+def test_optimizer_kind_resolution(choice, precision, device, expected):
+    from moedit.engines.megatron.trainer import MegatronTrainer
+
+    cfg = _cfg(parallel={"megatron_optimizer": choice}, train={"precision": precision})
+    stub = SimpleNamespace(cfg=cfg, device=torch.device(device))
+    assert MegatronTrainer._resolve_optimizer_kind(stub) == expected
+
+
+def test_distributed_optimizer_without_cuda_at_run_time_names_the_key():
+    from moedit.engines.megatron.trainer import MegatronTrainer
+    from moedit.errors import MoeditError
+
+    cfg = _cfg(parallel={"megatron_optimizer": "distributed"})  # train.device auto, resolved to the CPU
+    with pytest.raises(MoeditError, match=r"parallel\.megatron_optimizer = distributed on cpu.*=torch"):
+        MegatronTrainer._resolve_optimizer_kind(SimpleNamespace(cfg=cfg, device=torch.device("cpu")))
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+        self.register_buffer("threshold", torch.tensor([0.1234567, 1e-9], dtype=torch.float32))
+        self.register_buffer("counts", torch.tensor([16777217.0], dtype=torch.float64))
+        self.register_buffer("edges", torch.tensor([0.3333333]), persistent=False)
+
+    def forward(self, x, t=None, y=None):
+        return self.linear(x) + t.to(x.dtype)[:, None], t
+
+
+def _bf16_module_worker(rank, world_size):
+    from megatron.core.transformer import TransformerConfig
+
+    from harness import init_model_parallel
+    from moedit.engines.megatron.precision import to_bf16_module
+
+    init_model_parallel()
+    net = _Net()
+    before = dict(net.named_buffers())
+    values = {name: buf.clone() for name, buf in before.items()}
+    config = TransformerConfig(num_layers=1, hidden_size=4, num_attention_heads=1, bf16=True,
+                               params_dtype=torch.bfloat16)
+    module = to_bf16_module(net, config)
+    t = torch.tensor([0.1234567, 0.7654321])
+    out, t_seen = module(torch.ones(2, 4), t=t)
+    return {"param_dtypes": {p.dtype for p in net.parameters()}, "t": t, "t_seen": t_seen, "out_dtype": out.dtype,
+            "same_objects": all(buf is before[name] for name, buf in net.named_buffers()),
+            "buffers": dict(net.named_buffers()), "values": values}
+
+
+def test_bf16_module_casts_parameters_and_keeps_float_buffers_exactly():
+    r = run_distributed(_bf16_module_worker, 1)[0]
+    assert r["param_dtypes"] == {torch.bfloat16}
+    assert r["same_objects"]
+    for name, value in r["values"].items():  # not cast to bf16 and back
+        assert r["buffers"][name].dtype == value.dtype and torch.equal(r["buffers"][name], value)
+    assert r["t_seen"].dtype == torch.float32 and torch.equal(r["t_seen"], r["t"])  # keyword inputs stay as given
+    assert r["out_dtype"] == torch.float32  # the last stage returns fp32
+
+
+def _train(rank, world_size, digits_dir, run_dir, steps):
+    os.environ["MOEDIT_MEGATRON_CPU"] = "1"
+    from moedit.engines.megatron.trainer import MegatronTrainer
+    from moedit.train.config import config_from_dict
+
+    cfg = config_from_dict({
+        "model": {"flavor": "tiny-diffmoe", "input_size": 8, "in_channels": 1, "patch_size": 2, "num_classes": 10,
+                  "learn_sigma": False, "depth": 2, "hidden_size": 32, "num_heads": 2},
+        "moe": {"every": 2, "first": 1},
+        "diffusion": {"objective": "flow"},
+        "data": {"path": str(digits_dir), "num_workers": 0, "shuffle_buffer": 64},
+        "optim": {"lr": 1e-3},
+        "train": {"steps": steps, "global_batch_size": 4, "ema_decay": 0.9, "num_sample_images": 0,
+                  "run_dir": str(run_dir), "device": "cpu"},
+        "logging": {"log_every": 1, "tensorboard": False, "progress": "none"},
+        "checkpoint": {"every": 2, "keep_last": 5},
+        "parallel": {"engine": "megatron"},
+    })
+    trainer = MegatronTrainer(cfg).setup()
+    first = {"step": trainer.step, "kind": trainer.optimizer_kind,
+             "weights": {k: v.clone() for k, v in trainer.canonical_state().items()},
+             "ema": {k: v.clone() for k, v in trainer.canonical_state(ema=True).items()}}
+    trainer.fit()
+    return first
+
+
+def test_checkpoint_of_bf16_parameters_resumes_an_fp32_run_through_the_canonical_files(tmp_path, digits_dir, capfd):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    run_distributed(_train, 1, digits_dir, run, 2, timeout=300)
+    ckpt = run / "checkpoints" / "step_0000002"
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    assert (state["megatron_optimizer"], state["param_dtype"], state["optimizer_state"]) == ("torch", "float32", True)
+    for name in ("model", "ema"):
+        assert {v.dtype for v in load_file(str(ckpt / f"{name}.safetensors")).values()} == {torch.float32}
+    # as a GPU run with bf16 parameters and the distributed optimizer would have written it
+    state.update(megatron_optimizer="distributed", param_dtype="bfloat16")
+    torch.save(state, ckpt / "state.pt")
+    capfd.readouterr()
+    resumed = run_distributed(_train, 1, digits_dir, run, 3, timeout=300)[0]
+    out = capfd.readouterr().out
+    assert re.search(r"initialised from the canonical weights of .*step_0000002 \(bfloat16 parameters\); "
+                     r"optimizer state starts fresh", out), out
+    assert resumed["step"] == 2 and resumed["kind"] == "torch"
+    for name, key in (("model", "weights"), ("ema", "ema")):
+        saved = load_file(str(ckpt / f"{name}.safetensors"))
+        for k, v in resumed[key].items():
+            torch.testing.assert_close(v, saved[k], rtol=0, atol=0)
