@@ -205,29 +205,36 @@ class MoELayer(RoutingStats, nn.Module):
         B, T, D = x.shape
         pool = x.reshape(B * T, D)  # (S, D), sample-major
         decision = self.router(pool, B)
-        backend = self.combine_backend
-        gather = backend == "gather" or (backend == "auto" and triton_usable(pool))
-        if gather:
-            inv = inverse_map(decision.token_index, self._row_expert(decision), decision.valid,
-                              self.num_experts, B * T)  # (E, S)
-            dispatched = GatherDispatch.apply(pool, decision.token_index, inv)  # (N, D)
-        else:
-            # index_select, not pool[idx]: its backward is an index_add, not a sort-based index_put
-            dispatched = pool.index_select(0, decision.token_index)  # (N, D)
-        if decision.capacity is not None:
-            out = self.experts.forward_uniform(dispatched.view(self.num_experts, decision.capacity, D))
-            out = out.reshape(-1, D)  # (N, D)
-        else:
-            out = self.experts.forward_grouped(dispatched, decision.tokens_per_expert)  # (N, D)
-        if gather:
-            combined = GatherCombine.apply(out, decision.weight, decision.token_index, inv)  # (S, D)
-        else:
-            weighted = out * decision.weight.to(out.dtype).unsqueeze(1)
-            # in place into fresh zeros: the out-of-place index_add would clone them first
-            combined = torch.zeros(B * T, D, dtype=out.dtype, device=x.device).index_add_(
-                0, decision.token_index, weighted)  # (S, D)
+        combined = run_experts(pool, decision, self.experts, self._row_expert(decision), self.combine_backend)
         if self.shared_experts is not None:
             combined = combined + self.shared_experts(pool)
         self.last_aux = decision.aux
         self._record(decision, ctx, T)
         return combined.view(B, T, D).to(x.dtype)
+
+
+def run_experts(pool: torch.Tensor, decision: RoutingDecision, experts: GroupedExperts, row_expert: torch.Tensor,
+                backend: str = "auto") -> torch.Tensor:
+    """Dispatch the pool rows a decision names, run the experts, combine: (S, D) -> (S, D).
+
+    `row_expert` (N,) is each assignment row's expert (`RoutingStats._row_expert`). `backend`:
+    "auto" = gather-sum combine where Triton runs, else index_add_; "gather" / "index_add" force one.
+    """
+    S, D = pool.shape
+    E = experts.num_experts
+    gather = backend == "gather" or (backend == "auto" and triton_usable(pool))
+    if gather:
+        inv = inverse_map(decision.token_index, row_expert, decision.valid, E, S)  # (E, S)
+        dispatched = GatherDispatch.apply(pool, decision.token_index, inv)  # (N, D)
+    else:
+        # index_select, not pool[idx]: its backward is an index_add, not a sort-based index_put
+        dispatched = pool.index_select(0, decision.token_index)  # (N, D)
+    if decision.capacity is not None:
+        out = experts.forward_uniform(dispatched.view(E, decision.capacity, D)).reshape(-1, D)  # (N, D)
+    else:
+        out = experts.forward_grouped(dispatched, decision.tokens_per_expert)  # (N, D)
+    if gather:
+        return GatherCombine.apply(out, decision.weight, decision.token_index, inv)  # (S, D)
+    weighted = out * decision.weight.to(out.dtype).unsqueeze(1)
+    # in place into fresh zeros: the out-of-place index_add would clone them first
+    return torch.zeros(S, D, dtype=out.dtype, device=pool.device).index_add_(0, decision.token_index, weighted)

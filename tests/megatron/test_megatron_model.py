@@ -62,13 +62,13 @@ def _batches(cfg, replicas: int, seed: int):
     return out
 
 
-def _parity_worker(rank, world_size, flavor, tp, pp, ep, seed):
+def _parity_worker(rank, world_size, flavor, tp, pp, ep, seed, dispatcher=False):
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from moedit.engines.megatron.convert import gather_global, global_to_canonical, load_canonical
-    from moedit.engines.megatron.model import build_megatron_model, transformer_config
+    from moedit.engines.megatron.model import DiTMoELayer, build_megatron_model, transformer_config
 
     init_model_parallel(tp=tp, pp=pp, ep=ep)
     cfg = _config(flavor)
@@ -77,6 +77,10 @@ def _parity_worker(rank, world_size, flavor, tp, pp, ep, seed):
                                 use_cpu_initialization=True)
     model = build_megatron_model(cfg, config)
     load_canonical(model, ref.state_dict(), cfg)
+    moe_layers = [m for m in model.modules() if isinstance(m, DiTMoELayer)]
+    if dispatcher:  # Megatron's token dispatcher where the local path would run
+        for m in moe_layers:
+            m.local_path = False
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
     ddp.train()
 
@@ -115,7 +119,8 @@ def _parity_worker(rank, world_size, flavor, tp, pp, ep, seed):
     (total / (len(batches) * NUM_MICRO)).backward()
     ref_grads = {k: p.grad for k, p in ref.named_parameters() if p.grad is not None}
     return {"outputs": outputs, "ref_outputs": ref_out if outputs else [], "grads": grads, "ref_grads": ref_grads,
-            "thresholds": [b.clone() for b in model.threshold_buffers()]}
+            "thresholds": [b.clone() for b in model.threshold_buffers()],
+            "local_path": [m.local_path for m in moe_layers]}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -145,7 +150,18 @@ LAYOUTS_3D = {"tp2-ep2": (2, 1, 2, 4), "pp2-ep2": (1, 2, 2, 4), "tp2-pp2": (2, 2
 def test_megatron_dit_matches_single_device(layout):
     tp, pp, ep, world = LAYOUTS[layout]
     flavor = "tiny-diffmoe" if layout != "one" else "tiny-tc"
-    _check(run_distributed(_parity_worker, world, flavor, tp, pp, ep, 0, timeout=240))
+    results = run_distributed(_parity_worker, world, flavor, tp, pp, ep, 0, timeout=240)
+    _check(results)
+    # the model zoo's dispatch/combine runs where no token leaves its rank, Megatron's dispatcher elsewhere
+    local = [flag for r in results for flag in r["local_path"]]
+    assert local and all(flag == (tp == 1 and ep == 1) for flag in local)
+
+
+def test_megatron_dispatcher_path_matches_single_device():
+    """One rank through Megatron's token dispatcher (the path TP / EP layouts take) also matches."""
+    results = run_distributed(_parity_worker, 1, "tiny-diffmoe", 1, 1, 1, 0, True, timeout=240)
+    _check(results)
+    assert results[0]["local_path"] and not any(results[0]["local_path"])
 
 
 @pytest.mark.slow
