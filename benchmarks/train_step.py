@@ -42,6 +42,7 @@ import itertools
 import json
 import os
 import socket
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -75,6 +76,7 @@ class Result:
     train_gflop_per_image: float = float("nan")  # FLOPs (2 x multiply-adds), forward + backward
     peak_mem_gib: float = float("nan")
     loss: float = float("nan")
+    window_ms: list = dataclasses.field(default_factory=list)  # per timed window (--repeat); step_ms is their median
     note: str = ""
     error: str = ""
 
@@ -231,6 +233,29 @@ def build(name: str, expert: int, optimizer_kind: str, device: torch.device, arg
     return Setup(cfg, model, ddp, optimizer, autocast=args.precision == "autocast")
 
 
+def ablate(names: list[str]) -> None:
+    """Install moedit's fast paths for Megatron except the named ones (for A/B runs): the foreach
+    grad norm / clip kernels (as the trainer does) and the TP=1 paths of moedit/engines/megatron/model.py."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    from moedit.engines.megatron import model as mm
+
+    if "foreach" not in names:
+        from moedit.engines.megatron.foreach import install_foreach_kernels
+
+        install_foreach_kernels()
+    if "local-linear" in names:
+        mm.LocalColumnLinear.forward = ColumnParallelLinear.forward
+    if "local-moe" in names:
+        init = mm.DiTMoELayer.__init__
+
+        def no_local(self, *a, **k):
+            init(self, *a, **k)
+            self.local_path = False
+
+        mm.DiTMoELayer.__init__ = no_local
+
+
 def synthetic_batch(cfg, batch: int, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator(device="cpu").manual_seed(seed)
     s, c = cfg.input_size, cfg.in_channels
@@ -373,19 +398,23 @@ def measure(name: str, batch_size: int, args, device: torch.device) -> Result:
         losses: list = []
         _synchronize(device)
         dist.barrier()
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(args.steps):
-                train_step(setup, batch, losses)
-            end.record()
-            end.synchronize()
-            step_ms = start.elapsed_time(end) / args.steps
-        else:
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                train_step(setup, batch, losses)
-            step_ms = 1000 * (time.perf_counter() - t0) / args.steps
+        windows = []
+        for _ in range(args.repeat):  # the median of `repeat` windows of `steps` steps
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(args.steps):
+                    train_step(setup, batch, losses)
+                end.record()
+                end.synchronize()
+                windows.append(start.elapsed_time(end) / args.steps)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    train_step(setup, batch, losses)
+                windows.append(1000 * (time.perf_counter() - t0) / args.steps)
+        step_ms = statistics.median(windows)
+        result.window_ms = [round(w, 2) for w in windows]
         if args.profile and device.type == "cuda" and dist.get_rank() == 0:
             print_profile(name, setup, batch, losses)
         # the slowest rank sets the pace of a synchronous step
@@ -502,10 +531,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overlap-grad-reduce", dest="overlap_grad_reduce", action="store_true", default=None,
                         help="overlap the DDP gradient reduction with backward (default: on with > 1 GPU)")
     parser.add_argument("--no-overlap-grad-reduce", dest="overlap_grad_reduce", action="store_false")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per window")
+    parser.add_argument("--repeat", type=int, default=1, help="timed windows per model; step time = their median")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (>= 2: Adam states allocate "
                         "in the first step)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sdpa", choices=("auto", "cudnn", "flash", "efficient"), default="auto",
+                        help="restrict F.scaled_dot_product_attention to one backend (default: PyTorch's choice)")
+    parser.add_argument("--ablate", nargs="*", default=[], choices=("foreach", "local-linear", "local-moe"),
+                        help="switch off, for comparison: foreach (moedit's foreach grad norm / clip scaling for "
+                        "Megatron without Apex or TE), local-linear (F.linear for column linears at TP=1), local-moe (the "
+                        "model zoo's dispatch/combine at EP=TP=1, i.e. use Megatron's token dispatcher)")
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of 3 extra steps (rank 0)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the card if unknown")
     parser.add_argument("--json", default=None, help="write the rows and targets here (rank 0)")
@@ -545,8 +581,16 @@ def main(argv=None, device: torch.device | None = None) -> int:
         print(f"# train step: {device_name} x {world}, torch {torch.__version__}, megatron-core "
               f"{megatron.core.__version__}, {args.precision}, optimizer {args.optimizer}"
               f"{' (fused AdamW)' if args.fused_adam else ''}, "
-              f"overlap_grad_reduce {args.overlap_grad_reduce}, {args.warmup} warmup + {args.steps} timed steps",
+              f"overlap_grad_reduce {args.overlap_grad_reduce}, sdpa {args.sdpa}, "
+              f"ablated {','.join(args.ablate) or 'none'}, {args.warmup} warmup + {args.repeat} x {args.steps} timed steps (median window)",
               flush=True)
+    ablate(args.ablate)
+    if args.sdpa != "auto":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                   "efficient": SDPBackend.EFFICIENT_ATTENTION}[args.sdpa]
+        sdpa_kernel([backend]).__enter__()  # for the whole run
     results: list[Result] = []
     for name in models:
         result = measure(name, batches.get(name, batches.get("*", FALLBACK_BATCH)), args, device)
@@ -570,7 +614,7 @@ def main(argv=None, device: torch.device | None = None) -> int:
             record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                       "device": device_name, "world": world, "expert": args.expert, "torch": torch.__version__,
                       "command": " ".join(sys.argv), "optimizer": args.optimizer, "fused_adam": args.fused_adam,
-                      "precision": args.precision,
+                      "precision": args.precision, "sdpa": args.sdpa, "ablate": args.ablate,
                       "overlap_grad_reduce": args.overlap_grad_reduce,
                       "rows": [dataclasses.asdict(r) for r in results], "targets": found}
             Path(args.json).write_text(json.dumps(record, indent=1))
