@@ -92,4 +92,31 @@ def allocate_optimizer_states(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
-__all__ = ["allocate_optimizer_states", "ddp_config", "distributed_optimizer", "set_fused_adam", "to_bf16_module"]
+def load_optimizer_state(optimizer, state) -> None:
+    """`optimizer.load_state_dict(state)` for a `fully_reshardable` sharded state (as loaded by
+    dist_checkpointing), working around Megatron-Core 0.16.1 with torch's AdamW underneath: its
+    parameter-state loader copies every entry of the torch state into place, `step` included,
+    but the checkpoint holds `step` in the param groups only (KeyError: 'step'). So: param groups
+    and step first, then the per-parameter tensors with `step` set aside."""
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    parts = [state] if len(chained) == 1 else [state[k] for k in sorted(state)]
+    for opt, part in zip(chained, parts):
+        part = dict(part)
+        param_state = part.pop("param_state")
+        sharding = part.pop("param_state_sharding_type")
+        if sharding != "fully_reshardable":
+            raise ValueError(f"optimizer state in the {sharding!r} format; expected 'fully_reshardable'")
+        opt.load_state_dict(part)  # param groups, step (into every parameter's torch state)
+        inner = opt.optimizer.state
+        steps = {p: s.pop("step") for p, s in inner.items() if "step" in s}
+        try:
+            opt.load_parameter_state_from_fully_reshardable(param_state)
+        finally:
+            for p, step in steps.items():
+                inner[p]["step"] = step
+    if hasattr(optimizer, "_synchronize_steps"):
+        optimizer._synchronize_steps()
+
+
+__all__ = ["allocate_optimizer_states", "ddp_config", "distributed_optimizer", "load_optimizer_state",
+           "set_fused_adam", "to_bf16_module"]

@@ -10,14 +10,21 @@ What differs from the other engines, and why:
   and pipeline-shared parameters), then the optimizer on local shards;
 - noise, t and label dropout are drawn from (seed, step, micro-batch, data-parallel rank): every
   tensor-parallel and pipeline peer of a replica draws the same numbers, as it must;
-- the EMA is kept per shard; checkpoints hold the canonical `model.safetensors` /
-  `ema.safetensors` (gathered, so `moedit sample` and the analysis tools read them as from any
-  engine) and a `megatron/` distributed checkpoint (torch_dist) that resumes at any layout.
+- the optimizer (`parallel.megatron_optimizer`): on CUDA by default Megatron's distributed
+  optimizer over bf16 parameters (`Float16Module`; fp32 master weights and Adam states sharded over
+  the data-parallel ranks, gradients reduce-scattered, parameters all-gathered), which also clips
+  and measures the gradient norm; on the CPU (tests) torch AdamW on each rank's fp32 shards with
+  the norm over owned shards computed here;
+- the EMA is kept per shard in fp32; checkpoints hold the canonical `model.safetensors` /
+  `ema.safetensors` (gathered, float32, so `moedit sample` and the analysis tools read them as from
+  any engine) and a `megatron/` distributed checkpoint (torch_dist) of the weights, plus the
+  distributed optimizer's state in model space, that resumes at any layout.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -46,11 +53,12 @@ class MegatronTrainer(Trainer):
     # --- setup ----------------------------------------------------------------------------
     def setup(self) -> "MegatronTrainer":
         from megatron.core import parallel_state
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import DistributedDataParallel
 
         from moedit.engines.megatron.convert import load_canonical
         from moedit.engines.megatron.layout import resolve_layout
         from moedit.engines.megatron.model import build_megatron_model, transformer_config
+        from moedit.engines.megatron.precision import ddp_config, to_bf16_module
 
         cfg = self.cfg
         self._check_run_dir()
@@ -60,23 +68,33 @@ class MegatronTrainer(Trainer):
         self.world = layout.data  # data-parallel replicas: what the loader and the loss means count
         self.micro_batch, self.accum_steps = layout.micro_batch, layout.num_microbatches
         self.is_last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        self.optimizer_kind = self._resolve_optimizer_kind()
+        distributed = self.optimizer_kind == "distributed"
+        self.params_bf16 = distributed and cfg.train.precision != "fp32"
 
         torch.manual_seed(cfg.train.seed)  # the single-device initialisation, sliced into shards
         canonical = super().build_model()
         config = transformer_config(cfg.model, tensor=layout.tensor, pipeline=layout.pipeline, expert=layout.expert,
                                     sequence_parallel=layout.sequence_parallel,
                                     virtual_pipeline=layout.virtual_pipeline,
+                                    dtype=torch.bfloat16 if self.params_bf16 else torch.float32,
                                     use_cpu_initialization=self.device.type == "cpu")
         self.mcore_config = config
         model = build_megatron_model(cfg.model, config).to(self.device)
-        load_canonical(model, canonical.state_dict(), cfg.model)
+        module = to_bf16_module(model, config) if self.params_bf16 else model
+        load_canonical(model, canonical.state_dict(), cfg.model)  # before the optimizer copies master weights
         model.set_time_convention(cfg.diffusion.objective, cfg.diffusion.num_timesteps)
         self._canonical_template = canonical  # CPU; reused to build EMA models for samples
         self.model = model
-        self.wrapped = DistributedDataParallel(
-            config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False), model)
+        self._mark_pipeline_copies()
+        self.wrapped = DistributedDataParallel(config, ddp_config(distributed), module)
         self.optimizer = self.build_optimizer()
+        # fp32 EMA of every parameter shard. Under the distributed optimizer it follows the bf16
+        # parameters (cast to fp32), not the fp32 master weights: each rank holds the masters of only
+        # a 1/DP slice of its shard, so following them would need an all-gather every step.
         self._ema_pairs = [(p.detach().clone().float(), p) for p in model.parameters()]
+        if self.params_bf16:
+            self._load_canonical_ema(canonical.state_dict())  # the fp32 initialisation, not its bf16 rounding
         self.diffusion = self.build_diffusion()
         self.data = self.build_data()
         self.writer = CheckpointWriter(self.run_dir / "checkpoints", self.engine, cfg.checkpoint.keep_last,
@@ -93,6 +111,38 @@ class MegatronTrainer(Trainer):
             self.logger = RunLogger(self.run_dir, cfg.train.steps, self.step, cfg.logging.tensorboard,
                                     cfg.logging.progress)
         return self
+
+    def _resolve_optimizer_kind(self) -> str:
+        """'distributed' or 'torch' from parallel.megatron_optimizer (see ParallelConfig)."""
+        choice, precision = self.cfg.parallel.megatron_optimizer, self.cfg.train.precision
+        if choice == "distributed" and self.device.type != "cuda":
+            raise MoeditError(f"parallel.megatron_optimizer = distributed on {self.device.type}: Megatron's "
+                              "distributed optimizer allocates on CUDA; use parallel.megatron_optimizer=torch "
+                              "(or auto) without GPUs")
+        if choice == "auto":
+            return "distributed" if self.device.type == "cuda" and precision in ("auto", "bf16") else "torch"
+        return choice
+
+    def build_optimizer(self):
+        if self.optimizer_kind == "torch":
+            return super().build_optimizer()
+        from moedit.engines.megatron.precision import distributed_optimizer
+
+        o = self.cfg.optim  # lr is set every step by _set_lr (warm-up and schedule)
+        return distributed_optimizer(self.wrapped, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                                     clip_grad=o.grad_clip, bf16=self.params_bf16)
+
+    def _mark_pipeline_copies(self) -> None:
+        """Megatron's norm skips parameters marked `shared`: the timestep/label embedders live on every
+        pipeline stage with gradients summed over stages, so only the first stage's copy counts."""
+        from megatron.core import parallel_state
+
+        if parallel_state.get_pipeline_model_parallel_rank() == 0:
+            return
+        for name in ("t_embedder", "y_embedder"):
+            module = getattr(self.model, name, None)
+            for p in module.parameters() if module is not None else []:
+                p.shared = True
 
     def build_data(self):
         from moedit.data import build_loader
@@ -149,8 +199,10 @@ class MegatronTrainer(Trainer):
                 diffusion.loss_terms(capture, b["x"], b["y"], b["t"], b["noise"])
             except _Captured:
                 pass
-            with self._autocast():
-                output = module(*captured["args"])
+            x_t, t, y = captured["args"]
+            # bf16 parameters compute in bf16 (Megatron's recipe); autocast is for fp32 parameters
+            with nullcontext() if self.params_bf16 else self._autocast():
+                output = module(x_t, t=t, y=y)  # t, y by keyword: Float16Module casts positional inputs
 
             def loss_func(out):
                 terms = diffusion.loss_terms(lambda *args: out.float(), b["x"], b["y"], b["t"], b["noise"])
@@ -183,28 +235,18 @@ class MegatronTrainer(Trainer):
         return stop
 
     def _owned_params(self) -> list[torch.nn.Parameter]:
-        """The parameters whose shard is the main replica (replica id all zeros): summed over all
-        ranks, their squared gradients count each global gradient element once. Computed once."""
+        """`owned_params(self.model)`, computed once."""
         if getattr(self, "_owned", None) is None:
-            from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-            by_ptr = {p.data_ptr(): p for p in self.model.parameters() if p.requires_grad}
-            self._owned = []
-            for sh in self.model.sharded_state_dict().values():
-                replica = sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,)
-                if isinstance(sh, ShardedTensor) and not any(replica) and sh.data.data_ptr() in by_ptr:
-                    self._owned.append(by_ptr[sh.data.data_ptr()])
+            self._owned = owned_params(self.model)
         return self._owned
 
     def optimizer_step(self) -> torch.Tensor:
+        if self.optimizer_kind == "distributed":
+            return self._distributed_optimizer_step()
         params = [p for p in self.model.parameters() if p.requires_grad]
         for p in params:
             p.grad = p.main_grad.to(p.dtype) if p.main_grad.dtype != p.dtype else p.main_grad
-        owned = [p.grad for p in self._owned_params()]
-        norms = torch._foreach_norm(owned) if owned else [torch.zeros((), device=self.device)]
-        sq = torch.stack(norms).double().pow(2).sum()
-        dist.all_reduce(sq)
-        grad_norm = sq.sqrt()
+        grad_norm = global_grad_norm([p.grad for p in self._owned_params()], self.device)
         clip = self.cfg.optim.grad_clip
         if clip > 0:
             coef = (clip / (grad_norm + 1e-6)).clamp(max=1.0).to(torch.float32)
@@ -216,10 +258,47 @@ class MegatronTrainer(Trainer):
         self.update_ema()
         return grad_norm.float()
 
+    def _distributed_optimizer_step(self) -> torch.Tensor:
+        """Megatron's step: main grads copied from the reduce-scattered buffer, the global norm over
+        every parameter's main replica (all ranks), clipping to optim.grad_clip, AdamW on this rank's
+        fp32 master slices, bf16 parameters updated and all-gathered."""
+        ok, grad_norm, _ = self.optimizer.step()
+        assert ok, "bf16 and fp32 steps have no loss scaler that could reject a step"
+        self._optimizer_stepped = True
+        thresholds = self.model.threshold_buffers()
+        if thresholds:
+            self.engine.average_data_parallel_(thresholds)
+        self.update_ema()
+        return torch.tensor(float(grad_norm), device=self.device)
+
     @torch.no_grad()
     def update_ema(self) -> None:
-        ema, live = zip(*self._ema_pairs)
+        ema, live = zip(*self._ema_pairs)  # live: bf16 parameters under the distributed optimizer, cast here
         torch._foreach_lerp_(list(ema), [t.float() for t in live], 1.0 - self.cfg.train.ema_decay)
+
+    @contextmanager
+    def _parameters_as_ema(self):
+        """The model's parameter slots temporarily hold the fp32 EMA tensors (not copies rounded to the
+        parameter dtype): gathers and loads through the model's sharded state dict then read or fill
+        the EMA. The slots are swapped, not `p.data`: setting a bf16 parameter's data to an fp32 tensor
+        resets its gradient accumulator, and with it the hook through which Megatron DDP collects
+        the gradient (every later gradient would be lost)."""
+        ema_of = {id(p): e for e, p in self._ema_pairs}
+        slots = [(module, name, p) for module in self.model.modules() for name, p in module._parameters.items()
+                 if p is not None and id(p) in ema_of]
+        for module, name, p in slots:
+            module._parameters[name] = ema_of[id(p)]
+        try:
+            yield
+        finally:
+            for module, name, p in slots:
+                module._parameters[name] = p
+
+    def _load_canonical_ema(self, state: dict[str, torch.Tensor]) -> None:
+        from moedit.engines.megatron.convert import load_canonical
+
+        with self._parameters_as_ema():
+            load_canonical(self.model, state, self.cfg.model)
 
     def _handle_nonfinite(self, bad_term: str | None) -> None:
         self.wrapped.zero_grad_buffer()
@@ -300,16 +379,9 @@ class MegatronTrainer(Trainer):
         """The single-device state dict of the live (or EMA) weights on rank 0 ({} elsewhere); collective."""
         from moedit.engines.megatron.convert import gather_global, global_to_canonical
 
-        if not ema:
+        # float32 either way: gather_global casts bf16 parameters (exactly) to float32
+        with self._parameters_as_ema() if ema else nullcontext():
             return global_to_canonical(gather_global(self.model, dst=0), self.cfg.model)
-        live = [p.detach().clone() for _, p in self._ema_pairs]
-        for e, p in self._ema_pairs:
-            p.copy_(e)
-        try:
-            return global_to_canonical(gather_global(self.model, dst=0), self.cfg.model)
-        finally:
-            for saved, (_, p) in zip(live, self._ema_pairs):
-                p.copy_(saved)
 
     def _full_state(self, ema: bool) -> dict[str, torch.Tensor]:
         """Canonical state on rank 0 ({} elsewhere); entries the gather does not cover come from the
@@ -350,17 +422,31 @@ class MegatronTrainer(Trainer):
         rank_state = {"data": self.data.state_dict(), "data_rank": self.engine.data_rank,
                       "ema": [e.cpu() for e, _ in self._ema_pairs]}
         rank = self.engine.rank
+        distributed = self.optimizer_kind == "distributed"
+        with_optimizer = not distributed or self._optimizer_stepped  # Megatron's state_dict needs a first step
 
         def engine_state(directory: Path):
             (directory / "megatron").mkdir(exist_ok=True)
             self.engine.barrier()
-            dist_checkpointing.save(self.model.sharded_state_dict(), str(directory / "megatron"))
-            torch.save(self.optimizer.state_dict(), directory / f"optim_{rank:05d}.pt")
-            files = ["megatron"] + [f"optim_{r:05d}.pt" for r in range(self.engine.world_size)]
-            return {"layout": _layout_dict(self.layout)}, files
+            state = self.model.sharded_state_dict()
+            files = ["megatron"]
+            if distributed and with_optimizer:
+                # model space (_OPTIMIZER_FORMAT): another layout can reshard it
+                state["optimizer"] = self.optimizer.sharded_state_dict(state, is_loading=False,
+                                                                       metadata=_OPTIMIZER_FORMAT)
+            dist_checkpointing.save(state, str(directory / "megatron"))
+            if not distributed:
+                torch.save(self.optimizer.state_dict(), directory / f"optim_{rank:05d}.pt")
+                files += [f"optim_{r:05d}.pt" for r in range(self.engine.world_size)]
+            entries = {"layout": _layout_dict(self.layout), "megatron_optimizer": self.optimizer_kind,
+                       "optimizer_state": with_optimizer, "param_dtype": self._param_dtype_name()}
+            return entries, files
 
         return self.writer.save(self.step, _StateDict(live), _StateDict(ema), trainer_state, rank_state, text,
                                 name=name, engine_state=engine_state)
+
+    def _param_dtype_name(self) -> str:
+        return "bfloat16" if self.params_bf16 else "float32"
 
     def _data_state(self, ckpt: Path, mine: dict) -> dict:
         """The loader state of this data-parallel rank (its global rank may differ after a relayout)."""
@@ -377,47 +463,42 @@ class MegatronTrainer(Trainer):
 
         from moedit.engines.megatron.convert import load_canonical
 
+        self._optimizer_stepped = False
         ckpt = resolve_resume(self.cfg.train.resume, self.run_dir)
         self._data_iter = None
         if ckpt is None:
             return
         blob = load_checkpoint(ckpt, self.engine.rank)
         meta, state = blob["meta"], blob["state"]
-
-        def load_ema_from_canonical():
-            load_canonical(self.model, blob["ema"], self.cfg.model)
-            for e, p in self._ema_pairs:
-                e.copy_(p.float())
+        megatron = not meta.get("imported") and meta.get("engine") == "megatron"
+        saved_dtype = state.get("param_dtype", "float32")  # checkpoints before bf16 parameters: float32
+        if not megatron or saved_dtype != self._param_dtype_name():
+            # weights from another engine, an import or another parameter dtype: the canonical
+            # (float32) files; fresh optimizer
             load_canonical(self.model, blob["model"], self.cfg.model)
-
-        if meta.get("imported") or meta.get("engine") != "megatron":
-            # weights from another engine or an import: canonical files, fresh optimizer
-            load_ema_from_canonical()
+            self._load_canonical_ema(blob["ema"])
+            self._refresh_master_weights()
             if self.engine.is_main:
-                print(f"initialised from the canonical weights of {ckpt} (engine {meta.get('engine', 'import')}); "
-                      f"optimizer state starts fresh", flush=True)
+                source = f"engine {meta.get('engine', 'import')}" if not megatron else f"{saved_dtype} parameters"
+                print(f"initialised from the canonical weights of {ckpt} ({source}); optimizer state starts fresh",
+                      flush=True)
             if meta.get("imported"):
                 return
         else:
             same_layout = state.get("layout") == _layout_dict(self.layout) and meta["world_size"] == self.engine.world_size
             loaded = dist_checkpointing.load(self.model.sharded_state_dict(), str(ckpt / "megatron"))
-            self.model.load_state_dict({k: v for k, v in loaded.items() if not k.endswith("_extra_state")},
-                                       strict=False)
+            self.model.load_state_dict({k: v for k, v in loaded.items()
+                                        if k != "optimizer" and not k.endswith("_extra_state")}, strict=False)
+            optimizer = self._load_optimizer(ckpt, state, same_layout)
             if same_layout:
-                self.optimizer.load_state_dict(torch.load(ckpt / f"optim_{self.engine.rank:05d}.pt",
-                                                          map_location=self.device, weights_only=True))
                 for (e, _), saved in zip(self._ema_pairs, blob["rank"]["ema"]):
                     e.copy_(saved)
             else:
-                # resharded: weights through dist_checkpointing, EMA through the canonical file;
-                # the per-rank optimizer state belongs to the old layout
-                live = [p.detach().clone() for _, p in self._ema_pairs]
-                load_ema_from_canonical()
-                for saved, (_, p) in zip(live, self._ema_pairs):
-                    p.data.copy_(saved)
-                if self.engine.is_main:
-                    print(f"{ckpt}: saved at layout {state.get('layout')}, resumed at {_layout_dict(self.layout)}: "
-                          "weights resharded, optimizer state starts fresh", flush=True)
+                self._load_canonical_ema(blob["ema"])  # resharded through the canonical file
+            if self.engine.is_main and (not same_layout or optimizer != "restored"):
+                print(f"{ckpt}: saved at layout {state.get('layout')} with the {state.get('megatron_optimizer', 'torch')}"
+                      f" optimizer, resumed at {_layout_dict(self.layout)} with the {self.optimizer_kind} optimizer: "
+                      f"weights {'loaded' if same_layout else 'resharded'}, optimizer state {optimizer}", flush=True)
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         saved_world = state.get("layout", {}).get("data", meta["world_size"])
@@ -429,10 +510,96 @@ class MegatronTrainer(Trainer):
         if self.engine.is_main:
             print(f"resumed from {ckpt} at step {self.step}", flush=True)
 
+    def _load_optimizer(self, ckpt: Path, state: dict, same_layout: bool) -> str:
+        """Restore the optimizer from `ckpt` where its state fits; returns 'restored', 'resharded' or
+        'starts fresh'. Collective (every rank returns the same)."""
+        saved_kind = state.get("megatron_optimizer", "torch")
+        if saved_kind != self.optimizer_kind or not state.get("optimizer_state", True):
+            self._refresh_master_weights()
+            return "starts fresh"
+        if self.optimizer_kind == "torch":
+            if not same_layout:  # per-rank state of the old shards
+                return "starts fresh"
+            self.optimizer.load_state_dict(torch.load(ckpt / f"optim_{self.engine.rank:05d}.pt",
+                                                      map_location=self.device, weights_only=True))
+            self._optimizer_stepped = True
+            return "restored"
+        failure = self._load_distributed_optimizer(ckpt, reraise=same_layout)
+        if failure is not None:
+            if self.engine.is_main:
+                print(f"{ckpt}: the distributed optimizer state did not reshard to this layout ({failure})",
+                      flush=True)
+            self._reset_optimizer_states()
+            self._refresh_master_weights()
+            return "starts fresh"
+        self._optimizer_stepped = True
+        return "restored" if same_layout else "resharded"
+
+    def _load_distributed_optimizer(self, ckpt: Path, reraise: bool) -> str | None:
+        """Master weights, Adam moments and step from the `megatron/` checkpoint (model space, so any
+        layout); None, or the first error of any rank when `reraise` is False. Collective."""
+        from megatron.core import dist_checkpointing
+
+        from moedit.engines.megatron.precision import allocate_optimizer_states, load_optimizer_state
+
+        error = None
+        try:
+            allocate_optimizer_states(self.optimizer)
+            request = {"optimizer": self.optimizer.sharded_state_dict(self.model.sharded_state_dict(), is_loading=True,
+                                                                      metadata=_OPTIMIZER_FORMAT)}
+            loaded = dist_checkpointing.load(request, str(ckpt / "megatron"))
+            load_optimizer_state(self.optimizer, loaded["optimizer"])
+        except Exception as exc:  # noqa: BLE001 - a relayout falls back to a fresh optimizer, agreed below
+            if reraise:
+                raise
+            error = f"{type(exc).__name__}: {exc}"
+        errors = self.engine.all_gather_object(error)
+        return next((e for e in errors if e is not None), None)
+
+    def _reset_optimizer_states(self) -> None:
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if getattr(opt, "optimizer", None) is not None:
+                opt.optimizer.state.clear()
+
+    def _refresh_master_weights(self) -> None:
+        """After the parameters changed outside the optimizer: the distributed optimizer's fp32 master
+        weights start again from them (bf16 parameters: their exact fp32 values)."""
+        if self.optimizer_kind == "distributed":
+            self.optimizer.reload_model_params()
+
+
+# Model-space optimizer state: at save the data-parallel ranks all-gather their slices into
+# parameter-shaped tensors keyed like the parameters (saved once, by the main replica); at load
+# each rank reads its parameters' tensors and keeps its slice, so any layout can read it. (0.16.1's
+# fully_sharded_model_space needs flattened ShardedTensors, which its dist_checkpointing refuses.)
+_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+
 
 def _layout_dict(layout) -> dict:
     return {k: getattr(layout, k) for k in ("tensor", "pipeline", "expert", "expert_tensor", "data",
                                              "virtual_pipeline", "sequence_parallel")}
+
+
+def owned_params(model) -> list[torch.nn.Parameter]:
+    """The parameters whose shard is the main replica (replica id all zeros): summed over all
+    ranks, their squared gradients count each global gradient element once."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    by_ptr = {p.data_ptr(): p for p in model.parameters() if p.requires_grad}
+    owned = []
+    for sh in model.sharded_state_dict().values():
+        replica = sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,)
+        if isinstance(sh, ShardedTensor) and not any(replica) and sh.data.data_ptr() in by_ptr:
+            owned.append(by_ptr[sh.data.data_ptr()])
+    return owned
+
+
+def global_grad_norm(owned_grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """L2 norm (float64) of the global gradient from every rank's `owned_params` gradients; collective."""
+    norms = torch._foreach_norm(owned_grads) if owned_grads else [torch.zeros((), device=device)]
+    sq = torch.stack(norms).double().pow(2).sum()
+    dist.all_reduce(sq)
+    return sq.sqrt()
 
 
 __all__ = ["MegatronTrainer"]
