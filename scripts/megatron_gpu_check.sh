@@ -5,8 +5,10 @@
 #   (b) train-step throughput / MFU on one GPU (benchmarks/train_step.py);
 #   (c) the EP=2 throughput of DiffMoE-L-E16 on two GPUs against (b);
 #   (d) (b) for two models in the fp32-parameters + autocast recipe, for comparison.
-#   (e) the 2-GPU training run (EP=2, resumed, then PP=2 resharded) through `moedit train`.
-# PHASE=check runs (a) and (e), PHASE=bench (b)-(d), default both.
+#   (e) the 2-GPU training run through `moedit train` with Megatron's distributed optimizer (EP=2,
+#       resumed == uninterrupted, then PP=2 resharded);
+#   (f) fp32 parameters: torch AdamW vs the distributed optimizer.
+# PHASE=check runs (a), (e) and (f), PHASE=bench (b)-(d), PHASE=train (e) and (f), default all.
 # Every step runs even if an earlier one failed; outputs are tee'd into OUT_DIR, exit codes are
 # collected in OUT_DIR/summary.txt and the script exits 1 if any step failed.
 #
@@ -55,8 +57,8 @@ step() {
   [ "$rc" -eq 0 ] || failures=$((failures + 1))
 }
 
-phase="${PHASE:-all}"  # check = (a) + (e); bench = (b)-(d); all = everything
-if [ "$phase" != bench ]; then
+phase="${PHASE:-all}"  # check = (a) + (e) + (f); bench = (b)-(d); train = (e) + (f); all = everything
+if [ "$phase" != bench ] && [ "$phase" != train ]; then
 # (a) parity: one invocation per layout (a case that raises stops its invocation, since a rank
 #     may be left inside a collective; the next layout starts clean)
 for layout in tp2 ep2 pp2 dp2; do
@@ -67,7 +69,7 @@ done
 step parity_one 60 torchrun --standalone --nproc_per_node 1 scripts/megatron_gpu_parity.py --layouts one \
   --json "$out/parity_one.json"
 fi
-if [ "$phase" != check ]; then
+if [ "$phase" != check ] && [ "$phase" != train ]; then
 # (b) one GPU: DiT-XL/2, DiT-L/2, DiffMoE-L-E8, DiffMoE-L-E16 (bf16 parameters, distributed optimizer)
 step train_step_1gpu 170 python3 benchmarks/train_step.py --json "$out/train_step_1gpu.json"
 # (c) EP=2 on two GPUs, at the 1-GPU run's batch, ratio against it
@@ -79,19 +81,35 @@ step train_step_ep2 100 torchrun --standalone --nproc_per_node 2 benchmarks/trai
 step train_step_1gpu_autocast 80 python3 benchmarks/train_step.py --precision autocast \
   --models DiT-XL/2 DiffMoE-L-E8 --json "$out/train_step_1gpu_autocast.json"
 fi
-# (e) 2-GPU training of DiffMoE-S-E16 on synthetic latents through `moedit train`: EP=2 to step 30
-# (checkpoint), a second launch resumes it to 60, then PP=2 resumes that EP=2 checkpoint
-# (weights resharded) to 120; scripts/megatron_train_check.py judges the run directory.
+# (e) 2-GPU training of DiffMoE-S-E16 on synthetic latents through `moedit train`, Megatron's
+# distributed optimizer over bf16 parameters (parallel.megatron_optimizer auto on CUDA):
+#   EP=2 to step 20 (checkpoint), a second launch resumes it to 40; an uninterrupted EP=2 run to 40
+#   must match it (losses, grad norms, final weights: bit-identical); then PP=2 resumes the EP=2
+#   checkpoint (weights and optimizer state resharded) to 60; scripts/megatron_train_check.py judges.
+# (f) fp32 parameters: torch AdamW and the distributed optimizer agree to rounding over 10 steps.
+# PHASE=train runs (e) and (f) only.
 if [ "$phase" != bench ] && [ "${SKIP_TRAIN:-0}" != 1 ]; then
   cfg=configs/megatron_diffmoe_s_e16_synthetic.yaml
-  run=/tmp/megatron_train_run
-  common=(train.run_dir=$run data.path=/tmp/synthetic-4x16x16 logging.log_every=5 logging.progress=lines
-          checkpoint.every=30 optim.warmup_steps=10)
-  step train_ep2_a 100 torchrun --standalone --nproc_per_node 2 -m moedit.cli train $cfg "${common[@]}" train.steps=30
-  step train_ep2_b 80 torchrun --standalone --nproc_per_node 2 -m moedit.cli train $cfg "${common[@]}" train.steps=60
-  step train_pp2 100 torchrun --standalone --nproc_per_node 2 -m moedit.cli train $cfg "${common[@]}" train.steps=120 \
-    parallel.expert=1 parallel.pipeline=2 parallel.num_microbatches=2
-  step train_check 60 python3 scripts/megatron_train_check.py $run --steps 120
+  run=/tmp/megatron_train_run full=/tmp/megatron_train_full
+  common=(data.path=/tmp/synthetic-4x16x16 logging.log_every=1 logging.progress=lines checkpoint.every=20
+          optim.warmup_steps=10)
+  train=(torchrun --standalone --nproc_per_node 2 -m moedit.cli train $cfg "${common[@]}")
+  step train_ep2_a 100 "${train[@]}" train.run_dir=$run train.steps=20
+  step train_ep2_b 80 "${train[@]}" train.run_dir=$run train.steps=40
+  step train_ep2_full 100 "${train[@]}" train.run_dir=$full train.steps=40
+  step resume_check 60 python3 scripts/megatron_train_check.py --compare $run $full --steps 40 --after 20
+  step train_pp2 100 "${train[@]}" train.run_dir=$run train.steps=60 parallel.expert=1 parallel.pipeline=2 \
+    parallel.num_microbatches=2
+  step reshard_check 5 bash -c "grep -h 'optimizer state' '$out/train_pp2.txt'; grep -q 'optimizer state resharded' \
+    '$out/train_pp2.txt' && echo 'PASS  PP=2 resumed the EP=2 distributed optimizer state (resharded)' \
+    || { echo 'FAIL  PP=2 did not reshard the distributed optimizer state'; exit 1; }"
+  step train_check 60 python3 scripts/megatron_train_check.py $run --steps 60
+  step fp32_torch 80 "${train[@]}" train.run_dir=/tmp/megatron_fp32_torch train.steps=10 train.precision=fp32 \
+    parallel.megatron_optimizer=torch
+  step fp32_distributed 80 "${train[@]}" train.run_dir=/tmp/megatron_fp32_distributed train.steps=10 train.precision=fp32 \
+    parallel.megatron_optimizer=distributed
+  step fp32_check 60 python3 scripts/megatron_train_check.py --compare /tmp/megatron_fp32_torch \
+    /tmp/megatron_fp32_distributed --steps 10 --rtol 1e-3
 fi
 
 echo "== done in $(($(date +%s) - start)) s; $failures step(s) failed" | tee -a "$out/summary.txt"

@@ -1,6 +1,7 @@
 """parallel.megatron_optimizer (issue 6): which optimizer the Megatron trainer picks, the errors
 for impossible choices, the bf16 module wrapper keeping moedit's float buffers, and a checkpoint
-of bf16 parameters resumed by a run with fp32 parameters (CPU: through the canonical files).
+of bf16 parameters resumed by a run with fp32 parameters (CPU: through the canonical files), and
+the EMA view of the parameters that keeps Megatron DDP's gradient hooks.
 
 Megatron's distributed optimizer itself allocates on CUDA: its training, exact resume and
 resharding are checked on GPUs by scripts/megatron_gpu_check.sh (PHASE=train) and
@@ -166,3 +167,41 @@ def test_checkpoint_of_bf16_parameters_resumes_an_fp32_run_through_the_canonical
         saved = load_file(str(ckpt / f"{name}.safetensors"))
         for k, v in resumed[key].items():
             torch.testing.assert_close(v, saved[k], rtol=0, atol=0)
+
+
+def _hooked_bf16_model():
+    """A bf16 module whose parameters carry gradient-accumulator hooks, registered the way Megatron
+    DDP registers the hook that moves each gradient into its buffer."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2)).to(torch.bfloat16)
+    fired, accumulators = [], []
+    for p in model.parameters():
+        accumulator = p.expand_as(p).grad_fn.next_functions[0][0]
+        accumulator.register_hook(lambda *_, name=len(accumulators): fired.append(name))
+        accumulators.append(accumulator)
+    return model, fired, accumulators
+
+
+def test_ema_view_of_the_parameters_keeps_their_gradient_hooks():
+    from moedit.engines.megatron.trainer import MegatronTrainer
+
+    model, fired, _accumulators = _hooked_bf16_model()
+    params = list(model.parameters())
+    pairs = [(p.detach().float() + 0.123456789, p) for p in params]  # fp32 EMA, not representable in bf16
+    with MegatronTrainer._parameters_as_ema(SimpleNamespace(model=model, _ema_pairs=pairs)):
+        state = model.state_dict(keep_vars=True)
+        assert all(state[k] is e for k, (e, _) in zip(("0.weight", "0.bias"), pairs))  # the fp32 tensors themselves
+    assert list(model.parameters()) == params and all(p.dtype == torch.bfloat16 for p in params)
+    model(torch.ones(1, 3, dtype=torch.bfloat16)).sum().backward()
+    assert sorted(fired) == [0, 1]  # the hooks still fire after the swap
+
+
+def test_setting_parameter_data_to_another_dtype_drops_the_hooks():
+    """Why the EMA view swaps module slots: `p.data = fp32` on a bf16 parameter (and back) loses the
+    hooks, so Megatron DDP would never see another gradient."""
+    model, fired, _accumulators = _hooked_bf16_model()
+    for p in model.parameters():
+        saved = p.data
+        p.data = saved.float()
+        p.data = saved
+    model(torch.ones(1, 3, dtype=torch.bfloat16)).sum().backward()
+    assert fired == []
