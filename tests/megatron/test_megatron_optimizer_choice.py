@@ -52,8 +52,8 @@ def test_megatron_optimizer_is_a_megatron_only_key():
 
 
 @pytest.mark.parametrize("choice, precision, device, expected", [
-    ("auto", "auto", "cuda", "distributed"),
-    ("auto", "bf16", "cuda", "distributed"),
+    ("auto", "auto", "cuda", "torch"),  # until a distributed-optimizer resume is bit-exact
+    ("auto", "bf16", "cuda", "torch"),
     ("auto", "fp32", "cuda", "torch"),
     ("auto", "auto", "cpu", "torch"),
     ("torch", "bf16", "cuda", "torch"),

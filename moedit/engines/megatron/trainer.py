@@ -10,11 +10,11 @@ What differs from the other engines, and why:
   and pipeline-shared parameters), then the optimizer on local shards;
 - noise, t and label dropout are drawn from (seed, step, micro-batch, data-parallel rank): every
   tensor-parallel and pipeline peer of a replica draws the same numbers, as it must;
-- the optimizer (`parallel.megatron_optimizer`): on CUDA by default Megatron's distributed
+- the optimizer (`parallel.megatron_optimizer`): by default torch AdamW on each rank's fp32
+  shards with the norm over owned shards computed here; opt-in (GPU only) Megatron's distributed
   optimizer over bf16 parameters (`Float16Module`; fp32 master weights and Adam states sharded over
   the data-parallel ranks, gradients reduce-scattered, parameters all-gathered), which also clips
-  and measures the gradient norm; on the CPU (tests) torch AdamW on each rank's fp32 shards with
-  the norm over owned shards computed here;
+  and measures the gradient norm (its resume is not yet bit-exact: docs/megatron.md);
 - the EMA is kept per shard in fp32; checkpoints hold the canonical `model.safetensors` /
   `ema.safetensors` (gathered, float32, so `moedit sample` and the analysis tools read them as from
   any engine) and a `megatron/` distributed checkpoint (torch_dist) of the weights, plus the
@@ -114,20 +114,22 @@ class MegatronTrainer(Trainer):
 
     def _resolve_optimizer_kind(self) -> str:
         """'distributed' or 'torch' from parallel.megatron_optimizer (see ParallelConfig)."""
-        choice, precision = self.cfg.parallel.megatron_optimizer, self.cfg.train.precision
+        choice = self.cfg.parallel.megatron_optimizer
         if choice == "distributed" and self.device.type != "cuda":
             raise MoeditError(f"parallel.megatron_optimizer = distributed on {self.device.type}: Megatron's "
                               "distributed optimizer allocates on CUDA; use parallel.megatron_optimizer=torch "
                               "(or auto) without GPUs")
-        if choice == "auto":
-            return "distributed" if self.device.type == "cuda" and precision in ("auto", "bf16") else "torch"
+        if choice == "auto":  # torch until a distributed-optimizer resume is bit-exact (docs/megatron.md)
+            return "torch"
         return choice
 
     def build_optimizer(self):
         if self.optimizer_kind == "torch":
             return super().build_optimizer()
+        from moedit.engines.megatron.foreach import install_foreach_kernels
         from moedit.engines.megatron.precision import distributed_optimizer
 
+        install_foreach_kernels()  # Megatron's grad-norm fallback without Apex/TE syncs once per tensor
         o = self.cfg.optim  # lr is set every step by _set_lr (warm-up and schedule)
         return distributed_optimizer(self.wrapped, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
                                      clip_grad=o.grad_clip, bf16=self.params_bf16)
