@@ -52,12 +52,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for `moedit`
 
+from moedit.engines.megatron.precision import FUSED_DEVICES, set_fused_adam  # noqa: E402
+
 ONE_GPU_MODELS = ("DiT-XL/2", "DiT-L/2", "DiffMoE-L-E8", "DiffMoE-L-E16")
 EP_MODELS = ("DiffMoE-L-E16",)
 DEFAULT_BATCH = {"DiT-XL/2": 128, "DiT-L/2": 128, "DiffMoE-L-E8": 128, "DiffMoE-L-E16": 64}
 FALLBACK_BATCH = 64
 MIN_BATCH = 4
-FUSED_DEVICES = ("cuda",)  # where the fused AdamW kernel is switched on
 TARGETS = {"xl_mfu": 0.40, "e8_over_dense": 1.25, "ep_efficiency": 0.85}
 
 
@@ -167,23 +168,6 @@ class TorchAdam:
         self.optimizer.step()
         if self.copies:
             torch._foreach_copy_(self.params, self.masters)
-
-
-def set_fused_adam(optimizer, fused: bool) -> int:
-    """Switch the torch AdamW instances inside a Megatron optimizer to the fused kernel (or back).
-    Returns how many param groups were switched."""
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    switched = 0
-    for opt in inner:
-        torch_opt = getattr(opt, "optimizer", None)
-        if not isinstance(torch_opt, torch.optim.Adam | torch.optim.AdamW):
-            continue
-        for group in torch_opt.param_groups:
-            if fused and not all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in group["params"]):
-                continue
-            group["fused"], group["foreach"] = (True, False) if fused else (False, None)
-            switched += 1
-    return switched
 
 
 @dataclasses.dataclass

@@ -23,18 +23,7 @@ out="${1:-${OUT:-/tmp/megatron_gpu_check}}"
 mkdir -p "$out"
 start=$(date +%s)
 
-if ! ls .whl_mc/*.whl >/dev/null 2>&1; then
-  echo "no wheels in .whl_mc/: carry .whl_mc to this machine (megatron-core is not installed here)" | tee "$out/summary.txt"
-  exit 1
-fi
-python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site .whl_mc/*.whl \
-  && export PYTHONPATH="/tmp/site:$PWD"
-export PYTHONPATH="${PYTHONPATH:-$PWD}" PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-# megatron-core needs numpy and packaging >= 24.2: install the carried wheels only where missing or old
-python3 -c "import numpy" 2>/dev/null \
-  || python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site .whl_mc/fallback/numpy-*.whl
-python3 -c "import packaging, sys; from packaging.version import Version; sys.exit(Version(packaging.__version__) < Version('24.2'))" 2>/dev/null \
-  || python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target /tmp/site .whl_mc/fallback/packaging-*.whl
+source scripts/device_env.sh || exit 1
 
 {
   date -u
