@@ -56,7 +56,7 @@ from moedit.engines.megatron.precision import FUSED_DEVICES, set_fused_adam  # n
 
 ONE_GPU_MODELS = ("DiT-XL/2", "DiT-L/2", "DiffMoE-L-E8", "DiffMoE-L-E16")
 EP_MODELS = ("DiffMoE-L-E16",)
-DEFAULT_BATCH = {"DiT-XL/2": 128, "DiT-L/2": 128, "DiffMoE-L-E8": 128, "DiffMoE-L-E16": 64}
+DEFAULT_BATCH = {"DiT-XL/2": 192, "DiT-L/2": 128, "DiffMoE-L-E8": 128, "DiffMoE-L-E16": 64}
 FALLBACK_BATCH = 64
 MIN_BATCH = 4
 TARGETS = {"xl_mfu": 0.40, "e8_over_dense": 1.25, "ep_efficiency": 0.85}
@@ -228,6 +228,8 @@ def ablate(names: list[str]) -> None:
         from moedit.engines.megatron.foreach import install_foreach_kernels
 
         install_foreach_kernels()
+    if "multi-kernel" in names:
+        mm.COMPILE_OPTIONS.clear()
     if "local-linear" in names:
         mm.LocalColumnLinear.forward = ColumnParallelLinear.forward
     if "local-moe" in names:
@@ -522,9 +524,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sdpa", choices=("auto", "cudnn", "flash", "efficient"), default="auto",
                         help="restrict F.scaled_dot_product_attention to one backend (default: PyTorch's choice)")
-    parser.add_argument("--ablate", nargs="*", default=[], choices=("foreach", "local-linear", "local-moe"),
+    parser.add_argument("--ablate", nargs="*", default=[], choices=("foreach", "multi-kernel", "local-linear", "local-moe"),
                         help="switch off, for comparison: foreach (moedit's foreach grad norm / clip scaling for "
-                        "Megatron without Apex or TE), local-linear (F.linear for column linears at TP=1), local-moe (the "
+                        "Megatron without Apex or TE), multi-kernel (inductor's one-pass choice for the adaLN "
+                        "LayerNorm), local-linear (F.linear for column linears at TP=1), local-moe (the "
                         "model zoo's dispatch/combine at EP=TP=1, i.e. use Megatron's token dispatcher)")
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of 3 extra steps (rank 0)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the card if unknown")
