@@ -71,10 +71,13 @@ step train_step_1gpu_autocast 80 python3 benchmarks/train_step.py --precision au
   --models DiT-XL/2 DiffMoE-L-E8 --json "$out/train_step_1gpu_autocast.json"
 fi
 # (e) 2-GPU training of DiffMoE-S-E16 on synthetic latents through `moedit train`, Megatron's
-# distributed optimizer over bf16 parameters (parallel.megatron_optimizer auto on CUDA):
-#   EP=2 to step 20 (checkpoint), a second launch resumes it to 40; an uninterrupted EP=2 run to 40
-#   must match it (losses, grad norms, final weights: bit-identical); then PP=2 resumes the EP=2
-#   checkpoint (weights and optimizer state resharded) to 60; scripts/megatron_train_check.py judges.
+# distributed optimizer over bf16 parameters (OPTIMIZER=torch for torch AdamW):
+#   an uninterrupted EP=2 run to 40 (checkpoints at 20 and 40); a second run starts from a copy of
+#   its step-20 checkpoint and resumes to 40: losses, grad norms and weights must agree within
+#   RESUME_RTOL (default 1e-2; backward kernels are not bit-deterministic on GPUs, and bf16 turns
+#   last-bit differences into ~1e-3 over 20 steps; the strict check is the one-GPU pytest
+#   tests/megatron/test_megatron_gpu_optimizer.py); then PP=2 resumes the EP=2 checkpoint (weights
+#   and optimizer state resharded) to 60; scripts/megatron_train_check.py judges.
 # (f) fp32 parameters: torch AdamW and the distributed optimizer agree to rounding over 10 steps.
 # PHASE=train runs (e) and (f) only.
 if [ "$phase" != bench ] && [ "${SKIP_TRAIN:-0}" != 1 ]; then
@@ -82,11 +85,14 @@ if [ "$phase" != bench ] && [ "${SKIP_TRAIN:-0}" != 1 ]; then
   run=/tmp/megatron_train_run full=/tmp/megatron_train_full
   common=(data.path=/tmp/synthetic-4x16x16 logging.log_every=1 logging.progress=lines checkpoint.every=20
           optim.warmup_steps=10)
-  train=(torchrun --standalone --nproc_per_node 2 -m moedit.cli train $cfg "${common[@]}")
-  step train_ep2_a 100 "${train[@]}" train.run_dir=$run train.steps=20
-  step train_ep2_b 80 "${train[@]}" train.run_dir=$run train.steps=40
+  train=(torchrun --standalone --nproc_per_node 2 -m moedit.cli train $cfg "${common[@]}"
+         parallel.megatron_optimizer="${OPTIMIZER:-distributed}")
   step train_ep2_full 100 "${train[@]}" train.run_dir=$full train.steps=40
-  step resume_check 60 python3 scripts/megatron_train_check.py --compare $run $full --steps 40 --after 20
+  mkdir -p "$run/checkpoints" && cp -r "$full/checkpoints/step_0000020" "$run/checkpoints/" \
+    && echo step_0000020 > "$run/checkpoints/latest"
+  step train_ep2_resumed 80 "${train[@]}" train.run_dir=$run train.steps=40
+  step resume_check 60 python3 scripts/megatron_train_check.py --compare $run $full --steps 40 --after 20 \
+    --rtol "${RESUME_RTOL:-1e-2}"
   step train_pp2 100 "${train[@]}" train.run_dir=$run train.steps=60 parallel.expert=1 parallel.pipeline=2 \
     parallel.num_microbatches=2
   step reshard_check 5 bash -c "grep -h 'optimizer state' '$out/train_pp2.txt'; grep -q 'optimizer state resharded' \

@@ -133,7 +133,7 @@ class ParallelConfig:
     """Megatron: distributed = Megatron's distributed optimizer (AdamW with fp32 master weights and Adam
     states sharded over the data-parallel ranks; bf16 parameters unless train.precision = fp32), CUDA only;
     torch = torch AdamW on each rank's fp32 parameters (bf16 autocast per train.precision); auto = torch
-    (resume with the distributed optimizer is not yet bit-exact: docs/megatron.md)."""
+    (resume with the distributed optimizer is not yet shown exact: docs/megatron.md)."""
 
     def __post_init__(self):
         for name in ("tensor", "pipeline", "expert", "expert_tensor", "num_microbatches"):

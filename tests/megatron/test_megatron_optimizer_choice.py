@@ -52,7 +52,7 @@ def test_megatron_optimizer_is_a_megatron_only_key():
 
 
 @pytest.mark.parametrize("choice, precision, device, expected", [
-    ("auto", "auto", "cuda", "torch"),  # until a distributed-optimizer resume is bit-exact
+    ("auto", "auto", "cuda", "torch"),  # until a distributed-optimizer resume is shown exact
     ("auto", "bf16", "cuda", "torch"),
     ("auto", "fp32", "cuda", "torch"),
     ("auto", "auto", "cpu", "torch"),

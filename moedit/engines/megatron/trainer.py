@@ -14,7 +14,7 @@ What differs from the other engines, and why:
   shards with the norm over owned shards computed here; opt-in (GPU only) Megatron's distributed
   optimizer over bf16 parameters (`Float16Module`; fp32 master weights and Adam states sharded over
   the data-parallel ranks, gradients reduce-scattered, parameters all-gathered), which also clips
-  and measures the gradient norm (its resume is not yet bit-exact: docs/megatron.md);
+  and measures the gradient norm (its resume is not yet shown exact: docs/megatron.md);
 - the EMA is kept per shard in fp32; checkpoints hold the canonical `model.safetensors` /
   `ema.safetensors` (gathered, float32, so `moedit sample` and the analysis tools read them as from
   any engine) and a `megatron/` distributed checkpoint (torch_dist) of the weights, plus the
@@ -119,7 +119,7 @@ class MegatronTrainer(Trainer):
             raise MoeditError(f"parallel.megatron_optimizer = distributed on {self.device.type}: Megatron's "
                               "distributed optimizer allocates on CUDA; use parallel.megatron_optimizer=torch "
                               "(or auto) without GPUs")
-        if choice == "auto":  # torch until a distributed-optimizer resume is bit-exact (docs/megatron.md)
+        if choice == "auto":  # torch until a distributed-optimizer resume is shown exact (docs/megatron.md)
             return "torch"
         return choice
 
