@@ -266,6 +266,8 @@ class MegatronTrainer(Trainer):
         fp32 master slices, bf16 parameters updated and all-gathered."""
         ok, grad_norm, _ = self.optimizer.step()
         assert ok, "bf16 and fp32 steps have no loss scaler that could reject a step"
+        if not grad_norm:  # Megatron measures the norm only when it clips (optim.grad_clip > 0)
+            grad_norm = self.optimizer.get_grad_norm()  # the main grads are kept until the next step
         self._optimizer_stepped = True
         thresholds = self.model.threshold_buffers()
         if thresholds:
