@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Issue 12 in one device call on a 4- or 8-GPU machine (carry .whl_mc):
+#   (a) parity with the single-device DiT (bf16, fp32; DiffMoE-L-E16 shapes at depth 4 and the tiny
+#       flavors): TP2xEP2, PP2xEP2, TP2xPP2 on 4 GPUs, TP2xPP2xEP2 on 8 (scripts/megatron_gpu_parity.py);
+#   (b) 200 steps of DiffMoE-L-E16 on synthetic 4x32x32 latents through `moedit train`
+#       (configs/megatron_diffmoe_l_e16_3d.yaml: TP=2 x EP=2 on 4 GPUs, + PP=2 on 8), checkpoint at 200;
+#   (c) that checkpoint resharded to 2 GPUs (EP=2) and resumed to step 220;
+#   (d) scripts/megatron_train_check.py on the run (loss falls, thresholds equal, canonical files),
+#       and the logged images/s per GPU and MFU of (b) (metrics.jsonl: MFU per GPU of the whole world).
+#   bash scripts/megatron_3d_check.sh [OUT_DIR]      (default $OUT; OPTIMIZER=torch for torch AdamW)
+# Each step has a time limit; outputs are tee'd into OUT_DIR and exit codes collected in summary.txt.
+set -uo pipefail
+out="${1:-${OUT:-/tmp/megatron_3d_check}}"
+mkdir -p "$out"
+start=$(date +%s)
+source scripts/device_env.sh || exit 1
+gpus=$(nvidia-smi --list-gpus | wc -l)
+{ date -u; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; echo "GPUs: $gpus"; } | tee "$out/env.txt"
+if [ "$gpus" -lt 4 ]; then
+  echo "needs 4 or 8 GPUs; this machine has $gpus" | tee "$out/summary.txt"
+  exit 1
+fi
+: > "$out/summary.txt"
+failures=0
+step() {
+  local name="$1" limit="$2"
+  shift 2
+  echo "== $name ($(($(date +%s) - start)) s elapsed): $*"
+  timeout --kill-after=15 "$limit" "$@" 2>&1 | grep -v -i "warn" | tee "$out/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  echo "$name: exit $rc" | tee -a "$out/summary.txt"
+  [ "$rc" -eq 0 ] || failures=$((failures + 1))
+}
+
+world=4 layouts="tp2-ep2 pp2-ep2 tp2-pp2" extra=()
+if [ "$gpus" -ge 8 ]; then
+  world=8 layouts="tp2-pp2-ep2" extra=(parallel.pipeline=2 parallel.num_microbatches=4)
+fi
+# (a) parity, one invocation per layout
+for layout in $layouts; do
+  step "parity_$layout" 240 torchrun --standalone --nproc_per_node "$world" scripts/megatron_gpu_parity.py \
+    --layouts "$layout" --flavors DiffMoE-L-E16 tiny-tc --dtypes bf16 fp32 --json "$out/parity_$layout.json"
+done
+# (b)-(d) training, resharding, checks
+data=/tmp/synthetic-4x32x32 run=/tmp/megatron_3d_run
+step prepare 120 python3 -m moedit.cli prepare --source synthetic --latent-shape 4,32,32 --num-samples 16384 \
+  --output "$data" --no-progress
+cfg=configs/megatron_diffmoe_l_e16_3d.yaml
+common=(train.run_dir=$run data.path=$data logging.progress=lines parallel.megatron_optimizer="${OPTIMIZER:-distributed}")
+step train_3d 420 torchrun --standalone --nproc_per_node "$world" -m moedit.cli train $cfg "${common[@]}" \
+  "${extra[@]}" train.steps=200
+step train_2gpu 240 torchrun --standalone --nproc_per_node 2 -m moedit.cli train $cfg "${common[@]}" \
+  parallel.tensor=1 parallel.sequence_parallel=false parallel.pipeline=1 train.steps=220 logging.log_every=5
+step train_check 60 python3 scripts/megatron_train_check.py $run --steps 220
+step throughput 10 python3 - "$run/metrics.jsonl" <<'PY'
+import json, sys
+rows = [r for r in map(json.loads, open(sys.argv[1])) if r.get("step", 0) <= 200 and "images_per_s" in r]
+tail = rows[len(rows) // 2:] or rows  # after warm-up
+ips = sum(r["images_per_s"] for r in tail) / len(tail)
+mfu = [r["mfu"] for r in tail if "mfu" in r]
+print(f"3-D run, steps {tail[0]['step']}..{tail[-1]['step']}: {ips:.1f} images/s in all"
+      + (f", MFU per GPU {100 * sum(mfu) / len(mfu):.1f}%" if mfu else ""))
+PY
+echo "== done in $(($(date +%s) - start)) s; $failures step(s) failed" | tee -a "$out/summary.txt"
+[ "$failures" -eq 0 ]
