@@ -22,15 +22,6 @@ if [ "$gpus" -lt 4 ]; then
 fi
 : > "$out/summary.txt"
 failures=0
-step() {
-  local name="$1" limit="$2"
-  shift 2
-  echo "== $name ($(($(date +%s) - start)) s elapsed): $*"
-  timeout --kill-after=15 "$limit" "$@" 2>&1 | grep -v -i "warn" | tee "$out/$name.txt"
-  local rc=${PIPESTATUS[0]}
-  echo "$name: exit $rc" | tee -a "$out/summary.txt"
-  [ "$rc" -eq 0 ] || failures=$((failures + 1))
-}
 
 world=4 layouts="tp2-ep2 pp2-ep2 tp2-pp2" extra=()
 if [ "$gpus" -ge 8 ]; then

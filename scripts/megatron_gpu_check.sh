@@ -34,17 +34,6 @@ source scripts/device_env.sh || exit 1
 : > "$out/summary.txt"
 
 failures=0
-# step NAME LIMIT_S COMMAND...: run, tee into OUT/NAME.txt, record the exit status
-step() {
-  local name="$1" limit="$2"
-  shift 2
-  echo "== $name ($(($(date +%s) - start)) s elapsed): $*"
-  timeout --kill-after=15 "$limit" "$@" 2>&1 | tee "$out/$name.txt"
-  local rc=${PIPESTATUS[0]}
-  [ "$rc" -eq 124 ] && echo "== $name: timed out after $limit s" | tee -a "$out/$name.txt"
-  echo "$name: exit $rc" | tee -a "$out/summary.txt"
-  [ "$rc" -eq 0 ] || failures=$((failures + 1))
-}
 
 phase="${PHASE:-all}"  # check = (a) + (e) + (f); bench = (b)-(d); train = (e) + (f); all = everything
 if [ "$phase" != bench ] && [ "$phase" != train ]; then
