@@ -70,10 +70,16 @@ class Trainer:
             self.wrapped = torch.compile(self.wrapped)
         self.diffusion = self.build_diffusion()
         self.data = self.build_data()
+        self._ema_pairs = self._ema_tensor_pairs()
+        return self._finish_setup()
+
+    def _finish_setup(self) -> "Trainer":
+        """The end of every engine's setup: checkpoint writer, resume, and on the main rank the
+        resolved config, model info and the run logger."""
+        cfg = self.cfg
         self.writer = CheckpointWriter(
             self.run_dir / "checkpoints", self.engine, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every
         )
-        self._ema_pairs = self._ema_tensor_pairs()
         self.resume()
         self.logger = None
         if self.engine.is_main:

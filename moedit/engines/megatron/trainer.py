@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from moedit.errors import MoeditError
-from moedit.train.checkpoint import CheckpointWriter, load_checkpoint, resolve_resume
+from moedit.train.checkpoint import load_checkpoint, resolve_resume
 from moedit.train.trainer import Trainer, _mix
 
 
@@ -97,20 +97,8 @@ class MegatronTrainer(Trainer):
             self._load_canonical_ema(canonical.state_dict())  # the fp32 initialisation, not its bf16 rounding
         self.diffusion = self.build_diffusion()
         self.data = self.build_data()
-        self.writer = CheckpointWriter(self.run_dir / "checkpoints", self.engine, cfg.checkpoint.keep_last,
-                                       cfg.checkpoint.keep_every)
         self._term_names = self._objective_term_names()
-        self.resume()
-        self.logger = None
-        if self.engine.is_main:
-            from moedit.train.config import dump_config
-            from moedit.train.logging import RunLogger
-
-            dump_config(cfg, self.run_dir / "config.yaml")
-            self._write_model_info()
-            self.logger = RunLogger(self.run_dir, cfg.train.steps, self.step, cfg.logging.tensorboard,
-                                    cfg.logging.progress)
-        return self
+        return self._finish_setup()
 
     def _resolve_optimizer_kind(self) -> str:
         """'distributed' or 'torch' from parallel.megatron_optimizer (see ParallelConfig)."""
