@@ -52,7 +52,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for `moedit`
 
-from moedit.engines.megatron.precision import FUSED_DEVICES, set_fused_adam  # noqa: E402
+from moedit.engines.megatron.model import drop_graph_references  # noqa: E402
+from moedit.engines.megatron.precision import (  # noqa: E402
+    FUSED_DEVICES, ddp_config, distributed_optimizer, set_fused_adam, to_bf16_module)
 
 ONE_GPU_MODELS = ("DiT-XL/2", "DiT-L/2", "DiffMoE-L-E8", "DiffMoE-L-E16")
 EP_MODELS = ("DiffMoE-L-E16",)
@@ -138,14 +140,6 @@ def init_weights(model: torch.nn.Module) -> None:
             p.zero_()
 
 
-def keep_float_buffers(module: torch.nn.Module, before: dict[str, torch.dtype]) -> None:
-    """Cast floating buffers back to their recorded dtypes (Float16Module casts them all to bf16)."""
-    for name, buf in list(module.named_buffers()):
-        if name in before and buf.dtype != before[name]:
-            owner, _, leaf = name.rpartition(".")
-            (module.get_submodule(owner) if owner else module)._buffers[leaf] = buf.to(before[name])
-
-
 class TorchAdam:
     """torch AdamW on fp32 master weights (copies of bf16 parameters, or the fp32 parameters
     themselves) from the DDP's fp32 main grads; bf16 parameters get the updated masters copied in."""
@@ -180,8 +174,7 @@ class Setup:
 
 
 def build(name: str, expert: int, optimizer_kind: str, device: torch.device, args) -> Setup:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.transformer.module import Float16Module
+    from megatron.core.distributed import DistributedDataParallel
 
     from moedit.engines.megatron.model import build_megatron_model, transformer_config
 
@@ -192,25 +185,13 @@ def build(name: str, expert: int, optimizer_kind: str, device: torch.device, arg
     config = transformer_config(cfg, expert=expert, dtype=dtype, use_cpu_initialization=device.type == "cpu")
     model = build_megatron_model(cfg, config).to(device)
     init_weights(model)
-    module = model
-    if args.precision == "bf16":
-        before = {n: b.dtype for n, b in model.named_buffers() if b.is_floating_point()}
-        module = Float16Module(config, model)
-        keep_float_buffers(model, before)
+    module = to_bf16_module(model, config) if args.precision == "bf16" else model
     distributed = optimizer_kind == "megatron"
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed,
-                                               overlap_grad_reduce=args.overlap_grad_reduce)
-    ddp = DistributedDataParallel(config, ddp_config, module)
+    ddp = DistributedDataParallel(config, ddp_config(distributed, args.overlap_grad_reduce), module)
     ddp.train()
-    if distributed:
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-        opt_config = OptimizerConfig(optimizer="adam", lr=1e-4, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
-                                     adam_eps=1e-8, clip_grad=1.0, bf16=dtype == torch.bfloat16, params_dtype=dtype,
-                                     use_distributed_optimizer=True)
-        optimizer = get_megatron_optimizer(opt_config, [ddp])
-        if args.fused_adam:
-            set_fused_adam(optimizer, True)
+    if distributed:  # the trainer's (parallel.megatron_optimizer = distributed), weight decay 0
+        optimizer = distributed_optimizer(ddp, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, clip_grad=1.0,
+                                          bf16=dtype == torch.bfloat16, fused=args.fused_adam)
     else:
         params = [p for p in ddp.parameters() if p.requires_grad]
         optimizer = TorchAdam(params, 1e-4, fused=args.fused_adam and device.type in FUSED_DEVICES)
@@ -277,25 +258,6 @@ def train_step(setup: Setup, batch: dict[str, torch.Tensor], losses: list) -> No
                                 micro_batch_size=B, forward_only=False)
     finalize_model_grads([setup.ddp])
     setup.optimizer.step()
-
-
-def drop_graph_references(model: torch.nn.Module) -> None:
-    """Forget tensors of the last step that carry an autograd graph (the routers' `last_aux`, the
-    token dispatcher's `probs`). Their graphs' gradient-accumulator nodes hold the parameters and
-    Megatron DDP's hooks, which hold the model: a reference cycle through C++ that gc cannot
-    collect, so without this the model's memory outlives the measurement."""
-    def carries_graph(v) -> bool:
-        return torch.is_tensor(v) and v.grad_fn is not None
-
-    for module in model.modules():
-        owners = [module] + [v for v in vars(module).values()
-                             if hasattr(v, "__dict__") and not callable(v) and not isinstance(v, torch.nn.Module)]
-        for owner in owners:
-            for key, value in list(vars(owner).items()):
-                if carries_graph(value):
-                    setattr(owner, key, None)
-                elif isinstance(value, dict) and any(carries_graph(v) for v in value.values()):
-                    setattr(owner, key, {})
 
 
 def _synchronize(device: torch.device) -> None:

@@ -156,25 +156,13 @@ def make_batches(cfg, replicas: int, micro_batch: int, num_micro: int, seed: int
     return out
 
 
-def keep_float_buffers(module: torch.nn.Module, before: dict[str, torch.dtype]) -> None:
-    """Cast floating buffers back to the dtypes recorded in `before` (Float16Module casts them all)."""
-    for name, buf in list(module.named_buffers()):
-        if name in before and buf.dtype != before[name]:
-            owner, _, leaf = name.rpartition(".")
-            sub = module.get_submodule(owner) if owner else module
-            sub._buffers[leaf] = buf.to(before[name])
-
-
 def wrap_precision(model, config, dtype: torch.dtype):
     """bf16: Megatron's Float16Module (bf16 parameters), float buffers kept in fp32; fp32: as is."""
     if dtype == torch.float32:
         return model
-    from megatron.core.transformer.module import Float16Module
+    from moedit.engines.megatron.precision import to_bf16_module
 
-    before = {n: b.dtype for n, b in model.named_buffers() if b.is_floating_point()}
-    wrapped = Float16Module(config, model)
-    keep_float_buffers(model, before)
-    return wrapped
+    return to_bf16_module(model, config)
 
 
 # ----- routing record / replay --------------------------------------------------------------------------
@@ -296,7 +284,7 @@ def megatron_step(cfg, layout: str, precision: str, ref, batches, device: torch.
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from moedit.engines.megatron.convert import gather_global, global_to_canonical, load_canonical
-    from moedit.engines.megatron.model import build_megatron_model, transformer_config
+    from moedit.engines.megatron.model import build_megatron_model, drop_graph_references, transformer_config
 
     tp, pp, ep, _ = LAYOUTS[layout]
     dtype = DTYPES[precision]
@@ -335,24 +323,6 @@ def megatron_step(cfg, layout: str, precision: str, ref, batches, device: torch.
     decisions = {(r, block, call): sel for rank_records in gathered for r, block, call, sel in rank_records}
     drop_graph_references(model)
     return outputs, grads, decisions
-
-
-def drop_graph_references(model: torch.nn.Module) -> None:
-    """Forget tensors of the step that carry an autograd graph (routers' `last_aux`, the token
-    dispatcher's `probs`): their gradient-accumulator nodes hold the parameters and Megatron DDP's
-    hooks, a reference cycle through C++ that gc cannot collect (the model would stay on the GPU)."""
-    def carries_graph(v) -> bool:
-        return torch.is_tensor(v) and v.grad_fn is not None
-
-    for module in model.modules():
-        owners = [module] + [v for v in vars(module).values()
-                             if hasattr(v, "__dict__") and not callable(v) and not isinstance(v, torch.nn.Module)]
-        for owner in owners:
-            for key, value in list(vars(owner).items()):
-                if carries_graph(value):
-                    setattr(owner, key, None)
-                elif isinstance(value, dict) and any(carries_graph(v) for v in value.values()):
-                    setattr(owner, key, {})
 
 
 def reference_step(ref, batches, decisions, dp_rank: int, device: torch.device, replay: bool,
