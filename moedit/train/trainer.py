@@ -352,17 +352,22 @@ class Trainer:
         spread = self._threshold_spread()
 
         stats = snapshot_routing_stats(self.model, reset=True) if has_stats else None
+        self._write_interval(means, float(values[-1]), spread, stats)
+
+    def _write_interval(self, means: dict[str, float], data_wait: float, spread: float | None,
+                        stats: dict | None) -> None:
+        """Log one interval (main rank) from the mean loss terms, the data wait summed over ranks,
+        the threshold spread and the routing statistics; then start the next interval."""
         now = time.time()
-        elapsed = now - self._last_log_time
-        self._last_log_time = now
-        images = steps * self.cfg.train.global_batch_size
+        elapsed, self._last_log_time = now - self._last_log_time, now
         if self.engine.is_main:
+            world = self.engine.world_size
             metrics = {k if k in ("loss", "grad_norm") else f"loss/{k}": v for k, v in means.items()}
-            metrics.update(self._throughput(images, elapsed))
+            metrics.update(self._throughput(max(self._interval_steps, 1) * self.cfg.train.global_batch_size, elapsed))
             metrics["lr"] = self.lr
-            metrics["data_wait_s"] = float(values[-1]) / self.world
+            metrics["data_wait_s"] = data_wait / world
             metrics["skipped_steps"] = self.skipped_steps
-            metrics["world_size"] = self.world
+            metrics["world_size"] = world
             metrics["images_seen"] = self.step * self.cfg.train.global_batch_size
             if spread is not None:
                 metrics["dp/threshold_max_diff"] = spread
@@ -394,7 +399,7 @@ class Trainer:
         if peak:
             # model_info counts multiply-adds (DiT convention): 2 FLOPs each, 3x forward for training.
             flops = out["images_per_s"] * self.model_info["train_gflops_per_image"] * 1e9 * 2
-            out["mfu"] = flops / (peak * self.world)
+            out["mfu"] = flops / (peak * self.engine.world_size)  # per GPU
         return out
 
     @torch.no_grad()

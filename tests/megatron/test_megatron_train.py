@@ -77,6 +77,9 @@ def test_ep2_training_resume_and_resharding(tmp_path, digits_dir):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r.get("dp/threshold_max_diff", 0.0) == 0.0 for r in rows)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    # the same interval record as the other engines (base Trainer._write_interval): world size = GPUs/ranks
+    assert all(r["world_size"] == 2 and r["images_seen"] == r["step"] * 8 for r in rows)
+    assert all(any(k.startswith("data/") for k in r) for r in rows)
 
     # exact resume: from step 2 to 4 equals the uninterrupted run
     resumed = tmp_path / "resumed"

@@ -23,7 +23,6 @@ What differs from the other engines, and why:
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -323,27 +322,7 @@ class MegatronTrainer(Trainer):
             gathered = self.engine.all_gather_object(local["layers"] if first_copy else [])
             layers = sorted((layer for part in gathered for layer in part), key=lambda layer: layer["block"])
             stats = {"noise_bin_edges": local["noise_bin_edges"], "layers": layers}
-        spread = self._threshold_spread()
-        now = time.time()
-        elapsed, self._last_log_time = now - self._last_log_time, now
-        if self.engine.is_main:
-            metrics = {k if k in ("loss", "grad_norm") else f"loss/{k}": v for k, v in means.items()}
-            metrics.update(self._throughput(steps * self.cfg.train.global_batch_size, elapsed))
-            if "mfu" in metrics:  # per GPU: the base divides by data-parallel replicas only
-                metrics["mfu"] *= self.world / self.engine.world_size
-            metrics["lr"] = self.lr
-            metrics["data_wait_s"] = float(values[-1]) / self.engine.world_size
-            metrics["skipped_steps"] = self.skipped_steps
-            metrics["world_size"] = self.engine.world_size
-            metrics["images_seen"] = self.step * self.cfg.train.global_batch_size
-            if spread is not None:
-                metrics["dp/threshold_max_diff"] = spread
-            self.logger.log_metrics(self.step, metrics)
-            if stats is not None:
-                self.logger.log_routing(self.step, stats)
-        self._interval.clear()
-        self._interval_steps = 0
-        self._data_wait = 0.0
+        self._write_interval(means, float(values[-1]), self._threshold_spread(), stats)
 
     def _threshold_spread(self) -> float | None:
         thresholds = self.model.threshold_buffers()
