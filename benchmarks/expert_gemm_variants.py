@@ -9,23 +9,14 @@ dense FFN (S = E * K rows, one matmul): the gap is what batching over experts co
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for `moedit`
 
-def timed_us(fn, iters: int = 100) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / iters
+from moedit.models.cuda_graph import replay_time_us  # noqa: E402
 
 
 def main() -> None:
@@ -45,14 +36,14 @@ def main() -> None:
                  "bwd fc2 grad_h = g W2": (x, w2), "bwd fc2 grad_W2 = g^T h": (x.transpose(1, 2), h),
                  "bwd fc1 grad_x = g W1": (h, w1), "bwd fc1 grad_W1 = g^T x": (h.transpose(1, 2), x)}
         for name, (a, b) in cases.items():
-            t_bmm = timed_us(lambda: torch.bmm(a, b))
+            t_bmm = replay_time_us(lambda: torch.bmm(a, b))
             try:
-                t_grouped = timed_us(lambda: torch._grouped_mm(a, b))
+                t_grouped = replay_time_us(lambda: torch._grouped_mm(a, b))
             except (RuntimeError, AttributeError) as err:
                 print(f"  _grouped_mm: {str(err).splitlines()[0][:100]}")
                 t_grouped = float("nan")
             da, db = dense[name]
-            t_dense = timed_us(lambda: torch.mm(da, db))
+            t_dense = replay_time_us(lambda: torch.mm(da, db))
             print(f"{name:26s} {E:3d} {t_bmm:8.1f} {t_grouped:15.1f} {t_dense:12.1f}")
 
 

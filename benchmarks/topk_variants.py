@@ -5,23 +5,14 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for `moedit`
 
-def timed_us(fn, iters: int = 200) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / iters
+from moedit.models.cuda_graph import replay_time_us  # noqa: E402
 
 
 def main() -> None:
@@ -45,7 +36,7 @@ def main() -> None:
         }
         ref = stacked_t.topk(K, dim=1, sorted=True).values
         for name, fn in variants.items():
-            print(f"E={E:2d} K={K:4d} {name:45s} {timed_us(fn):8.1f} us")
+            print(f"E={E:2d} K={K:4d} {name:45s} {replay_time_us(fn, iters=200):8.1f} us")
         s = stacked_t.sort(dim=1, descending=True).values[:, :K]
         assert torch.equal(s, ref)
 

@@ -20,7 +20,7 @@ one forward per backward (no second forward of the same layer before the first o
 `CUDAGraphStep(fn)` captures a whole step instead (any no-argument callable: the forward and
 backward of a model, optionally the optimizer): gradients are produced inside the graph, with no
 copies. Its tensors (inputs, `.grad`) are static: copy new data into the captured inputs before
-each replay.
+each replay. `replay_time_us(fn)` times one replay of `fn` captured alone (micro-benchmarks).
 """
 
 from __future__ import annotations
@@ -149,3 +149,21 @@ class CUDAGraphStep:
     def __call__(self):
         self.graph.replay()
         return self.result
+
+
+def replay_time_us(fn, iters: int = 100) -> float:
+    """Microseconds per call of `fn` (no arguments) captured in a CUDA graph and replayed `iters`
+    times: GPU time without launch overhead. `fn` runs once eagerly first (warm-up, allocations)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters
