@@ -239,6 +239,12 @@ class Trainer:
                 terms = self.forward_backward_step(x, y, global_micro=a * self.world + self.engine.rank)
             for k, v in terms.items():
                 terms_sum[k] = terms_sum.get(k, 0) + v / self.accum_steps
+        return self._finish_step(terms_sum)
+
+    def _finish_step(self, terms_sum: dict[str, torch.Tensor]) -> bool:
+        """After the step's backward (every engine): skip it on a non-finite loss term on any rank,
+        else step the optimizer; count the step and add its terms to the log interval. Returns
+        whether a stop signal arrived on any rank."""
         # Name a component term before the total, which is non-finite whenever one of them is.
         order = [k for k in terms_sum if k != "loss"] + ["loss"]
         bad_term = next((k for k in order if not torch.isfinite(terms_sum[k])), None)
@@ -248,8 +254,7 @@ class Trainer:
         if nonfinite:
             self._handle_nonfinite(bad_term)
         else:
-            grad_norm = self.optimizer_step()
-            terms_sum["grad_norm"] = grad_norm
+            terms_sum["grad_norm"] = self.optimizer_step()
         self.step += 1
         if not nonfinite:
             for k, v in terms_sum.items():

@@ -208,20 +208,7 @@ class MegatronTrainer(Trainer):
             micro_batch_size=self.micro_batch, forward_only=False)
         finalize_model_grads([self.wrapped])
         terms_sum["loss"] = sum(terms_sum[k] for k in self._term_names)
-        bad = [k for k in self._term_names + ["loss"] if not torch.isfinite(terms_sum[k])]
-        flags = torch.tensor([float(bool(bad)), float(self._stop_signal is not None)], device=self.device)
-        self.engine.all_reduce_max_([flags])
-        nonfinite, stop = (bool(f) for f in flags.tolist())
-        if nonfinite:
-            self._handle_nonfinite(bad[0] if bad else None)
-        else:
-            terms_sum["grad_norm"] = self.optimizer_step()
-        self.step += 1
-        if not nonfinite:
-            for k, v in terms_sum.items():
-                self._interval[k] = self._interval.get(k, 0.0) + v.double()
-            self._interval_steps += 1
-        return stop
+        return self._finish_step(terms_sum)
 
     def _owned_params(self) -> list[torch.nn.Parameter]:
         """`owned_params(self.model)`, computed once."""
