@@ -120,7 +120,29 @@ def _parity_worker(rank, world_size, flavor, tp, pp, ep, seed, dispatcher=False)
     ref_grads = {k: p.grad for k, p in ref.named_parameters() if p.grad is not None}
     return {"outputs": outputs, "ref_outputs": ref_out if outputs else [], "grads": grads, "ref_grads": ref_grads,
             "thresholds": [b.clone() for b in model.threshold_buffers()],
+            "main_replicas": _main_replica_slices(model),
             "local_path": [m.local_path for m in moe_layers]}
+
+
+def _main_replica_slices(model):
+    """[(key, global shape, index)] of this rank's shards that are the main replica (replica id 0)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from moedit.engines.megatron.convert import _is_main_replica, _offsets_slice
+
+    return [(sh.key, tuple(sh.global_shape), _offsets_slice(sh)) for sh in model.sharded_state_dict().values()
+            if isinstance(sh, ShardedTensor) and _is_main_replica(sh)]
+
+
+def _check_main_replicas(results):
+    """Every element of every global tensor has exactly one main replica over all ranks: the
+    checkpoint, `gather_global` and the grad norm (`owned_params`) each rely on it."""
+    counts: dict[str, torch.Tensor] = {}
+    for r in results:
+        for key, shape, index in r["main_replicas"]:
+            counts.setdefault(key, torch.zeros(shape, dtype=torch.int32))[index] += 1
+    bad = {key: (int(c.min()), int(c.max())) for key, c in counts.items() if not bool((c == 1).all())}
+    assert counts and not bad, f"main replicas per element (min, max) != (1, 1): {bad}"
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -128,6 +150,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _check(results, rtol=1e-5):
+    _check_main_replicas(results)
     grads, ref_grads = results[0]["grads"], results[0]["ref_grads"]
     assert set(grads) == set(ref_grads), set(grads) ^ set(ref_grads)
     worst = max(((_rel(grads[k], ref_grads[k]), k) for k in ref_grads), key=lambda e: e[0])

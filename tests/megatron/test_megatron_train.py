@@ -117,6 +117,34 @@ def test_ep2_training_resume_and_resharding(tmp_path, digits_dir):
     assert grid.stat().st_size > 0
 
 
+def test_tp2_ep2_checkpoint_reshards_to_ep2_and_resumes(tmp_path, digits_dir):
+    """Issue 12 on CPU: TP=2 x EP=2 (4 ranks) saves a checkpoint that EP=2 (2 ranks) loads with the
+    canonical model's outputs and trains on from. Before the experts' replica id was fixed, some
+    expert slices had no main replica at TP x EP: the canonical files held zeros there."""
+    run = tmp_path / "tp2-ep2"
+    layout = {"tensor": 2, "expert": 2, "sequence_parallel": True}
+    results = run_distributed(_train, 4, digits_dir, run, 2, layout, timeout=400)
+    assert all(r["code"] == 0 for r in results)
+    ckpt = run / "checkpoints" / "step_0000002"
+    from moedit.train.checkpoint import load_for_inference
+
+    canonical, _ = load_for_inference(ckpt, use_ema=False)
+    experts = [p for name, p in canonical.named_parameters() if ".experts." in name and name.endswith("weight")]
+    assert experts and all(bool((p.abs().amax(dim=tuple(range(1, p.dim()))) > 0).all()) for p in experts)
+    ep2 = run_distributed(_load_outputs, 2, digits_dir, tmp_path / "load", ckpt, {"expert": 2}, timeout=300)
+    for r in ep2:
+        torch.testing.assert_close(r["out"], canonical.eval()(r["x"], r["t"], r["y"]), rtol=1e-5, atol=1e-6)
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt, resumed / "checkpoints" / "step_0000002")
+    (resumed / "checkpoints" / "latest").write_text("step_0000002\n")
+    assert all(r["code"] == 0 and r["step"] == 3
+               for r in run_distributed(_train, 2, digits_dir, resumed, 3, {"expert": 2}, timeout=300))
+    rows = _metrics(resumed)
+    assert [r["step"] for r in rows] == [3] and torch.isfinite(torch.tensor(rows[0]["loss"]))
+
+
 def test_pp2_training_loss_is_finite_and_thresholds_agree(tmp_path, digits_dir):
     run = tmp_path / "pp2"
     results = run_distributed(_train, 2, digits_dir, run, 2, {"pipeline": 2, "num_microbatches": 2}, timeout=300)

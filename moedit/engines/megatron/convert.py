@@ -115,13 +115,25 @@ def load_canonical(model, state: dict[str, torch.Tensor], cfg: ModelConfig) -> N
     load_global(model, canonical_to_global(state, cfg))
 
 
+def _is_main_replica(sh) -> bool:
+    replica = sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,)
+    return not any(replica)
+
+
 @torch.no_grad()
 def gather_global(model, what: str = "data", group=None, dst: int | None = None) -> dict[str, torch.Tensor]:
     """The full global-form tensors assembled from every rank (`what` = "data" or "grad"; a grad is
-    read from `main_grad` under Megatron DDP), as CPU tensors. Collective. With `dst` only that
-    global rank assembles them (the others return {}, holding no copy of the model); else every rank."""
-    pieces = []
+    read from `main_grad` under Megatron DDP), as float32 CPU tensors. Collective. With `dst` only that
+    global rank assembles them (the others return {}, holding no copy of the model); else every rank.
+
+    Only main replicas travel (replica id all zeros: one copy of each slice, whatever the data-parallel
+    size), one tensor at a time: a point-to-point send to `dst`, or a broadcast from its owner. So no
+    rank ever holds more than one slice in flight, and nothing is pickled (a 2B-parameter model
+    through `gather_object` took minutes and a world-size multiple of its size in memory)."""
+    pieces = []  # (key, global shape, index into the global tensor, local tensor)
     for sh in _sharded_tensors(model):
+        if not _is_main_replica(sh):
+            continue
         tensor = sh.data
         if what == "grad":
             param = _param_of(model, sh.data)
@@ -131,25 +143,40 @@ def gather_global(model, what: str = "data", group=None, dst: int | None = None)
             if grad is None:
                 continue
             tensor = grad
-        pieces.append((sh.key, tuple(sh.global_shape), _offsets_slice(sh), tensor.detach().float().cpu().clone()))
-    world = dist.get_world_size(group) if dist.is_initialized() else 1
-    gathered = [None] * world
-    if world == 1:
-        gathered = [pieces]
-    elif dst is None:
-        dist.all_gather_object(gathered, pieces, group=group)
-    else:
-        dist.gather_object(pieces, gathered if dist.get_rank() == dst else None, dst=dst, group=group)
-        if dist.get_rank() != dst:
-            return {}
+        pieces.append((sh.key, tuple(sh.global_shape), _offsets_slice(sh), tensor.detach()))
+    if not (dist.is_initialized() and dist.get_world_size(group) > 1):
+        return _assemble([(key, shape, index, t.float().cpu()) for key, shape, index, t in pieces])
+    me = dist.get_rank()
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    metadata = [None] * len(ranks)
+    dist.all_gather_object(metadata, [(key, shape, index, tuple(t.shape)) for key, shape, index, t in pieces],
+                           group=group)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+        else torch.device("cpu")
+    received = []
+    for owner, owner_pieces in zip(ranks, metadata):
+        for i, (key, shape, index, local_shape) in enumerate(owner_pieces):
+            if me == owner:
+                buffer = pieces[i][3].to(device, torch.float32).contiguous()
+            elif dst is None or me == dst:
+                buffer = torch.empty(local_shape, dtype=torch.float32, device=device)
+            else:
+                continue
+            if dst is None:
+                dist.broadcast(buffer, src=owner, group=group)
+            elif owner != dst:
+                (dist.send if me == owner else dist.recv)(buffer, owner if me == dst else dst, group=group)
+            if dst is None or me == dst:
+                received.append((key, shape, index, buffer.cpu()))
+    return _assemble(received) if dst is None or me == dst else {}
+
+
+def _assemble(pieces) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    for rank_pieces in gathered:
-        for key, shape, index, tensor in rank_pieces:
-            if key not in out:
-                out[key] = torch.zeros(shape)
-            out[key][index] = tensor.reshape(out[key][index].shape)
-    for key in list(out):  # drop prepended singleton axes
-        out[key] = out[key].reshape(out[key].shape)
+    for key, shape, index, tensor in pieces:
+        if key not in out:
+            out[key] = torch.zeros(shape)
+        out[key][index] = tensor.reshape(out[key][index].shape)
     return out
 
 

@@ -258,15 +258,19 @@ class MegatronExperts(MegatronModule):
         pass
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        """Each (E_local, ...) tensor is the slice [ep_rank * E_local, ...) of a global (E, ...) tensor."""
+        """Each (E_local, ...) tensor is the slice [ep_rank * E_local, ...) of a global (E, ...) tensor.
+        Its copies are the expert-data-parallel replicas: the replica id counts those only. (The
+        tensor-parallel rank is not part of it: at TP x EP the TP ranks hold different experts, and
+        counting it left some slices with no main replica, so the checkpoint, the gathers and the grad
+        norm each missed them.)"""
         ep_rank, ep_size = self.ep_group.rank(), self.ep_group.size()
-        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        etp_rank = parallel_state.get_expert_tensor_parallel_rank()  # 0: expert tensor parallel must be 1
         out = {}
         for name, tensor in self.impl.state_dict(keep_vars=True).items():
             key = f"{prefix}impl.{name}"
             out[key] = ShardedTensor.from_rank_offsets(
                 key, tensor, *sharded_offsets, (len(sharded_offsets), ep_rank, ep_size),
-                replica_id=(0, tp_rank, self.expt_dp_group.rank()), prepend_axis_num=len(sharded_offsets))
+                replica_id=(0, etp_rank, self.expt_dp_group.rank()), prepend_axis_num=len(sharded_offsets))
         return out
 
 
