@@ -92,3 +92,58 @@ def test_retention_keeps_last_n_and_every_mth(tmp_path, digits_dir):
     steps = [s for s, _ in list_checkpoints(tmp_path / "run" / "checkpoints")]
     assert steps == [4, 8, 9]
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_0000009"
+
+
+class _Exited(Exception):
+    pass
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_failed_rank_exits_without_tearing_down_the_group(world_size, tmp_path, digits_dir, monkeypatch, capsys):
+    """A rank that raises in a multi-process run leaves at once (no process-group teardown, which
+    waits on peers blocked in a collective); a single process tears down and re-raises as before."""
+    import argparse
+    import os
+
+    import moedit.train.cli as train_cli
+    import moedit.train.trainer as trainer_module
+
+    calls = []
+
+    class Engine:
+        rank, is_main, name, device = world_size - 1, world_size == 1, "ddp", "cpu"
+
+        def barrier(self):
+            pass
+
+        def shutdown(self):
+            calls.append("shutdown")
+
+    Engine.world_size = world_size
+
+    class FailingTrainer:
+        def __init__(self, cfg):
+            self.engine = Engine()
+
+        def setup(self):
+            raise RuntimeError("boom in setup")
+
+    def fake_exit(code):
+        raise _Exited(code)
+
+    monkeypatch.setattr(trainer_module, "Trainer", FailingTrainer)
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    cfg = {"model": {"flavor": "tiny-dense", "learn_sigma": False}, "data": {"path": str(digits_dir)},
+           "train": {"run_dir": str(tmp_path / "run")}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    args = argparse.Namespace(config=str(tmp_path / "c.yaml"), overrides=[], print_config=False)
+    if world_size == 1:
+        with pytest.raises(RuntimeError, match="boom in setup"):
+            train_cli.main(args)
+        assert calls == ["shutdown"]
+    else:
+        with pytest.raises(_Exited) as exited:
+            train_cli.main(args)
+        assert exited.value.args == (1,) and calls == []
+        err = capsys.readouterr().err
+        assert "[rank 1 of 2]" in err and "RuntimeError: boom in setup" in err
