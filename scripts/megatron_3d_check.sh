@@ -8,7 +8,8 @@
 #   (d) scripts/megatron_train_check.py on the run (loss falls, thresholds equal, canonical files),
 #       and the logged images/s per GPU and MFU of (b) (metrics.jsonl: MFU per GPU of the whole world).
 #   bash scripts/megatron_3d_check.sh [OUT_DIR]      (default $OUT; OPTIMIZER=distributed for Megatron's)
-#   PHASE=parity (a only) or PHASE=train (b-d only) splits it into two calls under 10 minutes each.
+#   PHASE=parity (a only) or PHASE=train (b-d only) splits it into two calls under 10 minutes each;
+#   LAYOUTS="tp2-ep2" runs the parity of those layouts only.
 # Each step has a time limit; outputs are tee'd into OUT_DIR and exit codes collected in summary.txt.
 set -uo pipefail
 out="${1:-${OUT:-/tmp/megatron_3d_check}}"
@@ -28,7 +29,7 @@ world=4 layouts="tp2-ep2 pp2-ep2 tp2-pp2" extra=()
 if [ "$gpus" -ge 8 ]; then
   world=8 layouts="tp2-pp2-ep2" extra=(parallel.pipeline=2 parallel.num_microbatches=4)
 fi
-phase="${PHASE:-all}"
+phase="${PHASE:-all}" layouts="${LAYOUTS:-$layouts}"
 # (a) parity, one invocation per layout
 [ "$phase" = train ] && layouts=""
 for layout in $layouts; do
