@@ -121,6 +121,8 @@ def time_layers(args, x, probe, ctx, param_dtype, autocast: bool) -> dict[tuple[
             layer = build_layer(kind, D, E, tokens_per_image).to(device, param_dtype).train()
             layer.combine_backend = args.combine
             layer.experts.bias_gelu_backend = args.bias_gelu
+            if args.fused_router and hasattr(layer.router, "fused_tail"):
+                layer.router.fused_tail = True
             if args.cuda_graph == "layer" and not autocast:
                 graph_moe_layer(layer, x, ctx)
             if args.compile:
@@ -237,6 +239,8 @@ def main() -> int:
                         help="MoE combine / dispatch-backward backend")
     parser.add_argument("--bias-gelu", default="auto", choices=["auto", "fused", "baddbmm"],
                         help="expert fc1 bias: fused into the GELU, or baddbmm")
+    parser.add_argument("--fused-router", action="store_true",
+                        help="DiffMoE's training tail through moedit/models/fused_router.py (opt-in)")
     parser.add_argument("--layer", default="", help="only layers whose name contains this (e.g. diffmoe)")
     parser.add_argument("--experts", type=int, default=0, help="only this number of experts")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels per layer")

@@ -11,11 +11,13 @@ run() { echo "=== $*"; timeout 150 "$@" 2>&1 | tee -a "$OUT/bench.log" | grep -v
 if [ "$1" != "bench" ]; then
   timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_models_fused.py tests/test_models_gpu.py 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -8
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_models_fused_router.py 2>&1 | tail -4
 fi
 run $B --kernel-time $PLAIN
 run $B --kernel-time
 run $B --cuda-graph step --kernel-time $PLAIN
 run $B --cuda-graph step --kernel-time
+run $B --cuda-graph step --kernel-time --layer diffmoe --fused-router
 run $B --cuda-graph layer
 run python3 benchmarks/expert_gemm_variants.py
 run python3 benchmarks/topk_variants.py

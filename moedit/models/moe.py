@@ -139,7 +139,8 @@ class RoutingStats:
             self.stat_tokens_per_expert_by_class.index_add_(0, ctx.labels, per_sample)
 
         constant = self._constant_increment(S, d)
-        slots, values = ["entropy_sum"], [torch.special.entr(d.probs).sum(dtype=torch.float64)]
+        entropy = d.entropy_sum if d.entropy_sum is not None else torch.special.entr(d.probs).sum(dtype=torch.float64)
+        slots, values = ["entropy_sum"], [entropy]
         if d.capacity is not None and d.valid is None:
             self.last_capacity = constant[SLOT["capacity_used_sum"]]
         else:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moedit.models.config import MoEConfig
+from moedit.models.fused_router import RouterTail, SelectionBCE, fused_tail_usable
 
 
 @dataclass
@@ -35,6 +36,7 @@ class RoutingDecision:
     predictor_prob: torch.Tensor | None = None  # (S, E) DiffMoE capacity-predictor probabilities
     predictor_hits: torch.Tensor | None = None  # (2,) float64: true positives, predicted positives
     tokens_per_sample: torch.Tensor | None = None  # (B, E) long real rows per sample and expert; None: from token_index
+    entropy_sum: torch.Tensor | None = None  # () float64 sum over tokens of the score entropy; None: from probs
 
 
 def _full_counts(num_experts: int, count: int, device: torch.device) -> torch.Tensor:
@@ -107,13 +109,20 @@ class DiffMoERouter(Router):
         E, D = cfg.num_experts, hidden_size
         self.capacity_predictor = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, E))
         self.register_buffer("expert_threshold", torch.zeros(E))
+        # opt-in: the training tail in a few Triton kernels (fused_router.py); same math, not yet
+        # measured faster on a GPU, so off by default (benchmarks/moe_layer.py --fused-router)
+        self.fused_tail = False
 
     def forward(self, x: torch.Tensor, batch_size: int) -> RoutingDecision:
         S, E = x.shape[0], self.num_experts
-        logits = router_float(self.gate(x))  # (S, E)
-        probs = logits.softmax(dim=-1)
+        logits = self.gate(x)  # (S, E)
         # detach: the predictor must not shape the backbone's features
-        pred_logits = router_float(self.capacity_predictor(x.detach()))  # (S, E)
+        pred_logits = self.capacity_predictor(x.detach())  # (S, E)
+        if (self.training and self.fused_tail and self.cfg.z_loss_coef == 0 and fused_tail_usable(logits)
+                and fused_tail_usable(pred_logits)):
+            return self._fused_training_decision(logits, pred_logits, batch_size)
+        logits, pred_logits = router_float(logits), router_float(pred_logits)
+        probs = logits.softmax(dim=-1)
         pred_prob = torch.sigmoid(pred_logits)
         aux = {"z": z_loss(logits)} if self.cfg.z_loss_coef > 0 else {}
         if not self.training and self.cfg.inference_mode != "static":
@@ -121,11 +130,7 @@ class DiffMoERouter(Router):
                 self.expert_threshold, self.cfg.global_threshold)
             decision = self._threshold_decision(probs, pred_prob > gamma.to(pred_prob.dtype)[None])
         else:
-            capacity = self.cfg.capacity if self.training else self.cfg.inference_capacity
-            K = int(S / E * capacity)
-            if K < 1:
-                raise ValueError(f"moe.capacity = {capacity}: gives K = int(S/E * C) = 0 tokens per expert "
-                                 f"for a pool of S = {S} tokens and E = {E}; raise capacity or the batch size")
+            K = self._tokens_per_expert(S, self.cfg.capacity if self.training else self.cfg.inference_capacity)
             if self.training:
                 decision = self._training_decision(probs, pred_logits, pred_prob.detach(), K, batch_size)
                 aux["predictor"] = decision.aux.pop("predictor")
@@ -136,6 +141,39 @@ class DiffMoERouter(Router):
         decision.aux = aux
         decision.predictor_prob = pred_prob.detach()
         return decision
+
+    def _tokens_per_expert(self, S: int, capacity: float) -> int:
+        E = self.num_experts
+        K = int(S / E * capacity)
+        if K < 1:
+            raise ValueError(f"moe.capacity = {capacity}: gives K = int(S/E * C) = 0 tokens per expert "
+                             f"for a pool of S = {S} tokens and E = {E}; raise capacity or the batch size")
+        return K
+
+    def _update_threshold(self, kth: torch.Tensor) -> None:
+        """EMA of each expert's K-th largest predictor probability."""
+        d = self.cfg.threshold_decay
+        self.expert_threshold.mul_(d).add_(kth.to(self.expert_threshold.dtype), alpha=1 - d)
+
+    def _fused_training_decision(self, logits, pred_logits, batch_size: int) -> RoutingDecision:
+        """`_training_decision` through fused_router.py: the same decision, loss, statistics and
+        threshold update from the (2E, S) stacked scores / probabilities, with no (E, S) mask."""
+        S, E = logits.shape
+        K = self._tokens_per_expert(S, self.cfg.capacity)
+        stacked, sums = RouterTail.apply(logits, pred_logits, self.expert_threshold)  # sums: entropy, softplus, predicted
+        values, index = stacked.topk(K, dim=1, sorted=False)  # (2E, K)
+        weight, index = values[:E], index[:E]
+        pred_prob_t = stacked[E:].detach()  # (E, S)
+        loss = SelectionBCE.apply(pred_logits, index, sums[1], pred_prob_t)
+        with torch.no_grad():
+            above = pred_prob_t.gather(1, index) > self.expert_threshold.float()[:, None]  # thresholds before the update
+            hits = torch.stack([above.sum(dtype=torch.float64), sums[2]])
+            self._update_threshold(values[E:].detach().amin(dim=1))
+            per_sample = torch.zeros(E, batch_size, dtype=torch.long, device=index.device).scatter_add_(
+                1, torch.div(index, S // batch_size, rounding_mode="floor"), torch.ones_like(index))
+        return RoutingDecision(index.reshape(-1), weight.reshape(-1), _full_counts(E, K, logits.device),
+                               stacked[:E].t(), capacity=K, aux={"predictor": loss}, predictor_prob=pred_prob_t.t(),
+                               predictor_hits=hits, tokens_per_sample=per_sample.t(), entropy_sum=sums[0])
 
     def _training_decision(self, probs, pred_logits, pred_prob, K: int, batch_size: int) -> RoutingDecision:
         """Top-K tokens per expert by score, the predictor's BCE against that selection, the
@@ -151,9 +189,7 @@ class DiffMoERouter(Router):
         # (true positives, predicted positives) of dynamic inference with the thresholds before this update
         predicted = (pred_prob.t() > self.expert_threshold.to(pred_prob.dtype)[:, None]).to(target.dtype)  # (E, S)
         hits = torch.stack([predicted * target, predicted]).sum(dim=(1, 2), dtype=torch.float64)  # (2,)
-        d = self.cfg.threshold_decay
-        kth = values[E:].detach().amin(dim=1)  # (E,) K-th largest predictor probability
-        self.expert_threshold.mul_(d).add_(kth.to(self.expert_threshold.dtype), alpha=1 - d)
+        self._update_threshold(values[E:].detach().amin(dim=1))  # (E,) K-th largest predictor probability
         per_sample = target.view(E, batch_size, S // batch_size).sum(dim=2)  # (E, B) tokens taken per sample
         return RoutingDecision(index.reshape(-1), weight.reshape(-1), _full_counts(E, K, probs.device), probs,
                                capacity=K, aux={"predictor": loss}, predictor_hits=hits,

@@ -1,0 +1,108 @@
+"""DiffMoE's fused training tail (moedit/models/fused_router.py) against the unfused router.
+
+Same layer, weights and batch through both: routing (each expert's token set), combine weights,
+layer output, predictor BCE, hit counts, threshold update, per-sample counts, the entropy
+statistic and every gradient. Float32, 1e-5. Runs on CUDA, or on CPU through Triton's
+interpreter where Triton is installed (CPU-only torch installs lack it: skipped there).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from moedit.models import ModelConfig, MoEConfig  # noqa: E402
+from moedit.models.moe import MoELayer, RoutingContext  # noqa: E402
+from moedit.models.stats import layer_snapshot  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rerun_in_interpreter(request) -> bool:
+    """Off CUDA, run this test in a child process with TRITON_INTERPRET=1 (Triton reads it when it
+    is imported, so it cannot be switched on here). True: the child ran it (and passed)."""
+    if DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
+                           cwd=request.config.rootpath, env={**os.environ, "TRITON_INTERPRET": "1"},
+                           capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
+    return True
+
+
+def _layer(num_experts: int, hidden: int, seed: int) -> MoELayer:
+    torch.manual_seed(seed)
+    moe = MoEConfig(router="diffmoe", num_experts=num_experts, first=0, every=1, capacity=1.0)
+    cfg = ModelConfig(input_size=8, patch_size=2, hidden_size=hidden, depth=1, num_heads=2, num_classes=3,
+                      mlp_ratio=2.0, moe=moe)
+    layer = MoELayer(cfg, 0, num_noise_bins=4).to(DEVICE)
+    torch.nn.init.normal_(layer.router.gate.weight, std=1.0)  # routing far from ties
+    layer.router.expert_threshold.uniform_(0.3, 0.7)  # so the hit counts are not trivial
+    return layer.train()
+
+
+def _run(layer: MoELayer, x: torch.Tensor, ctx: RoutingContext, fused: bool) -> dict:
+    layer.router.fused_tail = fused
+    layer.reset_stats()
+    layer.zero_grad()
+    x = x.clone().requires_grad_(True)
+    decisions = []
+    hook = layer.router.register_forward_hook(lambda module, args, decision: decisions.append(decision))
+    out = layer(x, ctx)
+    hook.remove()
+    decision = decisions[0]
+    (out.pow(2).mean() + layer.last_aux["predictor"]).backward()
+    E = layer.num_experts
+    sets = [sorted(decision.token_index.view(E, -1)[e].tolist()) for e in range(E)]
+    return {"fused_ran": decision.entropy_sum is not None, "sets": sets, "weight_sorted": decision.weight.view(E, -1).sort(dim=1).values.detach(),
+            "out": out.detach(), "predictor": layer.last_aux["predictor"].detach(),
+            "hits": decision.predictor_hits, "per_sample": decision.tokens_per_sample,
+            "threshold": layer.router.expert_threshold.clone(), "stats": layer_snapshot(layer),
+            "grads": {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None},
+            "x_grad": x.grad.clone()}
+
+
+@pytest.mark.parametrize("num_experts, hidden, tokens", [(4, 16, 64), (16, 32, 96), (6, 16, 80)])
+def test_fused_tail_matches_unfused_router(num_experts, hidden, tokens, request):
+    if _rerun_in_interpreter(request):
+        return
+    batch = 2
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, tokens // batch, hidden, generator=g).to(DEVICE)
+    level = torch.tensor([0.2, 0.8], device=DEVICE)
+    ctx = RoutingContext(batch, level, (level * 4).long(), torch.tensor([0, 2], device=DEVICE))
+    results = []
+    for fused in (False, True):
+        layer = _layer(num_experts, hidden, seed=0)
+        results.append(_run(layer, x, ctx, fused))
+        # the second forward runs with the updated thresholds: the hit counts depend on them
+        results[-1]["second"] = _run(layer, x, ctx, fused)
+    for ref, got in ((results[0], results[1]), (results[0]["second"], results[1]["second"])):
+        assert got["fused_ran"] and not ref["fused_ran"]
+        assert got["sets"] == ref["sets"]
+        torch.testing.assert_close(got["weight_sorted"], ref["weight_sorted"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["out"], ref["out"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["predictor"], ref["predictor"], rtol=1e-5, atol=1e-7)
+        assert torch.equal(got["hits"], ref["hits"]) and torch.equal(got["per_sample"], ref["per_sample"])
+        torch.testing.assert_close(got["threshold"], ref["threshold"], rtol=1e-6, atol=1e-7)
+        assert got["stats"]["tokens_per_expert_by_noise"] == ref["stats"]["tokens_per_expert_by_noise"]
+        assert got["stats"]["predictor_tp"] == ref["stats"]["predictor_tp"]
+        assert got["stats"]["entropy_sum"] == pytest.approx(ref["stats"]["entropy_sum"], rel=1e-5)
+        assert got["grads"].keys() == ref["grads"].keys()
+        for name in ref["grads"]:
+            torch.testing.assert_close(got["grads"][name], ref["grads"][name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(got["x_grad"], ref["x_grad"], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_tail_is_opt_in_and_falls_back_where_it_cannot_run():
+    layer = _layer(4, 16, seed=0)
+    assert layer.router.fused_tail is False
+    from moedit.models.fused_router import fused_tail_usable
+
+    assert not fused_tail_usable(torch.zeros(2, 2, dtype=torch.float64, device=DEVICE))  # float64: the reference path
