@@ -56,21 +56,26 @@ def main(args: argparse.Namespace) -> int:
 
 def _exit_without_teardown(exc: BaseException, engine) -> None:
     """One rank of a multi-process run failed: report it and leave at once. Tearing the process group
-    down would wait on the peers, which wait in their next collective for this rank (seen on 4 GPUs:
-    minutes, until the job's time limit). Exiting lets the launcher (torchrun, srun) stop the others.
-    Checkpoints are written atomically, so nothing saved is lost."""
+    down can wait on the peers, which wait in their next collective for this rank (a 4-GPU run whose
+    rank 0 raised in a checkpoint hung until the job's time limit instead of ending). Exiting lets
+    the launcher (torchrun, srun) stop the others. Checkpoints are written atomically, so nothing
+    saved is lost. A SystemExit keeps its code."""
     import os
     import traceback
 
     from moedit.errors import MoeditError
 
-    if isinstance(exc, MoeditError):
+    if isinstance(exc, SystemExit):
+        message = f"moedit train: exit {exc.code}\n"
+    elif isinstance(exc, MoeditError):
         message = f"moedit train: error: {exc}\n"
     else:
         message = "".join(traceback.format_exception(exc))
     sys.stderr.write(f"[rank {engine.rank} of {engine.world_size}] {message}")
     sys.stderr.flush()
     sys.stdout.flush()
+    if isinstance(exc, SystemExit):
+        os._exit(exc.code if isinstance(exc.code, int) else 1)
     os._exit(130 if isinstance(exc, KeyboardInterrupt) else 2 if isinstance(exc, MoeditError) else 1)
 
 
