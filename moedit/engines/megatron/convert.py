@@ -151,8 +151,8 @@ def gather_global(model, what: str = "data", group=None, dst: int | None = None)
     metadata = [None] * len(ranks)
     dist.all_gather_object(metadata, [(key, shape, index, tuple(t.shape)) for key, shape, index, t in pieces],
                            group=group)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
-        else torch.device("cpu")
+    nccl = "nccl" in str(dist.get_backend(group))  # "nccl", or a per-device list such as "cpu:gloo,cuda:nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     received = []
     for owner, owner_pieces in zip(ranks, metadata):
         for i, (key, shape, index, local_shape) in enumerate(owner_pieces):
