@@ -121,21 +121,9 @@ def test_bf16_module_casts_parameters_and_keeps_float_buffers_exactly():
 def _train(rank, world_size, digits_dir, run_dir, steps):
     os.environ["MOEDIT_MEGATRON_CPU"] = "1"
     from moedit.engines.megatron.trainer import MegatronTrainer
-    from moedit.train.config import config_from_dict
+    from test_megatron_train import _config
 
-    cfg = config_from_dict({
-        "model": {"flavor": "tiny-diffmoe", "input_size": 8, "in_channels": 1, "patch_size": 2, "num_classes": 10,
-                  "learn_sigma": False, "depth": 2, "hidden_size": 32, "num_heads": 2},
-        "moe": {"every": 2, "first": 1},
-        "diffusion": {"objective": "flow"},
-        "data": {"path": str(digits_dir), "num_workers": 0, "shuffle_buffer": 64},
-        "optim": {"lr": 1e-3},
-        "train": {"steps": steps, "global_batch_size": 4, "ema_decay": 0.9, "num_sample_images": 0,
-                  "run_dir": str(run_dir), "device": "cpu"},
-        "logging": {"log_every": 1, "tensorboard": False, "progress": "none"},
-        "checkpoint": {"every": 2, "keep_last": 5},
-        "parallel": {"engine": "megatron"},
-    })
+    cfg = _config(digits_dir, run_dir, steps, depth=2, batch=4)
     trainer = MegatronTrainer(cfg).setup()
     first = {"step": trainer.step, "kind": trainer.optimizer_kind,
              "weights": {k: v.clone() for k, v in trainer.canonical_state().items()},

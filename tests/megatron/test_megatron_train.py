@@ -18,17 +18,18 @@ import torch  # noqa: E402
 from harness import run_distributed  # noqa: E402
 
 
-def _config(digits_dir, run_dir, steps=4, **parallel):
+def _config(digits_dir, run_dir, steps=4, depth=4, batch=8, **parallel):
+    """A tiny DiffMoE on the digits for the Megatron engine on CPU (also used by the optimizer tests)."""
     from moedit.train.config import config_from_dict
 
     return config_from_dict({
         "model": {"flavor": "tiny-diffmoe", "input_size": 8, "in_channels": 1, "patch_size": 2, "num_classes": 10,
-                  "learn_sigma": False, "depth": 4, "hidden_size": 32, "num_heads": 2},
+                  "learn_sigma": False, "depth": depth, "hidden_size": 32, "num_heads": 2},
         "moe": {"every": 2, "first": 1},
         "diffusion": {"objective": "flow", "sample_steps": 2},
         "data": {"path": str(digits_dir), "num_workers": 0, "shuffle_buffer": 64},
         "optim": {"lr": 1e-3},
-        "train": {"steps": steps, "global_batch_size": 8, "ema_decay": 0.9, "num_sample_images": 0,
+        "train": {"steps": steps, "global_batch_size": batch, "ema_decay": 0.9, "num_sample_images": 0,
                   "run_dir": str(run_dir), "device": "cpu"},
         "logging": {"log_every": 1, "tensorboard": False, "progress": "none"},
         "checkpoint": {"every": 2, "keep_last": 5},
