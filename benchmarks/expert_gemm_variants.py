@@ -4,7 +4,8 @@
 
 Each row is one of the six GEMMs of an expert FFN's forward + backward (x (E, K, D), W1 (E, F, D),
 h (E, K, F), W2 (E, D, F)) in the layouts experts.ExpertLinear uses, next to the same GEMM of the
-dense FFN (S = E * K rows, one matmul): the gap is what batching over experts costs.
+dense FFN (S = E * K rows, one matmul): the gap is what batching over experts costs. Then the
+bias gradients (a sum over each expert's K rows) three ways.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for `moedit`
 
 from moedit.models.cuda_graph import replay_time_us  # noqa: E402
+from moedit.models.fused import BiasGelu  # noqa: E402
 
 
 def main() -> None:
@@ -45,7 +48,33 @@ def main() -> None:
             da, db = dense[name]
             t_dense = replay_time_us(lambda: torch.mm(da, db))
             print(f"{name:26s} {E:3d} {t_bmm:8.1f} {t_grouped:15.1f} {t_dense:12.1f}")
+    # the bias gradients of the expert projections: a sum over each expert's K rows
+    print(f"\n{'bias gradient (E, K, n)':26s} {'E':>3s} {'sum(1) us':>10s} {'fp32 sum us':>12s} {'bmm ones us':>12s}")
+    for E in (8, 16):
+        K = S // E
+        for name, g in (("fc2: n = D", xs.view(E, K, D)), ("fc1: n = F", hs.view(E, K, F))):
+            ones = torch.ones(E, 1, K, **bf16)
+            t_sum = replay_time_us(lambda: g.sum(1))
+            t_f32 = replay_time_us(lambda: g.sum(1, dtype=torch.float32))
+            t_bmm = replay_time_us(lambda: torch.bmm(ones, g))
+            print(f"{name:26s} {E:3d} {t_sum:10.1f} {t_f32:12.1f} {t_bmm:12.1f}")
 
+    # fc1's bias + GELU-tanh: the fused kernel's tile shapes, next to the dense FFN's GELU (no bias)
+    E, K = 16, S // 16
+    h, bias, grad = torch.randn(E, K, F, **bf16), torch.randn(E, F, **bf16), torch.randn(E, K, F, **bf16)
+    dense_h = h.view(S, F)
+    t_fwd = replay_time_us(lambda: torch.nn.functional.gelu(dense_h, approximate="tanh"))
+    t_bwd = replay_time_us(lambda: torch.ops.aten.gelu_backward(grad.view(S, F), dense_h, approximate="tanh"))
+    print(f"\n{'bias + GELU, E=16':26s} {'fwd us':>8s} {'bwd us':>8s}\n{'dense F.gelu (no bias)':26s} {t_fwd:8.1f} {t_bwd:8.1f}")
+    default = dict(BiasGelu.TILES)
+    for config in ((32, 128, 4), (64, 128, 8), (128, 64, 8), (64, 64, 4), (128, 128, 16), (64, 256, 8)):
+        BiasGelu.TILES = {False: config, True: config}
+        out, grad_h = torch.empty_like(h), torch.empty_like(h)
+        partial = torch.empty(E, triton.cdiv(K, config[0]), F, device="cuda")
+        t_fwd = replay_time_us(lambda: BiasGelu._launch(h, bias, out, h, out, backward=False))
+        t_bwd = replay_time_us(lambda: BiasGelu._launch(h, bias, grad_h, grad, partial, backward=True))
+        print(f"{'fused, tile ' + str(config):26s} {t_fwd:8.1f} {t_bwd:8.1f}")
+    BiasGelu.TILES = default
 
 if __name__ == "__main__":
     main()

@@ -86,7 +86,12 @@ def make_step(module, x: torch.Tensor, probe: torch.Tensor, ctx=None, autocast: 
     def step():
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             out = module(x, ctx) if ctx is not None else module(x)
-        out.backward(probe)
+        # as in training, the backward includes the layer's auxiliary losses (DiffMoE: the capacity
+        # predictor's BCE, whose backward runs the predictor's; token choice: the balance loss)
+        loss = (out * probe).sum()
+        for aux in getattr(module, "last_aux", {}).values():
+            loss = loss + aux
+        loss.backward()
         for p in params:  # as an optimizer's zero_grad(set_to_none=True) would
             p.grad = None
         x.grad = None
@@ -121,8 +126,8 @@ def time_layers(args, x, probe, ctx, param_dtype, autocast: bool) -> dict[tuple[
             layer = build_layer(kind, D, E, tokens_per_image).to(device, param_dtype).train()
             layer.combine_backend = args.combine
             layer.experts.bias_gelu_backend = args.bias_gelu
-            if args.fused_router and hasattr(layer.router, "fused_tail"):
-                layer.router.fused_tail = True
+            if args.unfused_router and hasattr(layer.router, "fused_tail"):
+                layer.router.fused_tail = False
             if args.cuda_graph == "layer" and not autocast:
                 graph_moe_layer(layer, x, ctx)
             if args.compile:
@@ -193,12 +198,15 @@ def profile(step, kind: str, E: int) -> None:
     from torch.profiler import profile as torch_profile
 
     step()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(5):
             step()
         torch.cuda.synchronize()
     print(f"\n--- {kind}, E={E}: top CUDA kernels over 5 fwd+bwd ---")
-    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=80, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=80, max_name_column_width=110))
+    print(f"\n--- {kind}, E={E}: operators by input shape over 5 fwd+bwd ---")
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="device_time_total", row_limit=40,
+                                                             max_name_column_width=40, max_shapes_column_width=70))
 
 
 def format_rows(rows: list[dict], param_label: str) -> str:
@@ -239,8 +247,8 @@ def main() -> int:
                         help="MoE combine / dispatch-backward backend")
     parser.add_argument("--bias-gelu", default="auto", choices=["auto", "fused", "baddbmm"],
                         help="expert fc1 bias: fused into the GELU, or baddbmm")
-    parser.add_argument("--fused-router", action="store_true",
-                        help="DiffMoE's training tail through moedit/models/fused_router.py (opt-in)")
+    parser.add_argument("--unfused-router", action="store_true",
+                        help="DiffMoE's training tail in plain PyTorch ops, not moedit/models/fused_router.py")
     parser.add_argument("--layer", default="", help="only layers whose name contains this (e.g. diffmoe)")
     parser.add_argument("--experts", type=int, default=0, help="only this number of experts")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels per layer")

@@ -17,7 +17,7 @@ run $B --kernel-time $PLAIN
 run $B --kernel-time
 run $B --cuda-graph step --kernel-time $PLAIN
 run $B --cuda-graph step --kernel-time
-run $B --cuda-graph step --kernel-time --layer diffmoe --fused-router
+run $B --cuda-graph step --kernel-time --layer diffmoe --unfused-router
 run $B --cuda-graph layer
 run python3 benchmarks/expert_gemm_variants.py
 run python3 benchmarks/topk_variants.py

@@ -137,6 +137,9 @@ def test_triton_gather_sum_and_bias_gelu_kernels(dtype):
     got = gather_sum(rows, inv, weight).double()
     tol = {torch.bfloat16: 1e-2, torch.float32: 1e-6, torch.float64: 1e-14}[dtype]
     assert (got - ref).norm() / ref.norm() < tol
+    out_bias = torch.randn(E, D, device="cuda", dtype=dtype)  # the experts' output bias, added per expert row
+    ref = gather_sum_reference(rows.double(), inv, weight.double(), out_bias.double())
+    assert (gather_sum(rows, inv, weight, out_bias).double() - ref).norm() / ref.norm() < tol
     h = torch.randn(E, K, D, device="cuda", dtype=dtype, requires_grad=True)
     bias = torch.randn(E, D, device="cuda", dtype=dtype, requires_grad=True)
     g = torch.randn_like(h)

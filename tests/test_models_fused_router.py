@@ -100,9 +100,55 @@ def test_fused_tail_matches_unfused_router(num_experts, hidden, tokens, request)
         torch.testing.assert_close(got["x_grad"], ref["x_grad"], rtol=1e-5, atol=1e-6)
 
 
-def test_fused_tail_is_opt_in_and_falls_back_where_it_cannot_run():
-    layer = _layer(4, 16, seed=0)
-    assert layer.router.fused_tail is False
+def test_fused_tail_is_the_default_and_falls_back_where_it_cannot_run():
     from moedit.models.fused_router import fused_tail_usable
 
+    layer = _layer(4, 16, seed=0)
+    assert layer.router.fused_tail is True
     assert not fused_tail_usable(torch.zeros(2, 2, dtype=torch.float64, device=DEVICE))  # float64: the reference path
+    x = torch.randn(2, 8, 16, device=DEVICE)
+    level = torch.tensor([0.2, 0.8], device=DEVICE)
+    ctx = RoutingContext(2, level, (level * 4).long(), None)
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    assert (_run(layer, x, ctx, fused=True)["fused_ran"]) == (DEVICE == "cuda" or interpreted)
+    layer.router.cfg.z_loss_coef = 1e-3  # the fused tail has no z-loss: the reference path runs
+    assert not _run(layer, x, ctx, fused=True)["fused_ran"]
+
+
+@pytest.mark.parametrize("chunk", [None, 32])  # None: each row in one chunk; 32: the chunked loop
+def test_selection_takes_the_top_k_with_ties_to_the_lowest_token(chunk, request, monkeypatch):
+    if _rerun_in_interpreter(request):
+        return
+    from moedit.models import fused_router
+
+    if chunk:
+        monkeypatch.setattr(fused_router, "_SELECT_BLOCK", chunk)
+    S, E, K = 100, 4, 25
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(S, E, generator=g)
+    logits[::3] = torch.tensor([3.0, 0.0, 0.0, 0.0])  # 34 equal top scores of expert 0: its K-th is a tie
+    pred = torch.randn(S, E, generator=g)
+    pred[10:40, 1] = 3.0  # 30 equal top probabilities of predictor 1
+    thresholds = torch.rand(E, generator=g)
+    logits, pred, thresholds = logits.to(DEVICE), pred.to(DEVICE), thresholds.to(DEVICE)
+    weight, loss, index, inverse, kth, stats, stacked = fused_router.DiffMoETail.apply(logits, pred, thresholds, K)
+
+    probs, q = logits.softmax(dim=1).t(), torch.sigmoid(pred).t()  # (E, S)
+    torch.testing.assert_close(kth, torch.cat([probs, q]).topk(K, dim=1).values[:, -1], rtol=1e-6, atol=0)
+    target = torch.zeros(E, S, device=DEVICE)
+    for e in range(E):
+        # reference: stable sort by score, descending, so equal scores keep token order
+        order = torch.sort(stacked[e], descending=True, stable=True).indices[:K].sort().values
+        assert index[e].tolist() == order.tolist(), e  # K tokens, in token order
+        torch.testing.assert_close(weight[e], probs[e, order], rtol=1e-6, atol=0)
+        target[e, order] = 1.0
+        rows = torch.full((S,), -1, dtype=torch.int32, device=DEVICE)
+        rows[order] = torch.arange(e * K, (e + 1) * K, dtype=torch.int32, device=DEVICE)
+        assert torch.equal(inverse[e], rows)
+    assert kth[0] == probs[0, 0] and kth[E + 1] == q[1, 10]  # the ties were at the K-th values
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(pred.t(), target)
+    torch.testing.assert_close(loss, bce, rtol=1e-5, atol=1e-7)
+    predicted = q > thresholds[:, None]
+    assert stats[1].item() == predicted.sum().item() and stats[2].item() == (predicted & (target > 0)).sum().item()
+    entropy = torch.special.entr(probs).sum(dtype=torch.float64)
+    torch.testing.assert_close(stats[0], entropy, rtol=1e-5, atol=0)

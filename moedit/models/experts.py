@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moedit.models.fused import BiasGelu, triton_usable
+from moedit.models.fused import BiasGelu, expert_row_sum, triton_usable
 
 
 GROUP_ALIGN = 8  # rows; 16 bytes of bf16
@@ -53,7 +53,7 @@ class ExpertLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None  # (E, K, in)
         grad_weight = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None  # (E, out, in)
-        grad_bias = grad.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None  # (E, out)
+        grad_bias = expert_row_sum(grad, grad.shape[0]) if ctx.has_bias and ctx.needs_input_grad[2] else None  # (E, out)
         return grad_x, grad_weight, grad_bias
 
 
@@ -96,14 +96,19 @@ class GroupedExperts(nn.Module):
         return [getattr(self, n).to(dtype) for n in names]
 
     @staticmethod
-    def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    def compute_dtype(x: torch.Tensor) -> torch.dtype:
         if torch.is_autocast_enabled(x.device.type):
             return torch.get_autocast_dtype(x.device.type)
         return x.dtype
 
-    def forward_uniform(self, x: torch.Tensor) -> torch.Tensor:
-        """(E, K, D) -> (E, K, D)."""
-        dtype = self._compute_dtype(x)
+    def output_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """(E, D) bias of the last projection (gelu experts), None without one (swiglu)."""
+        return self.fc2_bias.to(dtype) if self.ffn_type == "gelu" else None
+
+    def forward_uniform(self, x: torch.Tensor, output_bias: bool = True) -> torch.Tensor:
+        """(E, K, D) -> (E, K, D); without `output_bias`, the caller adds `self.output_bias` (moe.py's
+        combine does, inside its gather-sum)."""
+        dtype = self.compute_dtype(x)
         x = x.to(dtype)
         if self.ffn_type == "gelu":
             w1, w2 = self._weights(dtype)
@@ -112,14 +117,14 @@ class GroupedExperts(nn.Module):
                 h = BiasGelu.apply(ExpertLinear.apply(x, w1, None), self.fc1_bias.to(dtype))  # (E, K, F)
             else:
                 h = F.gelu(ExpertLinear.apply(x, w1, self.fc1_bias.to(dtype)), approximate="tanh")  # (E, K, F)
-            return ExpertLinear.apply(h, w2, self.fc2_bias.to(dtype))  # (E, K, D)
+            return ExpertLinear.apply(h, w2, self.fc2_bias.to(dtype) if output_bias else None)  # (E, K, D)
         wg, wu, wd = self._weights(dtype)
         h = F.silu(ExpertLinear.apply(x, wg, None)) * ExpertLinear.apply(x, wu, None)  # (E, K, F)
         return ExpertLinear.apply(h, wd, None)
 
     def forward_grouped(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """(N, D) rows sorted by expert, counts (E,) summing to N -> (N, D)."""
-        dtype = self._compute_dtype(x)
+        dtype = self.compute_dtype(x)
         x = x.to(dtype)
         backend = self.grouped_backend
         if backend == "grouped_mm" or (backend == "auto" and _grouped_mm_usable(x)):

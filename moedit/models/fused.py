@@ -60,14 +60,25 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def gather_sum_reference(rows: torch.Tensor, inv: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    """out[s] = sum_e weight[inv[e, s]] * rows[inv[e, s]] over inv[e, s] >= 0; (S, D) in rows.dtype."""
+def gather_sum_reference(rows: torch.Tensor, inv: torch.Tensor, weight: torch.Tensor | None,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """out[s] = sum_e weight[r] * (rows[r] + bias[e]) over r = inv[e, s] >= 0; (S, D) in rows.dtype.
+    With a bias, rows are uniform: expert e owns rows [e K, (e + 1) K)."""
     acc = _acc_dtype(rows.dtype)
     padded = torch.cat([rows.to(acc), rows.new_zeros(1, rows.shape[1], dtype=acc)])  # row N = zeros
+    if bias is not None:
+        padded[:-1] += bias.to(acc).repeat_interleave(rows.shape[0] // bias.shape[0], dim=0)
     if weight is not None:
         padded[:-1] *= weight.to(acc)[:, None]
     index = torch.where(inv >= 0, inv.long(), rows.shape[0])  # (E, S)
     return padded[index].sum(0).to(rows.dtype)  # (S, D), experts summed in order
+
+
+def expert_row_sum(rows: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E K, n) uniform rows -> (E, n) per-expert sums: a bias gradient. As one batched GEMV with a
+    ones vector: on an H100 at DiffMoE-L, E=16, about half the time of `sum(1)` over (E, K, n)."""
+    x = rows.reshape(num_experts, -1, rows.shape[-1])
+    return torch.bmm(x.new_ones(num_experts, 1, x.shape[1]), x).squeeze(1)
 
 
 def _gelu_tanh_grad(z: torch.Tensor) -> torch.Tensor:
@@ -80,8 +91,8 @@ def _gelu_tanh_grad(z: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
-    def _gather_sum_kernel(rows_ptr, inv_ptr, weight_ptr, out_ptr, S, D, E: tl.constexpr,
-                           HAS_WEIGHT: tl.constexpr, ACC_F64: tl.constexpr,
+    def _gather_sum_kernel(rows_ptr, inv_ptr, weight_ptr, bias_ptr, out_ptr, S, D, E: tl.constexpr,
+                           HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_F64: tl.constexpr,
                            BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
         s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -95,6 +106,10 @@ if triton is not None:
             r = r.to(tl.int64)
             v = tl.load(rows_ptr + r[:, None] * D + d[None, :], mask=hit[:, None] & d_ok[None, :], other=0.0)
             v = v.to(acc_type)
+            if HAS_BIAS:  # loaded for the hit rows only (an unmasked (E, BLOCK_D) load doubled the time)
+                b = tl.load(bias_ptr + e * D + d[None, :] + 0 * s[:, None], mask=hit[:, None] & d_ok[None, :],
+                            other=0.0)
+                v += b.to(acc_type)
             if HAS_WEIGHT:
                 v = v * tl.load(weight_ptr + r, mask=hit, other=0.0).to(acc_type)[:, None]
             acc += v
@@ -102,9 +117,10 @@ if triton is not None:
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=s_ok[:, None] & d_ok[None, :])
 
     @triton.jit
-    def _combine_backward_kernel(grad_ptr, rows_ptr, token_ptr, weight_ptr, grad_rows_ptr, grad_weight_ptr,
-                                 N, D, ACC_F64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        """grad_rows[r] = weight[r] * grad[token[r]]; grad_weight[r] = <grad[token[r]], rows[r]>."""
+    def _combine_backward_kernel(grad_ptr, rows_ptr, token_ptr, weight_ptr, bias_ptr, grad_rows_ptr, grad_weight_ptr,
+                                 N, D, K, HAS_BIAS: tl.constexpr, ACC_F64: tl.constexpr, BLOCK_R: tl.constexpr,
+                                 BLOCK_D: tl.constexpr):
+        """grad_rows[r] = weight[r] * grad[token[r]]; grad_weight[r] = <grad[token[r]], rows[r] (+ bias[r // K])>."""
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = r < N
         acc_type = tl.float64 if ACC_F64 else tl.float32
@@ -117,6 +133,8 @@ if triton is not None:
             m = r_ok[:, None] & (d < D)[None, :]
             g = tl.load(grad_ptr + token[:, None] * D + d[None, :], mask=m, other=0.0).to(acc_type)
             x = tl.load(rows_ptr + r[:, None] * D + d[None, :], mask=m, other=0.0).to(acc_type)
+            if HAS_BIAS:
+                x += tl.load(bias_ptr + (r // K)[:, None] * D + d[None, :], mask=m, other=0.0).to(acc_type)
             tl.store(grad_rows_ptr + r[:, None] * D + d[None, :],
                      (g * w[:, None]).to(grad_rows_ptr.dtype.element_ty), mask=m)
             dot += tl.sum(g * x, axis=1)
@@ -148,10 +166,11 @@ if triton is not None:
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def gather_sum(rows: torch.Tensor, inv: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """(N, D) rows, (E, S) inverse map, optional (N,) weights -> (S, D) in rows.dtype."""
+def gather_sum(rows: torch.Tensor, inv: torch.Tensor, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, D) rows, (E, S) inverse map, optional (N,) weights and (E, D) bias of uniform rows -> (S, D)."""
     if not triton_usable(rows):
-        return gather_sum_reference(rows, inv, weight)
+        return gather_sum_reference(rows, inv, weight, bias)
     rows, inv = rows.contiguous(), inv.contiguous()
     (E, S), D = inv.shape, rows.shape[1]
     out = rows.new_empty(S, D)
@@ -159,36 +178,46 @@ def gather_sum(rows: torch.Tensor, inv: torch.Tensor, weight: torch.Tensor | Non
     # inverse map in one go measured slower on an H100 (47 vs 30 us per call at DiffMoE-L, E=16)
     block_d = min(256, triton.next_power_of_2(D))
     grid = (triton.cdiv(S, 16), triton.cdiv(D, block_d))
-    _gather_sum_kernel[grid](rows, inv, weight if weight is not None else rows, out, S, D, E=E,
-                             HAS_WEIGHT=weight is not None, ACC_F64=rows.dtype == torch.float64,
-                             BLOCK_S=16, BLOCK_D=block_d, num_warps=4)
+    _gather_sum_kernel[grid](rows, inv, weight if weight is not None else rows,
+                             bias.contiguous() if bias is not None else rows, out, S, D, E=E,
+                             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                             ACC_F64=rows.dtype == torch.float64, BLOCK_S=16, BLOCK_D=block_d, num_warps=4)
     return out
 
 
 class GatherCombine(torch.autograd.Function):
-    """out[s] = sum over assignments r of token s of weight[r] * rows[r]: (N, D), (N,) -> (S, D)."""
+    """out[s] = sum over assignments r of token s of weight[r] * (rows[r] + bias[e(r)]): (N, D), (N,) -> (S, D).
+
+    `bias` (E, D) or None: the experts' output bias, added here instead of in their last GEMM (a
+    baddbmm would first copy the broadcast bias into its (E, K, D) output); rows must then be
+    uniform, expert e owning rows [e K, (e + 1) K)."""
 
     @staticmethod
-    def forward(ctx, rows, weight, token_index, inv):
-        ctx.save_for_backward(rows, weight, token_index)
-        return gather_sum(rows, inv, weight)
+    def forward(ctx, rows, weight, token_index, inv, bias=None):
+        ctx.save_for_backward(rows, weight, token_index, bias)
+        return gather_sum(rows, inv, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        rows, weight, token_index = ctx.saved_tensors
+        rows, weight, token_index, bias = ctx.saved_tensors
         grad = grad.contiguous()
+        N, D = rows.shape
+        E = bias.shape[0] if bias is not None else 1
         if not triton_usable(rows):
             g = grad.index_select(0, token_index)  # (N, D)
             acc = _acc_dtype(rows.dtype)
+            x = rows.to(acc) if bias is None else rows.to(acc) + bias.to(acc).repeat_interleave(N // E, dim=0)
             grad_rows = (g.to(acc) * weight.to(acc)[:, None]).to(rows.dtype)
-            grad_weight = (g.to(acc) * rows.to(acc)).sum(1).to(weight.dtype)
-            return grad_rows, grad_weight, None, None
-        N, D = rows.shape
-        grad_rows, grad_weight = torch.empty_like(rows), torch.empty_like(weight)
-        _combine_backward_kernel[(triton.cdiv(N, 8),)](
-            grad, rows.contiguous(), token_index, weight.contiguous(), grad_rows, grad_weight, N, D,
-            ACC_F64=rows.dtype == torch.float64, BLOCK_R=8, BLOCK_D=256, num_warps=4)
-        return grad_rows, grad_weight, None, None
+            grad_weight = (g.to(acc) * x).sum(1).to(weight.dtype)
+        else:
+            grad_rows, grad_weight = torch.empty_like(rows), torch.empty_like(weight)
+            _combine_backward_kernel[(triton.cdiv(N, 8),)](
+                grad, rows.contiguous(), token_index, weight.contiguous(),
+                bias.contiguous() if bias is not None else rows, grad_rows, grad_weight, N, D, N // E,
+                HAS_BIAS=bias is not None, ACC_F64=rows.dtype == torch.float64, BLOCK_R=8, BLOCK_D=256,
+                num_warps=4)
+        grad_bias = expert_row_sum(grad_rows, E) if bias is not None and ctx.needs_input_grad[4] else None
+        return grad_rows, grad_weight, None, None, grad_bias
 
 
 class GatherDispatch(torch.autograd.Function):
@@ -208,14 +237,17 @@ class GatherDispatch(torch.autograd.Function):
 class BiasGelu(torch.autograd.Function):
     """gelu_tanh(h + bias[:, None]) for h (E, K, F), bias (E, F); bias grad = sum over K."""
 
-    BLOCK_K, BLOCK_F = 32, 128
+    # (rows, columns, warps) per program: forward, backward (its per-block bias partial sums favour
+    # taller tiles; `benchmarks/expert_gemm_variants.py` times the alternatives)
+    TILES = {False: (32, 128, 4), True: (64, 128, 8)}
 
     @staticmethod
     def _launch(h, bias, out, grad, partial, backward: bool) -> None:
         E, K, F_ = h.shape
-        grid = (E * triton.cdiv(K, BiasGelu.BLOCK_K), triton.cdiv(F_, BiasGelu.BLOCK_F))
+        block_k, block_f, warps = BiasGelu.TILES[backward]
+        grid = (E * triton.cdiv(K, block_k), triton.cdiv(F_, block_f))
         _bias_gelu_kernel[grid](h, bias, out, grad, partial, K, F_, BACKWARD=backward,
-                                BLOCK_K=BiasGelu.BLOCK_K, BLOCK_F=BiasGelu.BLOCK_F, num_warps=4)
+                                BLOCK_K=block_k, BLOCK_F=block_f, num_warps=warps)
 
     @staticmethod
     def forward(ctx, h, bias):
@@ -236,6 +268,6 @@ class BiasGelu(torch.autograd.Function):
         h, bias, grad = h.contiguous(), bias.contiguous(), grad.contiguous()
         E, K, F_ = h.shape
         grad_h = torch.empty_like(h)
-        partial = torch.empty(E, triton.cdiv(K, BiasGelu.BLOCK_K), F_, dtype=torch.float32, device=h.device)
+        partial = torch.empty(E, triton.cdiv(K, BiasGelu.TILES[True][0]), F_, dtype=torch.float32, device=h.device)
         BiasGelu._launch(h, bias, grad_h, grad, partial, backward=True)
         return grad_h, partial.sum(1).to(bias.dtype) if ctx.needs_input_grad[1] else None

@@ -1,22 +1,33 @@
-"""DiffMoE's training-time router tail in a few kernels (opt-in: `DiffMoERouter.fused_tail`).
+"""DiffMoE's training-time router tail in three Triton kernels (`DiffMoERouter.fused_tail`).
 
 The unfused tail (routers.py, `DiffMoERouter._training_decision`) runs ~30 small kernels per
-forward over (S, E) tensors: casts, softmax, sigmoid, the stacked top-K input, a materialised
-(E, S) selection mask, the predictor's BCE against it, hit counts and the entropy statistic.
-Here one kernel reads the gate and predictor logits once and writes
+forward over (S, E) tensors: casts, softmax, sigmoid, a stacked top-K, a materialised (E, S)
+selection mask, the predictor's BCE against it, hit counts, the entropy statistic; plus the
+backward of each. Here:
 
-- `stacked` (2E, S) float32, contiguous: rows [0, E) the softmax scores (transposed), rows
-  [E, 2E) the predictor probabilities: the input of the one top-K, already in the layout topk
-  reads fastest;
-- per token block: the entropy sum of the scores, sum softplus(predictor logit), and the number
-  of (token, expert) pairs whose probability exceeds the expert's threshold.
+1. `_tail_forward_kernel`, per block of tokens: reads the gate and predictor logits once and
+   writes `stacked` (2E, S) float32 (rows [0, E) the softmax scores, rows [E, 2E) the predictor
+   probabilities) and per-block sums of the score entropy, softplus(predictor logit) and the
+   (token, expert) pairs whose probability exceeds the expert's threshold.
+2. `_select_kernel`, one program per row of `stacked`: the K-th largest value by bisection on its
+   bits (the values are probabilities, >= 0, so their float32 bit patterns order like the values;
+   it stops early once the count at or above the candidate is exactly K),
+   then, for a score row, the selection in token order: every value above the K-th, then ties at
+   it by lowest token index, until K. It writes the combine weights and token indices (E, K), the
+   inverse map (E, S) (row e*K + slot of each selected token, else -1; moe.py's combine reads it),
+   and per expert the sum of the selected predictor logits and the selected tokens the predictor
+   called (its true positives). Predictor rows only give their K-th value (the threshold EMA).
+3. `_tail_backward_kernel`, per block of tokens: the softmax backward from the combine weights'
+   gradient (read through the inverse map) and the BCE gradient, (sigmoid(z) - t) / (E S) with
+   t = 1 where the inverse map has a row.
 
 The BCE needs no mask: with t = 1 on the K selected tokens of each expert,
-sum_{e,s} BCE(z, t) = sum softplus(z) - sum_{selected} z, and its gradient is
-(sigmoid(z) - t) / (E S), i.e. the probabilities with 1 subtracted at the selected entries.
+sum_{e,s} BCE(z, t) = sum softplus(z) - sum_{selected} z.
 
-Same values as the unfused tail up to float32 summation order (tests/test_models_fused_router.py).
-Needs Triton; the kernels run on CUDA, or on CPU under TRITON_INTERPRET=1 (tests only).
+Same values as the unfused tail up to float32 summation order, and the same selection but for
+ties at the K-th score (`torch.topk` leaves their order unspecified; here the lowest token index
+wins): tests/test_models_fused_router.py. Needs Triton; the kernels run on CUDA, or on CPU under
+TRITON_INTERPRET=1 (tests only).
 """
 
 from __future__ import annotations
@@ -31,11 +42,12 @@ try:
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-_PARTIALS = 3  # entropy sum, softplus sum, predicted positives
+_BLOCK_S = 64  # tokens per program of the forward and backward kernels
+_SELECT_BLOCK = 16384  # elements per chunk of the select kernel (a row up to this size stays in registers)
 
 
 def fused_tail_usable(logits: torch.Tensor) -> bool:
-    """Triton present, a float dtype the kernel reads, and CUDA (or the Triton interpreter)."""
+    """Triton present, a float dtype the kernels read, and CUDA (or the Triton interpreter)."""
     if triton is None or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     return logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
@@ -71,78 +83,160 @@ if triton is not None:
         tl.store(partial_ptr + pid * 3 + 2, tl.sum(tl.sum(above, axis=1), axis=0))
 
     @triton.jit
-    def _softmax_backward_kernel(grad_ptr, stacked_ptr, out_ptr, S, stride_os, stride_oe,
-                                 E: tl.constexpr, E_P: tl.constexpr, BLOCK_S: tl.constexpr):
-        """d logits = p * (g - sum_e p g), from the transposed scores and their gradient."""
-        pid = tl.program_id(0)
-        s = pid * BLOCK_S + tl.arange(0, BLOCK_S)
+    def _count_at_least(row_ptr, S, cand, key, BLOCK: tl.constexpr, ONE_CHUNK: tl.constexpr):
+        """#{s: key[s] >= cand}; `key` is the row's keys when the row is one chunk (in registers)."""
+        if ONE_CHUNK:
+            count = tl.sum((key >= cand).to(tl.int32), axis=0)
+        else:
+            count = 0
+            for c0 in range(0, S, BLOCK):
+                offs = c0 + tl.arange(0, BLOCK)
+                k = tl.load(row_ptr + offs, mask=offs < S, other=-1.0).to(tl.int32, bitcast=True)
+                count += tl.sum((k >= cand).to(tl.int32), axis=0)
+        return count
+
+    @triton.jit
+    def _min_at_least(row_ptr, S, t, key, BLOCK: tl.constexpr, ONE_CHUNK: tl.constexpr):
+        """min{key[s]: key[s] >= t} (there is one)."""
+        big = 0x7FFFFFFF
+        if ONE_CHUNK:
+            smallest = tl.min(tl.where(key >= t, key, big), axis=0)
+        else:
+            smallest = big
+            for c0 in range(0, S, BLOCK):
+                offs = c0 + tl.arange(0, BLOCK)
+                k = tl.load(row_ptr + offs, mask=offs < S, other=-1.0).to(tl.int32, bitcast=True)
+                smallest = tl.minimum(smallest, tl.min(tl.where(k >= t, k, big), axis=0))
+        return smallest
+
+    @triton.jit
+    def _select_kernel(stacked_ptr, pred_ptr, thr_ptr, weight_ptr, index_ptr, inv_ptr, kth_ptr, row_stats_ptr,
+                       S, K, stride_ps, stride_pe, E: tl.constexpr, BLOCK: tl.constexpr, ONE_CHUNK: tl.constexpr):
+        r = tl.program_id(0)
+        row_ptr = stacked_ptr + r.to(tl.int64) * S
+        offs0 = tl.arange(0, BLOCK)
+        # masked slots read -1.0: a negative key, below every candidate (candidates are >= 1)
+        key0 = tl.load(row_ptr + offs0, mask=offs0 < S, other=-1.0).to(tl.int32, bitcast=True)
+        # the K-th largest key: raise t one bit at a time from the top while #{key >= t} >= K stays
+        # true, until that count is exactly K (then {key >= t} is the top K) or the bits run out
+        t, count, bit = 0, S, 1 << 30
+        while (bit > 0) & (count != K):
+            cand = t | bit
+            c = _count_at_least(row_ptr, S, cand, key0, BLOCK, ONE_CHUNK)
+            t = tl.where(c >= K, cand, t)
+            count = tl.where(c >= K, c, count)
+            bit = bit >> 1
+        t = _min_at_least(row_ptr, S, t, key0, BLOCK, ONE_CHUNK)  # the K-th largest key itself
+        tl.store(kth_ptr + r, t.to(tl.float32, bitcast=True))
+        if r < E:
+            # ties at t: the lowest token indices, as many as K - #{key > t} (at least 1)
+            need = K - _count_at_least(row_ptr, S, t + 1, key0, BLOCK, ONE_CHUNK)
+            thr = tl.load(thr_ptr + r).to(tl.float32)
+            taken, ties_seen = 0, 0
+            z_sum, hits = 0.0, 0
+            for c0 in range(0, S, BLOCK):
+                offs = c0 + offs0
+                in_row = offs < S
+                v = tl.load(row_ptr + offs, mask=in_row, other=-1.0)
+                key = v.to(tl.int32, bitcast=True)
+                tie = (key == t) & in_row
+                tie_rank = ties_seen + tl.cumsum(tie.to(tl.int32), axis=0) - tie.to(tl.int32)
+                sel = (key > t) | (tie & (tie_rank < need))
+                sel_i = sel.to(tl.int32)
+                slot = taken + tl.cumsum(sel_i, axis=0) - sel_i
+                tl.store(weight_ptr + r * K + slot, v, mask=sel)
+                tl.store(index_ptr + r * K + slot, offs.to(tl.int64), mask=sel)
+                tl.store(inv_ptr + r.to(tl.int64) * S + offs, tl.where(sel, r * K + slot, -1), mask=in_row)
+                z = tl.load(pred_ptr + offs.to(tl.int64) * stride_ps + r * stride_pe, mask=sel, other=0.0)
+                q = tl.load(row_ptr + E * S + offs, mask=sel, other=0.0)
+                z_sum += tl.sum(z.to(tl.float32), axis=0)
+                hits += tl.sum((sel & (q > thr)).to(tl.int32), axis=0)
+                taken += tl.sum(sel_i, axis=0)
+                ties_seen += tl.sum(tie.to(tl.int32), axis=0)
+            tl.store(row_stats_ptr + r * 2, z_sum)
+            tl.store(row_stats_ptr + r * 2 + 1, hits.to(tl.float32))
+
+    @triton.jit
+    def _tail_backward_kernel(stacked_ptr, inv_ptr, grad_weight_ptr, grad_loss_ptr, grad_logit_ptr, grad_pred_ptr,
+                              S, stride_ls, stride_le, stride_ps, stride_pe, scale,
+                              E: tl.constexpr, E_P: tl.constexpr, BLOCK_S: tl.constexpr):
+        """d logits = p * (g - sum_e p g), g the combine weights' gradient at the selected (e, s);
+        d pred_logits = (q - t) * grad_loss / (E S), t = 1 at the selected (e, s)."""
+        s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
         e = tl.arange(0, E_P)
         m = (s < S)[:, None] & (e < E)[None, :]
         at = e[None, :] * S + s[:, None]
         p = tl.load(stacked_ptr + at, mask=m, other=0.0)
-        g = tl.load(grad_ptr + at, mask=m, other=0.0)
+        q = tl.load(stacked_ptr + E * S + at, mask=m, other=0.0)
+        row = tl.load(inv_ptr + at, mask=m, other=-1)
+        hit = row >= 0
+        g = tl.load(grad_weight_ptr + row, mask=m & hit, other=0.0)
         d = p * (g - tl.sum(p * g, axis=1)[:, None])
-        tl.store(out_ptr + s[:, None] * stride_os + e[None, :] * stride_oe, d.to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(grad_logit_ptr + s[:, None] * stride_ls + e[None, :] * stride_le,
+                 d.to(grad_logit_ptr.dtype.element_ty), mask=m)
+        grad_loss = tl.load(grad_loss_ptr).to(tl.float32) * scale
+        dz = (q - tl.where(hit, 1.0, 0.0)) * grad_loss
+        tl.store(grad_pred_ptr + s[:, None] * stride_ps + e[None, :] * stride_pe,
+                 dz.to(grad_pred_ptr.dtype.element_ty), mask=m)
 
 
-_BLOCK_S = 64
+class DiffMoETail(torch.autograd.Function):
+    """DiffMoE's training decision from the gate and predictor logits (S, E), thresholds (E,) and K.
 
-
-class RouterTail(torch.autograd.Function):
-    """(logits, pred_logits (S, E), thresholds (E,)) -> (stacked (2E, S) float32, partial sums (3,)).
-
-    Gradient flows to `logits` through the score rows of `stacked` (the top-K values are the
-    combine weights); the probability rows and the partial sums are statistics (no gradient)."""
+    Returns (weight (E, K) float32, loss () float32, index (E, K) long, inverse (E, S) int32,
+    kth (2E,) float32, stats (3,) float64, stacked (2E, S) float32):
+    - weight / index: each expert's K selected tokens in token order, their softmax scores;
+    - loss: the predictor's BCE, mean over (E, S), against the selection;
+    - inverse: row e*K + slot of each selected (e, s), else -1;
+    - kth: each row's K-th largest value (rows [E, 2E): the predictor's, for the threshold EMA);
+    - stats: entropy sum of the scores, predicted positives, true positives (thresholds as given);
+    - stacked: rows [0, E) the scores, [E, 2E) the predictor probabilities.
+    Gradients flow to the gate logits through `weight` and to the predictor logits through `loss`.
+    """
 
     @staticmethod
-    def forward(ctx, logits, pred_logits, thresholds):
+    def forward(ctx, logits, pred_logits, thresholds, K: int):
         S, E = logits.shape
-        stacked = torch.empty(2 * E, S, dtype=torch.float32, device=logits.device)
+        device = logits.device
+        thresholds = thresholds.float().contiguous()
+        stacked = torch.empty(2 * E, S, dtype=torch.float32, device=device)
         blocks = triton.cdiv(S, _BLOCK_S)
-        partial = torch.empty(blocks, _PARTIALS, dtype=torch.float32, device=logits.device)
-        _tail_forward_kernel[(blocks,)](logits, pred_logits, thresholds.float().contiguous(), stacked, partial, S,
+        partial = torch.empty(blocks, 3, dtype=torch.float32, device=device)
+        _tail_forward_kernel[(blocks,)](logits, pred_logits, thresholds, stacked, partial, S,
                                         logits.stride(0), logits.stride(1), pred_logits.stride(0),
                                         pred_logits.stride(1), E=E, E_P=triton.next_power_of_2(E), BLOCK_S=_BLOCK_S)
-        ctx.save_for_backward(stacked)
-        ctx.logits_dtype = logits.dtype
-        sums = partial.sum(dim=0, dtype=torch.float64)
-        ctx.mark_non_differentiable(sums)
-        return stacked, sums
+        weight = torch.empty(E, K, dtype=torch.float32, device=device)
+        index = torch.empty(E, K, dtype=torch.long, device=device)
+        inverse = torch.empty(E, S, dtype=torch.int32, device=device)
+        kth = torch.empty(2 * E, dtype=torch.float32, device=device)
+        row_stats = torch.empty(E, 2, dtype=torch.float32, device=device)
+        block = min(triton.next_power_of_2(S), _SELECT_BLOCK)
+        _select_kernel[(2 * E,)](stacked, pred_logits, thresholds, weight, index, inverse, kth, row_stats, S, K,
+                                 pred_logits.stride(0), pred_logits.stride(1), E=E, BLOCK=block,
+                                 ONE_CHUNK=S <= block, num_warps=min(16, max(4, block // 1024)))
+        sums = partial.sum(dim=0, dtype=torch.float64)  # entropy, softplus, predicted positives
+        row_sums = row_stats.sum(dim=0, dtype=torch.float64)  # selected predictor logits, true positives
+        loss = ((sums[1] - row_sums[0]) / (E * S)).to(torch.float32)
+        stats = torch.stack([sums[0], sums[2], row_sums[1]])
+        ctx.save_for_backward(stacked, inverse)
+        ctx.dtypes = (logits.dtype, pred_logits.dtype)
+        ctx.mark_non_differentiable(index, inverse, kth, stats, stacked)
+        return weight, loss, index, inverse, kth, stats, stacked
 
     @staticmethod
-    def backward(ctx, grad_stacked, _grad_partial):
-        (stacked,) = ctx.saved_tensors
-        E2, S = stacked.shape
-        E = E2 // 2
-        grad_logits = torch.empty(S, E, dtype=ctx.logits_dtype, device=stacked.device)
-        _softmax_backward_kernel[(triton.cdiv(S, _BLOCK_S),)](
-            grad_stacked.contiguous(), stacked, grad_logits, S, grad_logits.stride(0), grad_logits.stride(1),
+    def backward(ctx, grad_weight, grad_loss, *_):
+        stacked, inverse = ctx.saved_tensors
+        E, S = inverse.shape
+        device = stacked.device
+        # (autograd materialises the gradient of an unused output as zeros)
+        grad_weight, grad_loss = grad_weight.float().contiguous(), grad_loss.float()
+        grad_logits = torch.empty(S, E, dtype=ctx.dtypes[0], device=device)
+        grad_pred = torch.empty(S, E, dtype=ctx.dtypes[1], device=device)
+        _tail_backward_kernel[(triton.cdiv(S, _BLOCK_S),)](
+            stacked, inverse, grad_weight, grad_loss, grad_logits, grad_pred, S, grad_logits.stride(0),
+            grad_logits.stride(1), grad_pred.stride(0), grad_pred.stride(1), 1.0 / (E * S),
             E=E, E_P=triton.next_power_of_2(E), BLOCK_S=_BLOCK_S)
-        return grad_logits, None, None
+        return grad_logits, grad_pred, None, None
 
 
-class SelectionBCE(torch.autograd.Function):
-    """mean over (E, S) of BCE(pred_logits.t(), t), t = 1 on each expert's selected tokens `index` (E, K).
-
-    Forward from sums (no (E, S) mask): (sum softplus(z) - sum_selected z) / (E S); the softplus sum
-    comes from `RouterTail`. Backward: (sigmoid(z) - t) / (E S), from the stacked probabilities."""
-
-    @staticmethod
-    def forward(ctx, pred_logits, index, softplus_sum, pred_prob_t):
-        S, E = pred_logits.shape
-        selected = pred_logits.t().gather(1, index).sum(dtype=torch.float64)
-        ctx.save_for_backward(index, pred_prob_t)
-        ctx.pred_dtype = pred_logits.dtype
-        return ((softplus_sum - selected) / (E * S)).to(torch.float32)
-
-    @staticmethod
-    def backward(ctx, grad):
-        index, pred_prob_t = ctx.saved_tensors
-        E, S = pred_prob_t.shape
-        scale = grad.float() / (E * S)
-        grad_t = pred_prob_t * scale  # (E, S)
-        grad_t.scatter_(1, index, (pred_prob_t.gather(1, index) - 1.0) * scale)
-        return grad_t.t().to(ctx.pred_dtype), None, None, None
-
-
-__all__ = ["RouterTail", "SelectionBCE", "fused_tail_usable"]
+__all__ = ["DiffMoETail", "fused_tail_usable"]

@@ -225,17 +225,21 @@ def run_experts(pool: torch.Tensor, decision: RoutingDecision, experts: GroupedE
     E = experts.num_experts
     gather = backend == "gather" or (backend == "auto" and triton_usable(pool))
     if gather:
-        inv = inverse_map(decision.token_index, row_expert, decision.valid, E, S)  # (E, S)
+        inv = decision.inverse if decision.inverse is not None else inverse_map(
+            decision.token_index, row_expert, decision.valid, E, S)  # (E, S)
         dispatched = GatherDispatch.apply(pool, decision.token_index, inv)  # (N, D)
     else:
         # index_select, not pool[idx]: its backward is an index_add, not a sort-based index_put
         dispatched = pool.index_select(0, decision.token_index)  # (N, D)
+    bias = None  # uniform rows + gather-sum: the experts' output bias is added in the combine
     if decision.capacity is not None:
-        out = experts.forward_uniform(dispatched.view(E, decision.capacity, D)).reshape(-1, D)  # (N, D)
+        x = dispatched.view(E, decision.capacity, D)
+        bias = experts.output_bias(experts.compute_dtype(x)) if gather else None
+        out = experts.forward_uniform(x, output_bias=bias is None).reshape(-1, D)  # (N, D)
     else:
         out = experts.forward_grouped(dispatched, decision.tokens_per_expert)  # (N, D)
     if gather:
-        return GatherCombine.apply(out, decision.weight, decision.token_index, inv)  # (S, D)
+        return GatherCombine.apply(out, decision.weight, decision.token_index, inv, bias)  # (S, D)
     weighted = out * decision.weight.to(out.dtype).unsqueeze(1)
     # in place into fresh zeros: the out-of-place index_add would clone them first
     return torch.zeros(S, D, dtype=out.dtype, device=pool.device).index_add_(0, decision.token_index, weighted)

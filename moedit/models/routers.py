@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moedit.models.config import MoEConfig
-from moedit.models.fused_router import RouterTail, SelectionBCE, fused_tail_usable
+from moedit.models.fused_router import DiffMoETail, fused_tail_usable
 
 
 @dataclass
@@ -37,6 +37,7 @@ class RoutingDecision:
     predictor_hits: torch.Tensor | None = None  # (2,) float64: true positives, predicted positives
     tokens_per_sample: torch.Tensor | None = None  # (B, E) long real rows per sample and expert; None: from token_index
     entropy_sum: torch.Tensor | None = None  # () float64 sum over tokens of the score entropy; None: from probs
+    inverse: torch.Tensor | None = None  # (E, S) int32 row of each (expert, token) assignment or -1; None: built
 
 
 def _full_counts(num_experts: int, count: int, device: torch.device) -> torch.Tensor:
@@ -109,9 +110,9 @@ class DiffMoERouter(Router):
         E, D = cfg.num_experts, hidden_size
         self.capacity_predictor = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, E))
         self.register_buffer("expert_threshold", torch.zeros(E))
-        # opt-in: the training tail in a few Triton kernels (fused_router.py); same math, not yet
-        # measured faster on a GPU, so off by default (benchmarks/moe_layer.py --fused-router)
-        self.fused_tail = False
+        # the training tail in three Triton kernels (fused_router.py) where they run (CUDA, z-loss off);
+        # False: the PyTorch ops below (the reference; benchmarks/moe_layer.py --unfused-router)
+        self.fused_tail = True
 
     def forward(self, x: torch.Tensor, batch_size: int) -> RoutingDecision:
         S, E = x.shape[0], self.num_experts
@@ -157,23 +158,18 @@ class DiffMoERouter(Router):
 
     def _fused_training_decision(self, logits, pred_logits, batch_size: int) -> RoutingDecision:
         """`_training_decision` through fused_router.py: the same decision, loss, statistics and
-        threshold update from the (2E, S) stacked scores / probabilities, with no (E, S) mask."""
+        threshold update in three kernels, plus the inverse map the combine reads."""
         S, E = logits.shape
         K = self._tokens_per_expert(S, self.cfg.capacity)
-        stacked, sums = RouterTail.apply(logits, pred_logits, self.expert_threshold)  # sums: entropy, softplus, predicted
-        values, index = stacked.topk(K, dim=1, sorted=False)  # (2E, K)
-        weight, index = values[:E], index[:E]
-        pred_prob_t = stacked[E:].detach()  # (E, S)
-        loss = SelectionBCE.apply(pred_logits, index, sums[1], pred_prob_t)
+        weight, loss, index, inverse, kth, stats, stacked = DiffMoETail.apply(
+            logits, pred_logits, self.expert_threshold, K)
         with torch.no_grad():
-            above = pred_prob_t.gather(1, index) > self.expert_threshold.float()[:, None]  # thresholds before the update
-            hits = torch.stack([above.sum(dtype=torch.float64), sums[2]])
-            self._update_threshold(values[E:].detach().amin(dim=1))
-            per_sample = torch.zeros(E, batch_size, dtype=torch.long, device=index.device).scatter_add_(
-                1, torch.div(index, S // batch_size, rounding_mode="floor"), torch.ones_like(index))
+            self._update_threshold(kth[E:])
+            per_sample = (inverse.view(E, batch_size, S // batch_size) >= 0).sum(dim=2)  # (E, B)
         return RoutingDecision(index.reshape(-1), weight.reshape(-1), _full_counts(E, K, logits.device),
-                               stacked[:E].t(), capacity=K, aux={"predictor": loss}, predictor_prob=pred_prob_t.t(),
-                               predictor_hits=hits, tokens_per_sample=per_sample.t(), entropy_sum=sums[0])
+                               stacked[:E].t(), capacity=K, aux={"predictor": loss}, predictor_prob=stacked[E:].t(),
+                               predictor_hits=stats[1:].flip(0), tokens_per_sample=per_sample.t(), entropy_sum=stats[0],
+                               inverse=inverse)
 
     def _training_decision(self, probs, pred_logits, pred_prob, K: int, batch_size: int) -> RoutingDecision:
         """Top-K tokens per expert by score, the predictor's BCE against that selection, the
