@@ -48,8 +48,11 @@ cfg=configs/megatron_diffmoe_l_e16_3d.yaml
 common=(train.run_dir=$run data.path=$data logging.progress=lines parallel.megatron_optimizer="${OPTIMIZER:-auto}" checkpoint.every=200)
 step train_3d 300 torchrun --standalone --nproc_per_node "$world" -m moedit.cli train $cfg "${common[@]}" \
   "${extra[@]}" train.steps=200
-step train_2gpu 150 torchrun --standalone --nproc_per_node 2 -m moedit.cli train $cfg "${common[@]}" \
+cp "$run/metrics.jsonl" "$out/metrics_3d.jsonl" 2>/dev/null
+# the 2-GPU launch writes a 2 B-parameter checkpoint at its last step: ~100 s of the limit on 4 x H200
+step train_2gpu 300 torchrun --standalone --nproc_per_node 2 -m moedit.cli train $cfg "${common[@]}" \
   parallel.tensor=1 parallel.sequence_parallel=false parallel.pipeline=1 train.steps=220 logging.log_every=5
+cp "$run/metrics.jsonl" "$out/metrics.jsonl" 2>/dev/null
 step train_check 60 python3 scripts/megatron_train_check.py $run --steps 220
 step throughput 10 python3 - "$run/metrics.jsonl" <<'PY'
 import json, sys
