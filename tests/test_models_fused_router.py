@@ -145,7 +145,7 @@ def test_selection_takes_the_top_k_with_ties_to_the_lowest_token(chunk, request,
         rows = torch.full((S,), -1, dtype=torch.int32, device=DEVICE)
         rows[order] = torch.arange(e * K, (e + 1) * K, dtype=torch.int32, device=DEVICE)
         assert torch.equal(inverse[e], rows)
-    assert kth[0] == probs[0, 0] and kth[E + 1] == q[1, 10]  # the ties were at the K-th values
+    assert kth[0] == stacked[0, 0] and kth[E + 1] == stacked[E + 1, 10]  # the ties were at the K-th values
     bce = torch.nn.functional.binary_cross_entropy_with_logits(pred.t(), target)
     torch.testing.assert_close(loss, bce, rtol=1e-5, atol=1e-7)
     predicted = q > thresholds[:, None]
