@@ -128,6 +128,8 @@ def time_layers(args, x, probe, ctx, param_dtype, autocast: bool) -> dict[tuple[
             layer.experts.bias_gelu_backend = args.bias_gelu
             if args.unfused_router and hasattr(layer.router, "fused_tail"):
                 layer.router.fused_tail = False
+            if args.unfused_predictor and hasattr(layer.router, "fused_predictor"):
+                layer.router.fused_predictor = False
             if args.cuda_graph == "layer" and not autocast:
                 graph_moe_layer(layer, x, ctx)
             if args.compile:
@@ -205,7 +207,7 @@ def profile(step, kind: str, E: int) -> None:
     print(f"\n--- {kind}, E={E}: top CUDA kernels over 5 fwd+bwd ---")
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=80, max_name_column_width=110))
     print(f"\n--- {kind}, E={E}: operators by input shape over 5 fwd+bwd ---")
-    print(prof.key_averages(group_by_input_shape=True).table(sort_by="device_time_total", row_limit=40,
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_device_time_total", row_limit=70,
                                                              max_name_column_width=40, max_shapes_column_width=70))
 
 
@@ -249,6 +251,8 @@ def main() -> int:
                         help="expert fc1 bias: fused into the GELU, or baddbmm")
     parser.add_argument("--unfused-router", action="store_true",
                         help="DiffMoE's training tail in plain PyTorch ops, not moedit/models/fused_router.py")
+    parser.add_argument("--unfused-predictor", action="store_true",
+                        help="DiffMoE: the capacity predictor as its three modules, not fused_predictor.py's kernels")
     parser.add_argument("--layer", default="", help="only layers whose name contains this (e.g. diffmoe)")
     parser.add_argument("--experts", type=int, default=0, help="only this number of experts")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels per layer")

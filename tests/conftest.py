@@ -10,6 +10,28 @@ torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture
+def rerun_in_triton_interpreter(request):
+    """For Triton kernel tests. Returns a function: off CUDA, it runs the calling test again in a
+    child process with TRITON_INTERPRET=1 (Triton reads it at import, so it cannot be switched on
+    in this process), asserts that the child passed and returns True; on CUDA, or inside that child,
+    it returns False and the test goes on here."""
+
+    def rerun() -> bool:
+        import subprocess
+        import sys
+
+        if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+            return False
+        child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
+                               cwd=request.config.rootpath, env={**os.environ, "TRITON_INTERPRET": "1"},
+                               capture_output=True, text=True, timeout=600)
+        assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
+        return True
+
+    return rerun
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
     """The built-in digits prepared once per test session (1,797 real 8x8 images)."""

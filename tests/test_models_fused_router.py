@@ -9,8 +9,6 @@ interpreter where Triton is installed (CPU-only torch installs lack it: skipped 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,18 +20,6 @@ from moedit.models.moe import MoELayer, RoutingContext  # noqa: E402
 from moedit.models.stats import layer_snapshot  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _rerun_in_interpreter(request) -> bool:
-    """Off CUDA, run this test in a child process with TRITON_INTERPRET=1 (Triton reads it when it
-    is imported, so it cannot be switched on here). True: the child ran it (and passed)."""
-    if DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
-                           cwd=request.config.rootpath, env={**os.environ, "TRITON_INTERPRET": "1"},
-                           capture_output=True, text=True, timeout=600)
-    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
-    return True
 
 
 def _layer(num_experts: int, hidden: int, seed: int) -> MoELayer:
@@ -48,7 +34,7 @@ def _layer(num_experts: int, hidden: int, seed: int) -> MoELayer:
 
 
 def _run(layer: MoELayer, x: torch.Tensor, ctx: RoutingContext, fused: bool) -> dict:
-    layer.router.fused_tail = fused
+    layer.router.fused_tail = layer.router.fused_predictor = fused
     layer.reset_stats()
     layer.zero_grad()
     x = x.clone().requires_grad_(True)
@@ -69,8 +55,8 @@ def _run(layer: MoELayer, x: torch.Tensor, ctx: RoutingContext, fused: bool) -> 
 
 
 @pytest.mark.parametrize("num_experts, hidden, tokens", [(4, 16, 64), (16, 32, 96), (6, 16, 80)])
-def test_fused_tail_matches_unfused_router(num_experts, hidden, tokens, request):
-    if _rerun_in_interpreter(request):
+def test_fused_tail_matches_unfused_router(num_experts, hidden, tokens, rerun_in_triton_interpreter):
+    if rerun_in_triton_interpreter():
         return
     batch = 2
     g = torch.Generator().manual_seed(1)
@@ -116,8 +102,8 @@ def test_fused_tail_is_the_default_and_falls_back_where_it_cannot_run():
 
 
 @pytest.mark.parametrize("chunk", [None, 32])  # None: each row in one chunk; 32: the chunked loop
-def test_selection_takes_the_top_k_with_ties_to_the_lowest_token(chunk, request, monkeypatch):
-    if _rerun_in_interpreter(request):
+def test_selection_takes_the_top_k_with_ties_to_the_lowest_token(chunk, rerun_in_triton_interpreter, monkeypatch):
+    if rerun_in_triton_interpreter():
         return
     from moedit.models import fused_router
 
@@ -149,6 +135,6 @@ def test_selection_takes_the_top_k_with_ties_to_the_lowest_token(chunk, request,
     bce = torch.nn.functional.binary_cross_entropy_with_logits(pred.t(), target)
     torch.testing.assert_close(loss, bce, rtol=1e-5, atol=1e-7)
     predicted = q > thresholds[:, None]
-    assert stats[1].item() == predicted.sum().item() and stats[2].item() == (predicted & (target > 0)).sum().item()
+    assert stats[1].item() == (predicted & (target > 0)).sum().item() and stats[2].item() == predicted.sum().item()
     entropy = torch.special.entr(probs).sum(dtype=torch.float64)
     torch.testing.assert_close(stats[0], entropy, rtol=1e-5, atol=0)

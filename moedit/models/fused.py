@@ -19,6 +19,7 @@ so float64 tensors take the PyTorch version.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,8 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 def triton_usable(t: torch.Tensor, float64: bool = True) -> bool:
     """Whether the Triton kernels run for this tensor (CUDA, Triton installed, a dtype they take)."""
     dtypes = (torch.bfloat16, torch.float16, torch.float32) + ((torch.float64,) if float64 else ())
-    return triton is not None and t.is_cuda and t.dtype in dtypes
+    device_ok = t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter: kernel tests on CPU
+    return triton is not None and device_ok and t.dtype in dtypes
 
 
 def inverse_map(token_index: torch.Tensor, row_expert: torch.Tensor, valid: torch.Tensor | None,
@@ -80,11 +82,28 @@ def _rows_with_bias(rows: torch.Tensor, bias: torch.Tensor | None, acc: torch.dt
 
 
 def expert_row_sum(rows: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """(E K, n) uniform rows -> (E, n) per-expert sums: a bias gradient. As one batched GEMV with a
-    ones vector: on an H100 at DiffMoE-L, E=16, 5.9 us instead of 10.5 us for `sum(1)` at n = D
-    (26.2 vs 28.9 us at n = F; benchmarks/expert_gemm_variants.py)."""
+    """(E K, n) uniform rows -> (E, n) per-expert sums: a bias gradient, or (num_experts = 1) a sum of
+    partial sums. As one batched GEMV with a ones vector: on an H100 at DiffMoE-L, E=16, 5.9 us
+    instead of 10.5 us for `sum(1)` at n = D (26.2 vs 28.9 us at n = F;
+    benchmarks/expert_gemm_variants.py); for small float32 partial sums ~7 us for `sum(0)`."""
     x = rows.reshape(num_experts, -1, rows.shape[-1])
     return torch.bmm(x.new_ones(num_experts, 1, x.shape[1]), x).squeeze(1)
+
+
+def sum_slices(part: torch.Tensor) -> torch.Tensor:
+    """(R, ...) float32 partial sums -> (...) their sum over dim 0. A Triton kernel where one runs: for
+    the kernels' (slices, E, D) partials, torch's sum(0) took ~7 us and a ones-vector GEMV up to 14 us
+    on an H100 (benchmarks/gather_sum_variants.py)."""
+    if not triton_usable(part, float64=False) or part.dtype != torch.float32:
+        return part.sum(0)
+    flat = part.reshape(part.shape[0], -1).contiguous()
+    R, N = flat.shape
+    out = torch.empty(N, dtype=torch.float32, device=part.device)
+    # ~512 programs of at most 4096 elements per step: a few slow programs (128 columns each) took 25 us
+    block_n = min(256, max(16, triton.next_power_of_2(triton.cdiv(N, 512))))
+    block_r = min(triton.next_power_of_2(R), max(1, 4096 // block_n))
+    _sum_slices_kernel[(triton.cdiv(N, block_n),)](flat, out, R, N, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4)
+    return out.view(part.shape[1:])
 
 
 def _gelu_tanh_grad(z: torch.Tensor) -> torch.Tensor:
@@ -123,6 +142,39 @@ if triton is not None:
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=s_ok[:, None] & d_ok[None, :])
 
     @triton.jit
+    def _gather_sum_compact_kernel(rows_ptr, inv_ptr, weight_ptr, bias_ptr, out_ptr, S, D, E: tl.constexpr,
+                                   E_P: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                   ACC_F64: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        """As `_gather_sum_kernel`, but the block's (E, BLOCK_S) inverse map is read once and its hits
+        listed per token first: the loop runs over the j-th hit of each token (as many steps as the
+        block's largest hit count, ~3 for expert choice at capacity 1) instead of over all E experts,
+        each step one gather. Same order of addition (experts ascending), so the same sums."""
+        s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        e = tl.arange(0, E_P)
+        s_ok, d_ok = s < S, d < D
+        inv = tl.load(inv_ptr + e[:, None] * S + s[None, :], mask=(e < E)[:, None] & s_ok[None, :], other=-1)
+        hit = inv >= 0  # (E_P, BLOCK_S)
+        rank = tl.cumsum(hit.to(tl.int32), axis=0) - 1  # j of each hit among its token's hits
+        count = tl.sum(hit.to(tl.int32), axis=0)  # (BLOCK_S,)
+        acc_type = tl.float64 if ACC_F64 else tl.float32
+        acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=acc_type)
+        for j in range(0, tl.max(count, axis=0)):
+            pick = hit & (rank == j)
+            r = tl.sum(tl.where(pick, inv, 0), axis=0)  # (BLOCK_S,) the j-th hit's row
+            ok = count > j
+            m = ok[:, None] & d_ok[None, :]
+            v = tl.load(rows_ptr + r.to(tl.int64)[:, None] * D + d[None, :], mask=m, other=0.0).to(acc_type)
+            if HAS_BIAS:
+                ej = tl.sum(tl.where(pick, e[:, None], 0), axis=0)  # (BLOCK_S,) its expert
+                v += tl.load(bias_ptr + ej[:, None] * D + d[None, :], mask=m, other=0.0).to(acc_type)
+            if HAS_WEIGHT:
+                v = v * tl.load(weight_ptr + r, mask=ok, other=0.0).to(acc_type)[:, None]
+            acc += v
+        out = out_ptr + s.to(tl.int64)[:, None] * D + d[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=s_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
     def _combine_backward_kernel(grad_ptr, rows_ptr, token_ptr, weight_ptr, bias_ptr, grad_rows_ptr, grad_weight_ptr,
                                  N, D, K, HAS_BIAS: tl.constexpr, ACC_F64: tl.constexpr, BLOCK_R: tl.constexpr,
                                  BLOCK_D: tl.constexpr):
@@ -147,11 +199,24 @@ if triton is not None:
         tl.store(grad_weight_ptr + r, dot.to(grad_weight_ptr.dtype.element_ty), mask=r_ok)
 
     @triton.jit
+    def _sum_slices_kernel(part_ptr, out_ptr, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+        """out[n] = sum_r part[r, n] in float32, in order of r blocks (deterministic); part (R, N) float32."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            v = tl.load(part_ptr + r.to(tl.int64)[:, None] * N + n[None, :], mask=(r < R)[:, None] & n_ok[None, :],
+                        other=0.0)
+            acc += tl.sum(v, axis=0)
+        tl.store(out_ptr + n, acc, mask=n_ok)
+
+    @triton.jit
     def _bias_gelu_kernel(h_ptr, bias_ptr, out_ptr, grad_ptr, partial_ptr, K, F,
                           BACKWARD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr):
         """h, out, grad: (E, K, F) contiguous; bias (E, F). Forward: out = gelu_tanh(h + bias[e]).
         Backward: out = grad * gelu_tanh'(h + bias[e]), and partial[e, k-block] = its sum over the
-        block's rows (float32; the bias gradient is partial.sum(1), deterministic)."""
+        block's rows (float32; the bias gradient is their sum over blocks, deterministic)."""
         blocks_k = tl.cdiv(K, BLOCK_K)
         e, kb = tl.program_id(0) // blocks_k, tl.program_id(0) % blocks_k
         k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -172,6 +237,10 @@ if triton is not None:
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
+# gather-sum kernel and tile (tokens, columns, warps); benchmarks/gather_sum_variants.py sweeps them
+GATHER_SUM = {"kernel": "compact", "tile": (2, 1024, 4)}
+
+
 def gather_sum(rows: torch.Tensor, inv: torch.Tensor, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """(N, D) rows, (E, S) inverse map, optional (N,) weights and (E, D) bias of uniform rows -> (S, D)."""
@@ -180,14 +249,19 @@ def gather_sum(rows: torch.Tensor, inv: torch.Tensor, weight: torch.Tensor | Non
     rows, inv = rows.contiguous(), inv.contiguous()
     (E, S), D = inv.shape, rows.shape[1]
     out = rows.new_empty(S, D)
-    # 16 tokens x 256 columns per program; an autotuned variant that loaded the (E, 16) block of the
-    # inverse map in one go measured slower on an H100 (47 vs 30 us per call at DiffMoE-L, E=16)
-    block_d = min(256, triton.next_power_of_2(D))
-    grid = (triton.cdiv(S, 16), triton.cdiv(D, block_d))
-    _gather_sum_kernel[grid](rows, inv, weight if weight is not None else rows,
-                             bias.contiguous() if bias is not None else rows, out, S, D, E=E,
-                             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                             ACC_F64=rows.dtype == torch.float64, BLOCK_S=16, BLOCK_D=block_d, num_warps=4)
+    block_s, block_d, warps = GATHER_SUM["tile"]
+    block_d = min(block_d, triton.next_power_of_2(D))
+    grid = (triton.cdiv(S, block_s), triton.cdiv(D, block_d))
+    args = (rows, inv, weight if weight is not None else rows, bias.contiguous() if bias is not None else rows, out,
+            S, D)
+    flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACC_F64=rows.dtype == torch.float64,
+                 BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps)
+    if GATHER_SUM["kernel"] == "compact":
+        _gather_sum_compact_kernel[grid](*args, E=E, E_P=triton.next_power_of_2(E), **flags)
+    elif GATHER_SUM["kernel"] == "per_expert":
+        _gather_sum_kernel[grid](*args, E=E, **flags)
+    else:
+        raise ValueError(f"GATHER_SUM['kernel'] = {GATHER_SUM['kernel']!r}: use 'compact' or 'per_expert'")
     return out
 
 
@@ -276,4 +350,6 @@ class BiasGelu(torch.autograd.Function):
         grad_h = torch.empty_like(h)
         partial = torch.empty(E, triton.cdiv(K, BiasGelu.TILES[True][0]), F_, dtype=torch.float32, device=h.device)
         BiasGelu._launch(h, bias, grad_h, grad, partial, backward=True)
-        return grad_h, partial.sum(1).to(bias.dtype) if ctx.needs_input_grad[1] else None
+        if not ctx.needs_input_grad[1]:
+            return grad_h, None
+        return grad_h, expert_row_sum(partial.view(-1, F_), E).to(bias.dtype)

@@ -118,7 +118,8 @@ if triton is not None:
         # masked slots read -1.0: a negative key, below every candidate (candidates are >= 1)
         key0 = tl.load(row_ptr + offs0, mask=offs0 < S, other=-1.0).to(tl.int32, bitcast=True)
         # the K-th largest key: raise t one bit at a time from the top while #{key >= t} >= K stays
-        # true, until that count is exactly K (then {key >= t} is the top K) or the bits run out
+        # true, until that count is exactly K (then {key >= t} is the top K) or the bits run out.
+        # (Five bits a step from tl.histogram digit counts took 32 us instead of 22.5 on an H100.)
         t, count, bit = 0, S, 1 << 30
         while (bit > 0) & (count != K):
             cand = t | bit
@@ -157,6 +158,31 @@ if triton is not None:
             tl.store(row_stats_ptr + r * 2 + 1, hits.to(tl.float32))
 
     @triton.jit
+    def _tail_finalize_kernel(partial_ptr, row_stats_ptr, loss_ptr, stats_ptr, blocks, pairs, E: tl.constexpr,
+                              E_P: tl.constexpr, BLOCK_B: tl.constexpr):
+        """Float64 sums of the forward's per-block and the select's per-row partial sums: the BCE
+        (sum softplus - sum of the selected logits) / (E S), and stats = (entropy sum, true positives,
+        predicted positives). One program (the PyTorch sums, casts and stack took ~8 small kernels)."""
+        b = tl.arange(0, BLOCK_B)
+        entropy = tl.zeros((BLOCK_B,), dtype=tl.float64)
+        softplus = tl.zeros((BLOCK_B,), dtype=tl.float64)
+        predicted = tl.zeros((BLOCK_B,), dtype=tl.float64)
+        for b0 in range(0, blocks, BLOCK_B):
+            at = partial_ptr + (b0 + b) * 3
+            m = b0 + b < blocks
+            entropy += tl.load(at, mask=m, other=0.0).to(tl.float64)
+            softplus += tl.load(at + 1, mask=m, other=0.0).to(tl.float64)
+            predicted += tl.load(at + 2, mask=m, other=0.0).to(tl.float64)
+        e = tl.arange(0, E_P)
+        z_sum = tl.sum(tl.load(row_stats_ptr + e * 2, mask=e < E, other=0.0).to(tl.float64), axis=0)
+        hits = tl.sum(tl.load(row_stats_ptr + e * 2 + 1, mask=e < E, other=0.0).to(tl.float64), axis=0)
+        loss = (tl.sum(softplus, axis=0) - z_sum) / pairs.to(tl.float64)
+        tl.store(loss_ptr, loss.to(tl.float32))
+        tl.store(stats_ptr, tl.sum(entropy, axis=0))
+        tl.store(stats_ptr + 1, hits)
+        tl.store(stats_ptr + 2, tl.sum(predicted, axis=0))
+
+    @triton.jit
     def _tail_backward_kernel(stacked_ptr, inv_ptr, grad_weight_ptr, grad_loss_ptr, grad_logit_ptr, grad_pred_ptr,
                               S, stride_ls, stride_le, stride_ps, stride_pe, scale,
                               E: tl.constexpr, E_P: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -189,7 +215,7 @@ class DiffMoETail(torch.autograd.Function):
     - loss: the predictor's BCE, mean over (E, S), against the selection;
     - inverse: row e*K + slot of each selected (e, s), else -1;
     - kth: each row's K-th largest value (rows [E, 2E): the predictor's, for the threshold EMA);
-    - stats: entropy sum of the scores, predicted positives, true positives (thresholds as given);
+    - stats: entropy sum of the scores, true positives, predicted positives (thresholds as given);
     - stacked: rows [0, E) the scores, [E, 2E) the predictor probabilities.
     Gradients flow to the gate logits through `weight` and to the predictor logits through `loss`.
     """
@@ -214,10 +240,10 @@ class DiffMoETail(torch.autograd.Function):
         _select_kernel[(2 * E,)](stacked, pred_logits, thresholds, weight, index, inverse, kth, row_stats, S, K,
                                  pred_logits.stride(0), pred_logits.stride(1), E=E, BLOCK=block,
                                  ONE_CHUNK=S <= block, num_warps=min(16, max(4, block // 1024)))
-        sums = partial.sum(dim=0, dtype=torch.float64)  # entropy, softplus, predicted positives
-        row_sums = row_stats.sum(dim=0, dtype=torch.float64)  # selected predictor logits, true positives
-        loss = ((sums[1] - row_sums[0]) / (E * S)).to(torch.float32)
-        stats = torch.stack([sums[0], sums[2], row_sums[1]])
+        loss = torch.empty((), dtype=torch.float32, device=device)
+        stats = torch.empty(3, dtype=torch.float64, device=device)
+        _tail_finalize_kernel[(1,)](partial, row_stats, loss, stats, blocks, E * S, E=E,
+                                    E_P=triton.next_power_of_2(E), BLOCK_B=128)
         ctx.save_for_backward(stacked, inverse)
         ctx.dtypes = (logits.dtype, pred_logits.dtype)
         ctx.mark_non_differentiable(index, inverse, kth, stats, stacked)

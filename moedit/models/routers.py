@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moedit.models.config import MoEConfig
+from moedit.models.fused_predictor import predictor_logits, predictor_usable
 from moedit.models.fused_router import DiffMoETail, fused_tail_usable
 
 
@@ -113,12 +114,15 @@ class DiffMoERouter(Router):
         # the training tail in three Triton kernels (fused_router.py) where they run (CUDA, z-loss off);
         # False: the PyTorch ops below (the reference; benchmarks/moe_layer.py --unfused-router)
         self.fused_tail = True
+        # the predictor's SiLU inside its Triton kernels (fused_predictor.py) where they run; False:
+        # the three modules (the reference; benchmarks/moe_layer.py --unfused-predictor)
+        self.fused_predictor = True
 
     def forward(self, x: torch.Tensor, batch_size: int) -> RoutingDecision:
         S, E = x.shape[0], self.num_experts
         logits = self.gate(x)  # (S, E)
         # detach: the predictor must not shape the backbone's features
-        pred_logits = self.capacity_predictor(x.detach())  # (S, E)
+        pred_logits = self.predictor_logits(x.detach())  # (S, E)
         if (self.training and self.fused_tail and self.cfg.z_loss_coef == 0 and fused_tail_usable(logits)
                 and fused_tail_usable(pred_logits)):
             return self._fused_training_decision(logits, pred_logits, batch_size)
@@ -143,6 +147,12 @@ class DiffMoERouter(Router):
         decision.predictor_prob = pred_prob.detach()
         return decision
 
+    def predictor_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(S, E) capacity-predictor logits of a detached x (S, D)."""
+        if self.fused_predictor and predictor_usable(x):
+            return predictor_logits(self.capacity_predictor, x)
+        return self.capacity_predictor(x)
+
     def _tokens_per_expert(self, S: int, capacity: float) -> int:
         E = self.num_experts
         K = int(S / E * capacity)
@@ -150,6 +160,13 @@ class DiffMoERouter(Router):
             raise ValueError(f"moe.capacity = {capacity}: gives K = int(S/E * C) = 0 tokens per expert "
                              f"for a pool of S = {S} tokens and E = {E}; raise capacity or the batch size")
         return K
+
+    def _sample_edges(self, S: int, batch_size: int, device: torch.device) -> torch.Tensor:
+        """(1, B + 1) long: the first token of each sample and S, built once per shape."""
+        key = (S, batch_size, device)
+        if getattr(self, "_edges", (None,))[0] != key:
+            self._edges = (key, torch.arange(0, S + 1, S // batch_size, device=device).view(1, -1))
+        return self._edges[1]
 
     def _update_threshold(self, kth: torch.Tensor) -> None:
         """EMA of each expert's K-th largest predictor probability."""
@@ -165,10 +182,13 @@ class DiffMoERouter(Router):
             logits, pred_logits, self.expert_threshold, K)
         with torch.no_grad():
             self._update_threshold(kth[E:])
-            per_sample = (inverse.view(E, batch_size, S // batch_size) >= 0).sum(dim=2)  # (E, B)
+            # each expert's tokens are in token order: per sample, the difference of the positions of
+            # its first token (one searchsorted instead of a compare and a sum over the (E, S) map)
+            edges = self._sample_edges(S, batch_size, logits.device).expand(E, -1)  # (E, B + 1)
+            per_sample = torch.searchsorted(index, edges).diff(dim=1)  # (E, B)
         return RoutingDecision(index.reshape(-1), weight.reshape(-1), _full_counts(E, K, logits.device),
                                stacked[:E].t(), capacity=K, aux={"predictor": loss}, predictor_prob=stacked[E:].t(),
-                               predictor_hits=stats[1:].flip(0), tokens_per_sample=per_sample.t(), entropy_sum=stats[0],
+                               predictor_hits=stats[1:], tokens_per_sample=per_sample.t(), entropy_sum=stats[0],
                                inverse=inverse)
 
     def _training_decision(self, probs, pred_logits, pred_prob, K: int, batch_size: int) -> RoutingDecision:

@@ -1,0 +1,108 @@
+"""The gather-sum (combine and dispatch backward) and the capacity predictor alone, at DiffMoE-L shapes.
+
+    python benchmarks/gather_sum_variants.py   # CUDA, bf16; microseconds from CUDA-graph replays
+
+Gather-sum: out[s] = sum over the experts e that took token s of w * (rows[inv[e, s]] + bias[e]),
+S = 8192 tokens, D = 1024, expert choice at capacity 1 (each expert's top S/E tokens of random
+scores, so about a third of the tokens are taken by no expert and some by three or more). Both
+kernels of moedit/models/fused.py over a few tiles; "GB/s" counts the bytes that must move (the
+rows read, the output written). Predictor: Linear(D, D) -> SiLU -> Linear(D, E) forward + backward
+on a detached input, as nn modules and fused (moedit/models/fused_predictor.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for `moedit`
+
+import moedit.models.fused as fused  # noqa: E402
+from moedit.models.cuda_graph import replay_time_us  # noqa: E402
+
+TILES = {"per_expert": [(16, 256, 4)], "compact": [(16, 256, 4), (4, 1024, 4), (2, 1024, 4), (2, 1024, 2), (4, 512, 2)]}
+HEAD_TILES = [(64, 128, 8, 4, 3), (32, 128, 1, 4, 3), (32, 128, 8, 4, 3), (64, 64, 16, 4, 3), (128, 128, 8, 8, 3)]
+BACKWARD_TILES = [(32, 64, 128, 4), (64, 128, 32, 4), (64, 128, 128, 4), (16, 128, 256, 4), (32, 32, 64, 4),
+                  (32, 64, 64, 4), (64, 32, 32, 4)]
+
+
+def gather_sums() -> None:
+    D, S = 1024, 8192
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    print(f"{'E':>3s} {'kernel':>10s} {'tile':>14s} {'combine us':>11s} {'GB/s':>6s} {'dispatch bwd us':>16s} {'GB/s':>6s}")
+    for E in (8, 16):
+        K = S // E
+        index = torch.randn(E, S, device="cuda").topk(K, dim=1).indices
+        row_expert = torch.arange(E, device="cuda").repeat_interleave(K)
+        inv = fused.inverse_map(index.reshape(-1), row_expert, None, E, S)
+        rows, weight, bias = torch.randn(E * K, D, **bf16), torch.rand(E * K, device="cuda"), torch.randn(E, D, **bf16)
+        moved = (rows.numel() + S * D) * 2  # bytes: every row read once, the output written once
+        for kernel, tiles in TILES.items():
+            for tile in tiles:
+                fused.GATHER_SUM.update(kernel=kernel, tile=tile)
+                t_combine = replay_time_us(lambda: fused.gather_sum(rows, inv, weight, bias))
+                t_dispatch = replay_time_us(lambda: fused.gather_sum(rows, inv))
+                print(f"{E:3d} {kernel:>10s} {str(tile):>14s} {t_combine:11.1f} {moved / t_combine / 1e3:6.0f} "
+                      f"{t_dispatch:16.1f} {moved / t_dispatch / 1e3:6.0f}")
+    t_copy = replay_time_us(lambda: rows.clone())
+    print(f"(a copy of the {S} x {D} rows: {t_copy:.1f} us, {2 * rows.numel() * 2 / t_copy / 1e3:.0f} GB/s)")
+
+
+def kernel_us(fn, iters: int = 10) -> dict[str, float]:
+    """Microseconds per call of each CUDA kernel `fn` launches (eager, from the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key: e.self_device_time_total / iters for e in prof.key_averages() if e.self_device_time_total > 0}
+
+
+def predictor() -> None:
+    import moedit.models.fused_predictor as fp
+
+    D, S = 1024, 8192
+    for E in (8, 16):
+        module = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, E)).to("cuda", torch.bfloat16)
+        x = torch.randn(S, D, device="cuda", dtype=torch.bfloat16)
+        probe = torch.randn(S, E, device="cuda")
+
+        def step(fused_path: bool, backward: bool = True) -> None:
+            with torch.set_grad_enabled(backward):
+                z = fp.predictor_logits(module, x) if fused_path else module(x.detach())
+            if backward:
+                (z * probe).sum().backward()
+                for p in module.parameters():
+                    p.grad = None
+
+        print(f"\npredictor, E={E}: modules fwd {replay_time_us(lambda: step(False, False)):.1f} us, "
+              f"fwd+bwd {replay_time_us(lambda: step(False)):.1f} us (graph replays)")
+        print(f"{'head tile':>22s} {'fwd us':>7s} {'_head_kernel us':>16s} {'its sum us':>11s}")
+        for tile in HEAD_TILES:
+            fp.TILES["head"] = tile
+            kernels = kernel_us(lambda: step(True, False))
+            head = kernels.pop("_head_kernel")
+            others = kernels.get("_sum_slices_kernel", 0.0)
+            print(f"{str(tile):>22s} {replay_time_us(lambda: step(True, False)):7.1f} {head:16.1f} {others:11.1f}")
+        fp.TILES["head"] = HEAD_TILES[0]
+        default_backward = fp.TILES["backward"]
+        print(f"{'backward tile':>22s} {'fwd+bwd us':>11s} {'_backward_kernel us':>20s}")
+        for tile in BACKWARD_TILES:
+            fp.TILES["backward"] = tile
+            kernels = kernel_us(lambda: step(True))
+            print(f"{str(tile):>22s} {replay_time_us(lambda: step(True)):11.1f} {kernels['_backward_kernel']:20.1f}")
+        fp.TILES["backward"] = default_backward
+        kernels = kernel_us(lambda: step(True))
+        print("kernels of the fused step, default tiles (us):", ", ".join(f"{k[:40]} {t:.1f}" for k, t in sorted(
+            kernels.items(), key=lambda kv: -kv[1])))
+
+
+if __name__ == "__main__":
+    gather_sums()
+    predictor()

@@ -1,0 +1,170 @@
+"""DiffMoE's capacity predictor, Linear(D, D) -> SiLU -> Linear(D, E), with its SiLU fused.
+
+The predictor runs on every token of the pool at every training step, on a detached input, so
+its backward needs no input gradient: only the weight and bias gradients. As three PyTorch
+modules its forward and backward at DiffMoE-L shapes (S = 8192, D = 1024) write the (S, D)
+hidden layer five times (pre-activation, SiLU output, the output layer's input gradient, the SiLU
+gradient, plus a separate pass for the first bias gradient). Here:
+
+- forward: h = x W1^T + b1 (one cuBLAS GEMM with its bias epilogue), then one Triton kernel that
+  reads h once and gives z = silu(h) W2^T + b2 (float32 logits; silu(h) is never stored);
+- backward: one Triton kernel that reads h and dz once and writes dh = (dz W2) * silu'(h), with the
+  partial sums of dW2 = dz^T silu(h) and db1 = sum dh per slice of rows; then dW1 = dh^T x (cuBLAS).
+
+Matmuls take the compute dtype's tensor cores with float32 accumulation, as nn.Linear does
+(float32 inputs use exact float32 products). Where Triton does not run (CPU, float64), the
+caller uses the modules themselves: `predictor_usable`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from moedit.models.fused import sum_slices
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+# Tiles, swept by benchmarks/gather_sum_variants.py (H100, DiffMoE-L: head 11 us, backward 21 us; a
+# program per 32-row block looping over all of D took 33 us, 64-row steps over 32 slices 34 us: too
+# few programs in flight). Forward: (rows per program, columns per step of its loop over D, column
+# splits (grid dim 1; each writes partial logits), warps, pipeline stages). Backward: (rows per step,
+# columns per program, row slices (grid dim 1; each writes partial sums of dW2 and db1), warps).
+TILES = {"head": (64, 128, 8, 4, 3), "backward": (32, 64, 64, 4)}
+
+
+def predictor_usable(x: torch.Tensor) -> bool:
+    """Triton present, a dtype its tensor cores take, and CUDA (or the Triton interpreter)."""
+    if triton is None or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _head_kernel(h_ptr, w2_ptr, b2_ptr, part_ptr, S, D, cols_per_split, E: tl.constexpr, E_P: tl.constexpr,
+                     IEEE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        """part[split, s, :E] = silu(h[s, cols]) @ W2[:, cols]^T (+ b2 in split 0) for a block of rows and
+        the split's columns; h (S, D), W2 (E, D), part (splits, S, E) float32, summed over splits after."""
+        s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        split = tl.program_id(1)
+        e = tl.arange(0, E_P)
+        s_ok, e_ok = s < S, e < E
+        acc = tl.zeros((BLOCK_S, E_P), dtype=tl.float32)
+        first = split * cols_per_split
+        for d0 in range(first, tl.minimum(first + cols_per_split, D), BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            h = tl.load(h_ptr + s.to(tl.int64)[:, None] * D + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                        other=0.0).to(tl.float32)
+            w = tl.load(w2_ptr + e[None, :] * D + d[:, None], mask=d_ok[:, None] & e_ok[None, :], other=0.0)
+            a = (h * tl.sigmoid(h)).to(w.dtype)  # silu in float32, rounded to the GEMM's dtype (as nn.SiLU)
+            acc += tl.dot(a, w, input_precision="ieee" if IEEE else "tf32")
+        if split == 0:
+            acc += tl.load(b2_ptr + e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(part_ptr + split * S * E + s[:, None] * E + e[None, :], acc, mask=s_ok[:, None] & e_ok[None, :])
+
+    @triton.jit
+    def _backward_kernel(h_ptr, dz_ptr, w2_ptr, dh_ptr, part_ptr, S, D, rows_per_slice, E: tl.constexpr,
+                         E_P: tl.constexpr, IEEE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        """For columns d of one program and rows [slice * rows_per_slice, ...): dh = (dz @ W2) * silu'(h)
+        (stored), and the slice's partial sums, in its row of part (slices, E_P D + D + E_P): dz^T silu(h)
+        (E_P, D), sum dh (D,) and (the programs of the first columns) sum dz (E_P,)."""
+        d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+        piece = tl.program_id(1)
+        e = tl.arange(0, E_P)
+        d_ok, e_ok = d < D, e < E
+        w = tl.load(w2_ptr + e[:, None] * D + d[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)  # (E_P, BD)
+        acc_w2 = tl.zeros((E_P, BLOCK_D), dtype=tl.float32)
+        acc_b1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        acc_b2 = tl.zeros((E_P,), dtype=tl.float32)
+        first = piece * rows_per_slice
+        for s0 in range(first, tl.minimum(first + rows_per_slice, S), BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            s_ok = (s < S) & (s < first + rows_per_slice)
+            m = s_ok[:, None] & d_ok[None, :]
+            at = s.to(tl.int64)[:, None] * D + d[None, :]
+            h = tl.load(h_ptr + at, mask=m, other=0.0).to(tl.float32)
+            dz = tl.load(dz_ptr + s[:, None] * E + e[None, :], mask=s_ok[:, None] & e_ok[None, :], other=0.0)
+            acc_b2 += tl.sum(dz, axis=0)  # float32, as the logits
+            dz = dz.to(w.dtype)  # the logits' gradient in the GEMM dtype, as autograd gives nn.Linear
+            sig = tl.sigmoid(h)
+            a = (h * sig).to(w.dtype)
+            da = tl.dot(dz, w, input_precision="ieee" if IEEE else "tf32")  # (BS, BD) float32
+            dh = tl.where(m, da * (sig * (1.0 + h * (1.0 - sig))), 0.0)
+            tl.store(dh_ptr + at, dh.to(dh_ptr.dtype.element_ty), mask=m)
+            acc_w2 += tl.dot(tl.trans(dz), a, input_precision="ieee" if IEEE else "tf32")
+            acc_b1 += tl.sum(dh, axis=0)
+        row = part_ptr + piece.to(tl.int64) * (E_P * D + D + E_P)
+        tl.store(row + e[:, None] * D + d[None, :], acc_w2, mask=d_ok[None, :])
+        tl.store(row + E_P * D + d, acc_b1, mask=d_ok)
+        if tl.program_id(0) == 0:
+            tl.store(row + E_P * D + D + e, acc_b2)
+
+
+class PredictorFunction(torch.autograd.Function):
+    """z (S, E) float32 from x (S, D) and the predictor's weights, all in one dtype. x gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        S, D = x.shape
+        E = w2.shape[0]
+        x, w1, w2 = x.contiguous(), w1.contiguous(), w2.contiguous()
+        h = torch.addmm(b1, x, w1.t())  # (S, D): one GEMM with the bias in its epilogue
+        block_s, block_d, splits, warps, stages = TILES["head"]
+        cols = triton.cdiv(triton.cdiv(D, splits), block_d) * block_d  # whole steps per split
+        splits = triton.cdiv(D, cols)
+        part = torch.empty(splits, S, E, dtype=torch.float32, device=x.device)
+        _head_kernel[(triton.cdiv(S, block_s), splits)](h, w2, b2.contiguous(), part, S, D, cols, E=E,
+                                                        E_P=_padded_experts(E), IEEE=x.dtype == torch.float32,
+                                                        BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps,
+                                                        num_stages=stages)
+        z = part[0] if splits == 1 else sum_slices(part)
+        ctx.save_for_backward(x, h, w2)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        x, h, w2 = ctx.saved_tensors
+        S, D = h.shape
+        E, E_P = w2.shape[0], _padded_experts(w2.shape[0])
+        grad_z = grad_z.contiguous()
+        block_s, block_d, slices, warps = TILES["backward"]
+        rows = triton.cdiv(triton.cdiv(S, slices), block_s) * block_s  # whole steps per slice
+        slices = triton.cdiv(S, rows)
+        dh = torch.empty_like(h)
+        part = torch.empty(slices, E_P * D + D + E_P, dtype=torch.float32, device=h.device)
+        _backward_kernel[(triton.cdiv(D, block_d), slices)](
+            h, grad_z, w2, dh, part, S, D, rows, E=E, E_P=E_P, IEEE=h.dtype == torch.float32,
+            BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps)
+        grad_w1 = torch.mm(dh.t(), x)  # (D, D) in the weight's (out, in) layout
+        sums = sum_slices(part)  # one launch for the three bias/weight partial sums (~3 us each apart)
+        grad_w2 = sums[:E_P * D].view(E_P, D)[:E].to(w2.dtype)
+        grad_b1 = sums[E_P * D:E_P * D + D].to(h.dtype)
+        grad_b2 = sums[E_P * D + D:E_P * D + D + E].to(w2.dtype)
+        return None, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+def _padded_experts(E: int) -> int:
+    return max(16, triton.next_power_of_2(E))  # tl.dot takes dimensions of at least 16
+
+
+def predictor_logits(predictor: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """(S, E) float32 logits of a Linear-SiLU-Linear predictor on a detached x (S, D), fused.
+
+    Under autocast the weights are cast to the autocast dtype, as nn.Linear's would be."""
+    fc1, fc2 = predictor[0], predictor[2]
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    params = [p.to(dtype) for p in (fc1.weight, fc1.bias, fc2.weight, fc2.bias)]
+    with torch.autocast(x.device.type, enabled=False):
+        return PredictorFunction.apply(x.detach().to(dtype), *params)
+
+
+__all__ = ["PredictorFunction", "predictor_logits", "predictor_usable"]
