@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The MoE-layer work of issue 2 on one GPU, in one go (through the device tool, carrying .whl_mc):
 # the Triton kernel tests, the gather-sum / predictor micro-benchmarks, the layer table (CUDA graphs,
-# GPU kernel time), DiffMoE with each fused piece switched off, and a DiffMoE E=16 profile.
-# Usage: bash scripts/moe_layer_check.sh [OUT_DIR]    (PHASE=tests|micro|table|profile: one part only)
+# GPU kernel time), DiffMoE with each fused piece switched off, a DiffMoE E=16 profile, and the
+# whole-model train step (Megatron-Core, one GPU) of DiT-L/2 and DiffMoE-L.
+# Usage: bash scripts/moe_layer_check.sh [OUT_DIR]    (PHASE=tests|micro|gemm|table|variants|train_step|profile)
 set -uo pipefail
 out="${1:-${OUT:-/tmp/moe_layer_check}}"
 mkdir -p "$out"
@@ -17,12 +18,15 @@ if want tests; then
   step tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_models_fused_predictor.py \
     tests/test_models_fused_router.py tests/test_models_fused.py tests/test_models_gpu.py
 fi
-want micro && step micro 200 python3 benchmarks/gather_sum_variants.py
+want micro && step micro 200 python3 benchmarks/moe_kernels.py
+want gemm && step gemm 200 python3 benchmarks/expert_gemm_variants.py
 want table && step table 200 $bench
 if want variants; then
   step no_predictor 100 $bench --layer diffmoe --unfused-predictor
   step no_router 100 $bench --layer diffmoe --unfused-router --unfused-predictor
 fi
+want train_step && step train_step 300 python3 benchmarks/train_step.py --models DiT-L/2 DiffMoE-L-E8 DiffMoE-L-E16 \
+  --steps 8 --repeat 3 --warmup 4
 want profile && step profile 120 python3 benchmarks/moe_layer.py --layer diffmoe --experts 16 --profile --iters 5
 echo "== done in $(($(date +%s) - start)) s, $failures failed step(s)"
 cat "$out/summary.txt"

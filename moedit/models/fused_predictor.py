@@ -2,14 +2,18 @@
 
 The predictor runs on every token of the pool at every training step, on a detached input, so
 its backward needs no input gradient: only the weight and bias gradients. As three PyTorch
-modules its forward and backward at DiffMoE-L shapes (S = 8192, D = 1024) write the (S, D)
-hidden layer five times (pre-activation, SiLU output, the output layer's input gradient, the SiLU
-gradient, plus a separate pass for the first bias gradient). Here:
+modules its forward and backward write the (S, D) hidden layer four times (pre-activation, SiLU
+output, the output layer's input gradient, the SiLU gradient) and read it again for the first
+bias gradient. Here:
 
 - forward: h = x W1^T + b1 (one cuBLAS GEMM with its bias epilogue), then one Triton kernel that
   reads h once and gives z = silu(h) W2^T + b2 (float32 logits; silu(h) is never stored);
 - backward: one Triton kernel that reads h and dz once and writes dh = (dz W2) * silu'(h), with the
-  partial sums of dW2 = dz^T silu(h) and db1 = sum dh per slice of rows; then dW1 = dh^T x (cuBLAS).
+  partial sums of dW2 = dz^T silu(h), db1 = sum dh and db2 = sum dz per slice of rows (one more
+  kernel adds them up); then dW1 = dh^T x (cuBLAS).
+
+On an H100 at DiffMoE-L shapes (S = 8192, D = 1024, E = 16, bf16) forward + backward take 122 us
+against 150 us for the modules (benchmarks/moe_kernels.py; benchmarks/RESULTS.md).
 
 Matmuls take the compute dtype's tensor cores with float32 accumulation, as nn.Linear does
 (float32 inputs use exact float32 products). Where Triton does not run (CPU, float64), the
@@ -31,8 +35,8 @@ try:
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-# Tiles, swept by benchmarks/gather_sum_variants.py (H100, DiffMoE-L: head 11 us, backward 21 us; a
-# program per 32-row block looping over all of D took 33 us, 64-row steps over 32 slices 34 us: too
+# Tiles, swept by benchmarks/moe_kernels.py (H100, DiffMoE-L E=16: head 11 us, backward 24 us; a
+# program per 32-row block looping over all of D took 33 us, 64-row steps over 32 slices 37 us: too
 # few programs in flight). Forward: (rows per program, columns per step of its loop over D, column
 # splits (grid dim 1; each writes partial logits), warps, pipeline stages). Backward: (rows per step,
 # columns per program, row slices (grid dim 1; each writes partial sums of dW2 and db1), warps).

@@ -1,4 +1,4 @@
-"""DiffMoE's training-time router tail in three Triton kernels (`DiffMoERouter.fused_tail`).
+"""DiffMoE's training-time router tail in four Triton kernels (`DiffMoERouter.fused_tail`).
 
 The unfused tail (routers.py, `DiffMoERouter._training_decision`) runs ~30 small kernels per
 forward over (S, E) tensors: casts, softmax, sigmoid, a stacked top-K, a materialised (E, S)
@@ -17,7 +17,9 @@ backward of each. Here:
    inverse map (E, S) (row e*K + slot of each selected token, else -1; moe.py's combine reads it),
    and per expert the sum of the selected predictor logits and the selected tokens the predictor
    called (its true positives). Predictor rows only give their K-th value (the threshold EMA).
-3. `_tail_backward_kernel`, per block of tokens: the softmax backward from the combine weights'
+3. `_tail_finalize_kernel`, one program: the float64 sums of those partial sums, i.e. the BCE and
+   the statistics (entropy sum, true and predicted positives).
+4. `_tail_backward_kernel`, per block of tokens: the softmax backward from the combine weights'
    gradient (read through the inverse map) and the BCE gradient, (sigmoid(z) - t) / (E S) with
    t = 1 where the inverse map has a row.
 
@@ -44,6 +46,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 _BLOCK_S = 64  # tokens per program of the forward and backward kernels
 _SELECT_BLOCK = 16384  # elements per chunk of the select kernel (a row up to this size stays in registers)
+SELECT_WARPS = 0  # warps per select program; 0: by chunk size (benchmarks/moe_kernels.py sweeps it)
 
 
 def fused_tail_usable(logits: torch.Tensor) -> bool:
@@ -239,7 +242,7 @@ class DiffMoETail(torch.autograd.Function):
         block = min(triton.next_power_of_2(S), _SELECT_BLOCK)
         _select_kernel[(2 * E,)](stacked, pred_logits, thresholds, weight, index, inverse, kth, row_stats, S, K,
                                  pred_logits.stride(0), pred_logits.stride(1), E=E, BLOCK=block,
-                                 ONE_CHUNK=S <= block, num_warps=min(16, max(4, block // 1024)))
+                                 ONE_CHUNK=S <= block, num_warps=SELECT_WARPS or min(16, max(4, block // 1024)))
         loss = torch.empty((), dtype=torch.float32, device=device)
         stats = torch.empty(3, dtype=torch.float64, device=device)
         _tail_finalize_kernel[(1,)](partial, row_stats, loss, stats, blocks, E * S, E=E,

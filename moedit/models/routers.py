@@ -111,7 +111,7 @@ class DiffMoERouter(Router):
         E, D = cfg.num_experts, hidden_size
         self.capacity_predictor = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, E))
         self.register_buffer("expert_threshold", torch.zeros(E))
-        # the training tail in three Triton kernels (fused_router.py) where they run (CUDA, z-loss off);
+        # the training tail in four Triton kernels (fused_router.py) where they run (CUDA, z-loss off);
         # False: the PyTorch ops below (the reference; benchmarks/moe_layer.py --unfused-router)
         self.fused_tail = True
         # the predictor's SiLU inside its Triton kernels (fused_predictor.py) where they run; False:
@@ -175,7 +175,7 @@ class DiffMoERouter(Router):
 
     def _fused_training_decision(self, logits, pred_logits, batch_size: int) -> RoutingDecision:
         """`_training_decision` through fused_router.py: the same decision, loss, statistics and
-        threshold update in three kernels, plus the inverse map the combine reads."""
+        threshold update in four kernels, plus the inverse map the combine reads."""
         S, E = logits.shape
         K = self._tokens_per_expert(S, self.cfg.capacity)
         weight, loss, index, inverse, kth, stats, stacked = DiffMoETail.apply(

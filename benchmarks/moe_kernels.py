@@ -1,13 +1,15 @@
-"""The gather-sum (combine and dispatch backward) and the capacity predictor alone, at DiffMoE-L shapes.
+"""MoE-layer kernels alone at DiffMoE-L shapes: the gather-sum (combine and dispatch backward), the
+capacity predictor, and the router tail's top-K select.
 
-    python benchmarks/gather_sum_variants.py   # CUDA, bf16; microseconds from CUDA-graph replays
+    python benchmarks/moe_kernels.py   # CUDA, bf16; microseconds from CUDA-graph replays
 
 Gather-sum: out[s] = sum over the experts e that took token s of w * (rows[inv[e, s]] + bias[e]),
 S = 8192 tokens, D = 1024, expert choice at capacity 1 (each expert's top S/E tokens of random
 scores, so about a third of the tokens are taken by no expert and some by three or more). Both
 kernels of moedit/models/fused.py over a few tiles; "GB/s" counts the bytes that must move (the
 rows read, the output written). Predictor: Linear(D, D) -> SiLU -> Linear(D, E) forward + backward
-on a detached input, as nn modules and fused (moedit/models/fused_predictor.py).
+on a detached input, as nn modules and fused (moedit/models/fused_predictor.py), over tiles. Select:
+the DiffMoE router tail's forward (moedit/models/fused_router.py) by the select kernel's warps.
 """
 
 from __future__ import annotations
@@ -103,6 +105,23 @@ def predictor() -> None:
             kernels.items(), key=lambda kv: -kv[1])))
 
 
+def select() -> None:
+    import moedit.models.fused_router as fr
+
+    S = 8192
+    print(f"\n{'select warps':>12s} {'E':>3s} {'tail fwd us':>12s} {'_select_kernel us':>18s}")
+    for E in (8, 16):
+        logits, pred = torch.randn(S, E, device="cuda", dtype=torch.bfloat16), torch.randn(S, E, device="cuda")
+        thresholds = torch.rand(E, device="cuda")
+        for warps in (0, 4, 8, 16, 32):
+            fr.SELECT_WARPS = warps
+            fn = lambda: fr.DiffMoETail.apply(logits, pred, thresholds, S // E)  # noqa: E731
+            kernels = kernel_us(fn)
+            print(f"{warps or 'auto':>12} {E:3d} {replay_time_us(fn):12.1f} {kernels['_select_kernel']:18.1f}")
+        fr.SELECT_WARPS = 0
+
+
 if __name__ == "__main__":
     gather_sums()
     predictor()
+    select()
