@@ -5,8 +5,8 @@ capacity predictor, and the router tail's top-K select.
 
 Gather-sum: out[s] = sum over the experts e that took token s of w * (rows[inv[e, s]] + bias[e]),
 S = 8192 tokens, D = 1024, expert choice at capacity 1 (each expert's top S/E tokens of random
-scores, so about a third of the tokens are taken by no expert and some by three or more). Both
-kernels of moedit/models/fused.py over a few tiles; "GB/s" counts the bytes that must move (the
+scores, so about a third of the tokens are taken by no expert and some by three or more), the
+kernel of moedit/models/fused.py over a few tiles; "GB/s" counts the bytes that must move (the
 rows read, the output written). Predictor: Linear(D, D) -> SiLU -> Linear(D, E) forward + backward
 on a detached input, as nn modules and fused (moedit/models/fused_predictor.py), over tiles. Select:
 the DiffMoE router tail's forward (moedit/models/fused_router.py) by the select kernel's warps.
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for `m
 import moedit.models.fused as fused  # noqa: E402
 from moedit.models.cuda_graph import replay_time_us  # noqa: E402
 
-TILES = {"per_expert": [(16, 256, 4)], "compact": [(16, 256, 4), (4, 1024, 4), (2, 1024, 4), (2, 1024, 2), (4, 512, 2)]}
+TILES = [(16, 256, 4), (4, 1024, 4), (2, 1024, 4), (2, 1024, 2), (4, 512, 2)]
 HEAD_TILES = [(64, 128, 8, 4, 3), (32, 128, 1, 4, 3), (32, 128, 8, 4, 3), (64, 64, 16, 4, 3), (128, 128, 8, 8, 3)]
 BACKWARD_TILES = [(32, 64, 128, 4), (64, 128, 32, 4), (64, 128, 128, 4), (16, 128, 256, 4), (32, 32, 64, 4),
                   (32, 64, 64, 4), (64, 32, 32, 4)]
@@ -34,7 +34,8 @@ BACKWARD_TILES = [(32, 64, 128, 4), (64, 128, 32, 4), (64, 128, 128, 4), (16, 12
 def gather_sums() -> None:
     D, S = 1024, 8192
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
-    print(f"{'E':>3s} {'kernel':>10s} {'tile':>14s} {'combine us':>11s} {'GB/s':>6s} {'dispatch bwd us':>16s} {'GB/s':>6s}")
+    default = fused.GATHER_SUM["tile"]
+    print(f"{'E':>3s} {'tile':>14s} {'combine us':>11s} {'GB/s':>6s} {'dispatch bwd us':>16s} {'GB/s':>6s}")
     for E in (8, 16):
         K = S // E
         index = torch.randn(E, S, device="cuda").topk(K, dim=1).indices
@@ -42,13 +43,13 @@ def gather_sums() -> None:
         inv = fused.inverse_map(index.reshape(-1), row_expert, None, E, S)
         rows, weight, bias = torch.randn(E * K, D, **bf16), torch.rand(E * K, device="cuda"), torch.randn(E, D, **bf16)
         moved = (rows.numel() + S * D) * 2  # bytes: every row read once, the output written once
-        for kernel, tiles in TILES.items():
-            for tile in tiles:
-                fused.GATHER_SUM.update(kernel=kernel, tile=tile)
-                t_combine = replay_time_us(lambda: fused.gather_sum(rows, inv, weight, bias))
-                t_dispatch = replay_time_us(lambda: fused.gather_sum(rows, inv))
-                print(f"{E:3d} {kernel:>10s} {str(tile):>14s} {t_combine:11.1f} {moved / t_combine / 1e3:6.0f} "
-                      f"{t_dispatch:16.1f} {moved / t_dispatch / 1e3:6.0f}")
+        for tile in TILES:
+            fused.GATHER_SUM["tile"] = tile
+            t_combine = replay_time_us(lambda: fused.gather_sum(rows, inv, weight, bias))
+            t_dispatch = replay_time_us(lambda: fused.gather_sum(rows, inv))
+            print(f"{E:3d} {str(tile):>14s} {t_combine:11.1f} {moved / t_combine / 1e3:6.0f} "
+                  f"{t_dispatch:16.1f} {moved / t_dispatch / 1e3:6.0f}")
+    fused.GATHER_SUM["tile"] = default
     t_copy = replay_time_us(lambda: rows.clone())
     print(f"(a copy of the {S} x {D} rows: {t_copy:.1f} us, {2 * rows.numel() * 2 / t_copy / 1e3:.0f} GB/s)")
 

@@ -162,10 +162,12 @@ class DiffMoERouter(Router):
         return K
 
     def _sample_edges(self, S: int, batch_size: int, device: torch.device) -> torch.Tensor:
-        """(1, B + 1) long: the first token of each sample and S, built once per shape."""
+        """(E, B + 1) long, contiguous (searchsorted copies other layouts): each row the first token of
+        every sample, then S. Built once per shape."""
         key = (S, batch_size, device)
         if getattr(self, "_edges", (None,))[0] != key:
-            self._edges = (key, torch.arange(0, S + 1, S // batch_size, device=device).view(1, -1))
+            edges = torch.arange(0, S + 1, S // batch_size, device=device)
+            self._edges = (key, edges.expand(self.num_experts, -1).contiguous())
         return self._edges[1]
 
     def _update_threshold(self, kth: torch.Tensor) -> None:
@@ -184,8 +186,7 @@ class DiffMoERouter(Router):
             self._update_threshold(kth[E:])
             # each expert's tokens are in token order: per sample, the difference of the positions of
             # its first token (one searchsorted instead of a compare and a sum over the (E, S) map)
-            edges = self._sample_edges(S, batch_size, logits.device).expand(E, -1)  # (E, B + 1)
-            per_sample = torch.searchsorted(index, edges).diff(dim=1)  # (E, B)
+            per_sample = torch.searchsorted(index, self._sample_edges(S, batch_size, logits.device)).diff(dim=1)
         return RoutingDecision(index.reshape(-1), weight.reshape(-1), _full_counts(E, K, logits.device),
                                stacked[:E].t(), capacity=K, aux={"predictor": loss}, predictor_prob=stacked[E:].t(),
                                predictor_hits=stats[1:], tokens_per_sample=per_sample.t(), entropy_sum=stats[0],
