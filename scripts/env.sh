@@ -19,6 +19,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "moedit: installing dependencies into $venv (once)" >&2
   python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' >&2 || true
   python -m pip install -q "${MOEDIT_TORCH:-torch==2.13.0}" 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  # Triton: CUDA builds of torch bring their own; with the CPU build the tests run the Triton
+  # kernels through Triton's interpreter (tests/conftest.py: rerun_in_triton_interpreter)
+  if [ -z "${MOEDIT_TORCH:-}" ]; then
+    python -m pip install -q "triton==3.9.0" 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  fi
   DS_BUILD_OPS=0 python -m pip install -q -e "$root[test]" 2>&1 | grep -v '^WARNING: Location' >&2 || true
   python -c "import moedit, torch, webdataset" || { echo "moedit: installation failed" >&2; exit 1; }
   echo "$want" > "$stamp"

@@ -22,12 +22,10 @@ caller uses the modules themselves: `predictor_usable`.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
-from moedit.models.fused import sum_slices
+from moedit.models.fused import sum_slices, triton_usable
 
 try:
     import triton
@@ -45,9 +43,7 @@ TILES = {"head": (64, 128, 8, 4, 3), "backward": (32, 64, 64, 4)}
 
 def predictor_usable(x: torch.Tensor) -> bool:
     """Triton present, a dtype its tensor cores take, and CUDA (or the Triton interpreter)."""
-    if triton is None or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return triton_usable(x, float64=False)
 
 
 if triton is not None:

@@ -34,9 +34,9 @@ TRITON_INTERPRET=1 (tests only).
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from moedit.models.fused import triton_usable
 
 try:
     import triton
@@ -51,9 +51,7 @@ SELECT_WARPS = 0  # warps per select program; 0: by chunk size (benchmarks/moe_k
 
 def fused_tail_usable(logits: torch.Tensor) -> bool:
     """Triton present, a float dtype the kernels read, and CUDA (or the Triton interpreter)."""
-    if triton is None or logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    return logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return triton_usable(logits, float64=False)
 
 
 if triton is not None:
