@@ -87,13 +87,14 @@ def predictor() -> None:
         print(f"\npredictor, E={E}: modules fwd {replay_time_us(lambda: step(False, False)):.1f} us, "
               f"fwd+bwd {replay_time_us(lambda: step(False)):.1f} us (graph replays)")
         print(f"{'head tile':>22s} {'fwd us':>7s} {'_head_kernel us':>16s} {'its sum us':>11s}")
+        default_head = fp.TILES["head"]
         for tile in HEAD_TILES:
             fp.TILES["head"] = tile
             kernels = kernel_us(lambda: step(True, False))
             head = kernels.pop("_head_kernel")
             others = kernels.get("_sum_slices_kernel", 0.0)
             print(f"{str(tile):>22s} {replay_time_us(lambda: step(True, False)):7.1f} {head:16.1f} {others:11.1f}")
-        fp.TILES["head"] = HEAD_TILES[0]
+        fp.TILES["head"] = default_head
         default_backward = fp.TILES["backward"]
         print(f"{'backward tile':>22s} {'fwd+bwd us':>11s} {'_backward_kernel us':>20s}")
         for tile in BACKWARD_TILES:

@@ -105,9 +105,9 @@ class GroupedExperts(nn.Module):
         """(E, D) bias of the last projection (gelu experts), None without one (swiglu)."""
         return self.fc2_bias.to(dtype) if self.ffn_type == "gelu" else None
 
-    def forward_uniform(self, x: torch.Tensor, output_bias: bool = True) -> torch.Tensor:
-        """(E, K, D) -> (E, K, D); without `output_bias`, the caller adds `self.output_bias` (moe.py's
-        combine does, inside its gather-sum)."""
+    def forward_uniform(self, x: torch.Tensor, add_output_bias: bool = True) -> torch.Tensor:
+        """(E, K, D) -> (E, K, D); with `add_output_bias=False` the caller adds `self.output_bias`
+        (moe.py's combine does, inside its gather-sum)."""
         dtype = self.compute_dtype(x)
         x = x.to(dtype)
         if self.ffn_type == "gelu":
@@ -117,7 +117,7 @@ class GroupedExperts(nn.Module):
                 h = BiasGelu.apply(ExpertLinear.apply(x, w1, None), self.fc1_bias.to(dtype))  # (E, K, F)
             else:
                 h = F.gelu(ExpertLinear.apply(x, w1, self.fc1_bias.to(dtype)), approximate="tanh")  # (E, K, F)
-            return ExpertLinear.apply(h, w2, self.fc2_bias.to(dtype) if output_bias else None)  # (E, K, D)
+            return ExpertLinear.apply(h, w2, self.fc2_bias.to(dtype) if add_output_bias else None)  # (E, K, D)
         wg, wu, wd = self._weights(dtype)
         h = F.silu(ExpertLinear.apply(x, wg, None)) * ExpertLinear.apply(x, wu, None)  # (E, K, F)
         return ExpertLinear.apply(h, wd, None)

@@ -84,10 +84,9 @@ def _rows_with_bias(rows: torch.Tensor, bias: torch.Tensor | None, acc: torch.dt
 
 
 def expert_row_sum(rows: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """(E K, n) uniform rows -> (E, n) per-expert sums: a bias gradient, or (num_experts = 1) a sum of
-    partial sums. As one batched GEMV with a ones vector: on an H100 at DiffMoE-L, E=16, 5.9 us
-    instead of 10.5 us for `sum(1)` at n = D (26.2 vs 28.9 us at n = F;
-    benchmarks/expert_gemm_variants.py); for small float32 partial sums ~7 us for `sum(0)`."""
+    """(E K, n) uniform rows -> (E, n) per-expert sums: a bias gradient. As one batched GEMV with a
+    ones vector: on an H100 at DiffMoE-L, E=16, 5.9 us instead of 10.5 us for `sum(1)` at n = D
+    (26.2 vs 28.9 us at n = F; benchmarks/expert_gemm_variants.py)."""
     x = rows.reshape(num_experts, -1, rows.shape[-1])
     return torch.bmm(x.new_ones(num_experts, 1, x.shape[1]), x).squeeze(1)
 

@@ -235,7 +235,7 @@ def run_experts(pool: torch.Tensor, decision: RoutingDecision, experts: GroupedE
     if decision.capacity is not None:
         x = dispatched.view(E, decision.capacity, D)
         bias = experts.output_bias(experts.compute_dtype(x)) if gather else None
-        out = experts.forward_uniform(x, output_bias=bias is None).reshape(-1, D)  # (N, D)
+        out = experts.forward_uniform(x, add_output_bias=bias is None).reshape(-1, D)  # (N, D)
     else:
         out = experts.forward_grouped(dispatched, decision.tokens_per_expert)  # (N, D)
     if gather:

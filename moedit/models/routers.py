@@ -29,7 +29,9 @@ class RoutingDecision:
     token_index: torch.Tensor  # (N,) long, index into the pool of S tokens
     weight: torch.Tensor  # (N,) combine weight (0 on padding slots)
     tokens_per_expert: torch.Tensor  # (E,) long, real (non-padding) rows per expert
-    probs: torch.Tensor  # (S, E) router probabilities (rows sum to 1), for stats and capture
+    # (S, E) router probabilities (rows sum to 1), for stats and capture; from DiffMoE's fused training
+    # tail they carry no gradient (its combine weights `weight` do)
+    probs: torch.Tensor
     capacity: int | None = None  # K when every expert has exactly K rows (N = E * K, padding included)
     valid: torch.Tensor | None = None  # (N,) bool, False on padding slots; None: all valid
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted auxiliary losses
