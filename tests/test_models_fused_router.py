@@ -3,7 +3,8 @@
 Same layer, weights and batch through both: routing (each expert's token set), combine weights,
 layer output, predictor BCE, hit counts, threshold update, per-sample counts, the entropy
 statistic and every gradient. Float32, 1e-5. Runs on CUDA, or on CPU through Triton's
-interpreter where Triton is installed (CPU-only torch installs lack it: skipped there).
+interpreter where Triton is installed (scripts/env.sh installs it next to the CPU torch; skipped
+without it).
 """
 
 from __future__ import annotations
