@@ -252,7 +252,7 @@ def main() -> int:
     parser.add_argument("--unfused-router", action="store_true",
                         help="DiffMoE's training tail in plain PyTorch ops, not moedit/models/fused_router.py")
     parser.add_argument("--unfused-predictor", action="store_true",
-                        help="DiffMoE: the capacity predictor as its three modules, not fused_predictor.py's kernels")
+                        help="DiffMoE: the gate and the capacity predictor's three modules apart, not fused_predictor.py's kernels")
     parser.add_argument("--layer", default="", help="only layers whose name contains this (e.g. diffmoe)")
     parser.add_argument("--experts", type=int, default=0, help="only this number of experts")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels per layer")

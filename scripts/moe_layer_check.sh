@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The MoE-layer work of issue 2 on one GPU, in one go (through the device tool, carrying .whl_mc):
 # the Triton kernel tests, the gather-sum / predictor micro-benchmarks, the layer table (CUDA graphs,
-# GPU kernel time), DiffMoE with each fused piece switched off, a DiffMoE E=16 profile, and the
+# GPU kernel time), DiffMoE with each fused piece switched off, what its capacity predictor costs
+# (benchmarks/predictor_cost.py), a DiffMoE E=16 profile, and the
 # whole-model train step (Megatron-Core, one GPU) of DiT-L/2 and DiffMoE-L.
-# Usage: bash scripts/moe_layer_check.sh [OUT_DIR]    (PHASE=tests|micro|gemm|table|variants|train_step|profile)
+# Usage: bash scripts/moe_layer_check.sh [OUT_DIR]    (PHASE=all, or some of tests,micro,gemm,table,variants,train_step,predictor,profile)
 set -uo pipefail
 out="${1:-${OUT:-/tmp/moe_layer_check}}"
 mkdir -p "$out"
 start=$(date +%s) failures=0
 source scripts/device_env.sh || exit 1
 phase="${PHASE:-all}"
-want() { [ "$phase" = all ] || [ "$phase" = "$1" ]; }
+want() { [ "$phase" = all ] || [[ " ${phase//,/ } " == *" $1 "* ]]; }  # PHASE: all, or a comma list
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 date -u | tee -a "$out/gpu.txt"
 bench="python3 benchmarks/moe_layer.py --iters 50 --kernel-time --cuda-graph step"
@@ -27,6 +28,7 @@ if want variants; then
 fi
 want train_step && step train_step 300 python3 benchmarks/train_step.py --models DiT-L/2 DiffMoE-L-E8 DiffMoE-L-E16 \
   --steps 8 --repeat 3 --warmup 4
+want predictor && step predictor 200 python3 benchmarks/predictor_cost.py
 want profile && step profile 120 python3 benchmarks/moe_layer.py --layer diffmoe --experts 16 --profile --iters 5
 echo "== done in $(($(date +%s) - start)) s, $failures failed step(s)"
 cat "$out/summary.txt"

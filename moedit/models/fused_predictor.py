@@ -15,6 +15,9 @@ bias gradient. Here:
 On an H100 at DiffMoE-L shapes (S = 8192, D = 1024, E = 16, bf16) forward + backward take 122 us
 against 150 us for the modules (benchmarks/moe_kernels.py; benchmarks/RESULTS.md).
 
+The router's gate reads the same pool: `GatePredictorFunction` (what DiffMoERouter runs) computes
+the gate logits in the predictor's first GEMM, x [W1; Wg]^T, and both weight gradients in one GEMM.
+
 Matmuls take the compute dtype's tensor cores with float32 accumulation, as nn.Linear does
 (float32 inputs use exact float32 products). Where Triton does not run (CPU, float64), the
 caller uses the modules themselves: `predictor_usable`.
@@ -49,10 +52,11 @@ def predictor_usable(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _head_kernel(h_ptr, w2_ptr, b2_ptr, part_ptr, S, D, cols_per_split, E: tl.constexpr, E_P: tl.constexpr,
+    def _head_kernel(h_ptr, w2_ptr, b2_ptr, part_ptr, S, D, LD, cols_per_split, E: tl.constexpr, E_P: tl.constexpr,
                      IEEE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
         """part[split, s, :E] = silu(h[s, cols]) @ W2[:, cols]^T (+ b2 in split 0) for a block of rows and
-        the split's columns; h (S, D), W2 (E, D), part (splits, S, E) float32, summed over splits after."""
+        the split's columns; h (S, D) with row stride LD, W2 (E, D), part (splits, S, E) float32, summed
+        over splits after."""
         s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
         split = tl.program_id(1)
         e = tl.arange(0, E_P)
@@ -62,7 +66,7 @@ if triton is not None:
         for d0 in range(first, tl.minimum(first + cols_per_split, D), BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             d_ok = d < D
-            h = tl.load(h_ptr + s.to(tl.int64)[:, None] * D + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+            h = tl.load(h_ptr + s.to(tl.int64)[:, None] * LD + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
                         other=0.0).to(tl.float32)
             w = tl.load(w2_ptr + e[None, :] * D + d[:, None], mask=d_ok[:, None] & e_ok[None, :], other=0.0)
             a = (h * tl.sigmoid(h)).to(w.dtype)  # silu in float32, rounded to the GEMM's dtype (as nn.SiLU)
@@ -72,11 +76,12 @@ if triton is not None:
         tl.store(part_ptr + split * S * E + s[:, None] * E + e[None, :], acc, mask=s_ok[:, None] & e_ok[None, :])
 
     @triton.jit
-    def _backward_kernel(h_ptr, dz_ptr, w2_ptr, dh_ptr, part_ptr, S, D, rows_per_slice, E: tl.constexpr,
+    def _backward_kernel(h_ptr, dz_ptr, w2_ptr, dh_ptr, part_ptr, S, D, LD, rows_per_slice, E: tl.constexpr,
                          E_P: tl.constexpr, IEEE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
         """For columns d of one program and rows [slice * rows_per_slice, ...): dh = (dz @ W2) * silu'(h)
-        (stored), and the slice's partial sums, in its row of part (slices, E_P D + D + E_P): dz^T silu(h)
-        (E_P, D), sum dh (D,) and (the programs of the first columns) sum dz (E_P,)."""
+        (stored; h and dh have row stride LD), and the slice's partial sums, in its row of part
+        (slices, E_P D + D + E_P): dz^T silu(h) (E_P, D), sum dh (D,) and (the programs of the first
+        columns) sum dz (E_P,)."""
         d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
         piece = tl.program_id(1)
         e = tl.arange(0, E_P)
@@ -90,7 +95,7 @@ if triton is not None:
             s = s0 + tl.arange(0, BLOCK_S)
             s_ok = (s < S) & (s < first + rows_per_slice)
             m = s_ok[:, None] & d_ok[None, :]
-            at = s.to(tl.int64)[:, None] * D + d[None, :]
+            at = s.to(tl.int64)[:, None] * LD + d[None, :]
             h = tl.load(h_ptr + at, mask=m, other=0.0).to(tl.float32)
             dz = tl.load(dz_ptr + s[:, None] * E + e[None, :], mask=s_ok[:, None] & e_ok[None, :], other=0.0)
             acc_b2 += tl.sum(dz, axis=0)  # float32, as the logits
@@ -109,47 +114,95 @@ if triton is not None:
             tl.store(row + E_P * D + D + e, acc_b2)
 
 
+def _head(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """(S, E) float32 z = silu(h) W2^T + b2 for h (S, D) with unit column stride (any row stride)."""
+    S, D = h.shape
+    E = w2.shape[0]
+    block_s, block_d, splits, warps, stages = TILES["head"]
+    cols = triton.cdiv(triton.cdiv(D, splits), block_d) * block_d  # whole steps per split
+    splits = triton.cdiv(D, cols)
+    part = torch.empty(splits, S, E, dtype=torch.float32, device=h.device)
+    _head_kernel[(triton.cdiv(S, block_s), splits)](h, w2, b2.contiguous(), part, S, D, h.stride(0), cols, E=E,
+                                                    E_P=_padded_experts(E), IEEE=h.dtype == torch.float32,
+                                                    BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps,
+                                                    num_stages=stages)
+    return part[0] if splits == 1 else sum_slices(part)
+
+
+def _head_backward(h: torch.Tensor, grad_z: torch.Tensor, w2: torch.Tensor, dh: torch.Tensor):
+    """Writes dh (h's shape and strides) = (dz W2) * silu'(h); returns (dW2, db1, db2)."""
+    S, D = h.shape
+    E, E_P = w2.shape[0], _padded_experts(w2.shape[0])
+    block_s, block_d, slices, warps = TILES["backward"]
+    rows = triton.cdiv(triton.cdiv(S, slices), block_s) * block_s  # whole steps per slice
+    slices = triton.cdiv(S, rows)
+    part = torch.empty(slices, E_P * D + D + E_P, dtype=torch.float32, device=h.device)
+    _backward_kernel[(triton.cdiv(D, block_d), slices)](
+        h, grad_z.contiguous(), w2, dh, part, S, D, h.stride(0), rows, E=E, E_P=E_P, IEEE=h.dtype == torch.float32,
+        BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps)
+    sums = sum_slices(part)  # one launch for the three bias/weight partial sums (~3 us each apart)
+    return (sums[:E_P * D].view(E_P, D)[:E].to(w2.dtype), sums[E_P * D:E_P * D + D].to(h.dtype),
+            sums[E_P * D + D:E_P * D + D + E].to(w2.dtype))
+
+
 class PredictorFunction(torch.autograd.Function):
     """z (S, E) float32 from x (S, D) and the predictor's weights, all in one dtype. x gets no gradient."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):
-        S, D = x.shape
-        E = w2.shape[0]
         x, w1, w2 = x.contiguous(), w1.contiguous(), w2.contiguous()
         h = torch.addmm(b1, x, w1.t())  # (S, D): one GEMM with the bias in its epilogue
-        block_s, block_d, splits, warps, stages = TILES["head"]
-        cols = triton.cdiv(triton.cdiv(D, splits), block_d) * block_d  # whole steps per split
-        splits = triton.cdiv(D, cols)
-        part = torch.empty(splits, S, E, dtype=torch.float32, device=x.device)
-        _head_kernel[(triton.cdiv(S, block_s), splits)](h, w2, b2.contiguous(), part, S, D, cols, E=E,
-                                                        E_P=_padded_experts(E), IEEE=x.dtype == torch.float32,
-                                                        BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps,
-                                                        num_stages=stages)
-        z = part[0] if splits == 1 else sum_slices(part)
         ctx.save_for_backward(x, h, w2)
-        return z
+        return _head(h, w2, b2)
 
     @staticmethod
     def backward(ctx, grad_z):
         x, h, w2 = ctx.saved_tensors
-        S, D = h.shape
-        E, E_P = w2.shape[0], _padded_experts(w2.shape[0])
-        grad_z = grad_z.contiguous()
-        block_s, block_d, slices, warps = TILES["backward"]
-        rows = triton.cdiv(triton.cdiv(S, slices), block_s) * block_s  # whole steps per slice
-        slices = triton.cdiv(S, rows)
         dh = torch.empty_like(h)
-        part = torch.empty(slices, E_P * D + D + E_P, dtype=torch.float32, device=h.device)
-        _backward_kernel[(triton.cdiv(D, block_d), slices)](
-            h, grad_z, w2, dh, part, S, D, rows, E=E, E_P=E_P, IEEE=h.dtype == torch.float32,
-            BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps)
-        grad_w1 = torch.mm(dh.t(), x)  # (D, D) in the weight's (out, in) layout
-        sums = sum_slices(part)  # one launch for the three bias/weight partial sums (~3 us each apart)
-        grad_w2 = sums[:E_P * D].view(E_P, D)[:E].to(w2.dtype)
-        grad_b1 = sums[E_P * D:E_P * D + D].to(h.dtype)
-        grad_b2 = sums[E_P * D + D:E_P * D + D + E].to(w2.dtype)
-        return None, grad_w1, grad_b1, grad_w2, grad_b2
+        grad_w2, grad_b1, grad_b2 = _head_backward(h, grad_z, w2, dh)
+        return None, torch.mm(dh.t(), x), grad_b1, grad_w2, grad_b2  # dW1 (D, D) in the (out, in) layout
+
+
+class GatePredictorFunction(torch.autograd.Function):
+    """The router's gate and the capacity predictor on one pool x (S, D), their first GEMMs as one.
+
+    forward(x, wg (E, D), w1, b1, w2, b2) -> (logits (S, E) in x's dtype, z (S, E) float32):
+    - one GEMM x [W1; Wg]^T + [b1; 0] gives the predictor's hidden layer and the gate logits (x is
+      read once; alone, the gate's GEMM (N = E) took 12 us at DiffMoE-L, E = 16, on an H100);
+    - the backward's weight gradients are one GEMM, [dh, dlogits]^T x;
+    - the predictor sees x as detached: x's gradient is the gate's alone, dlogits Wg.
+    """
+
+    @staticmethod
+    def forward(ctx, x, wg, w1, b1, w2, b2):
+        D, E = x.shape[1], wg.shape[0]
+        x, w2 = x.contiguous(), w2.contiguous()
+        out = torch.addmm(torch.cat([b1, b1.new_zeros(E)]), x, torch.cat([w1, wg]).t())  # (S, D + E)
+        ctx.save_for_backward(x, out, wg, w2)
+        ctx.set_materialize_grads(False)
+        return out[:, D:], _head(out[:, :D], w2, b2)
+
+    @staticmethod
+    def backward(ctx, grad_logits, grad_z):
+        x, out, wg, w2 = ctx.saved_tensors
+        D = x.shape[1]
+        grads = [None] * 6  # an unused output's parameters get None, as autograd gives them
+        if grad_z is None and grad_logits is None:
+            return tuple(grads)
+        grad_out = torch.empty_like(out)  # [dh, dlogits]: one weight-gradient GEMM for both
+        if grad_z is not None:
+            grads[4], grads[3], grads[5] = _head_backward(out[:, :D], grad_z, w2, grad_out[:, :D])  # w2, b1, b2
+        else:
+            grad_out[:, :D].zero_()
+        if grad_logits is not None:
+            grad_out[:, D:].copy_(grad_logits)
+            grads[0] = torch.mm(grad_logits, wg)
+        else:
+            grad_out[:, D:].zero_()
+        grad_w = torch.mm(grad_out.t(), x)  # (D + E, D): dW1 over dWg, each contiguous
+        grads[2] = grad_w[:D] if grad_z is not None else None
+        grads[1] = grad_w[D:] if grad_logits is not None else None
+        return tuple(grads)
 
 
 def _padded_experts(E: int) -> int:
@@ -161,10 +214,26 @@ def predictor_logits(predictor: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
 
     Under autocast the weights are cast to the autocast dtype, as nn.Linear's would be."""
     fc1, fc2 = predictor[0], predictor[2]
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype = _autocast_dtype(x)
     params = [p.to(dtype) for p in (fc1.weight, fc1.bias, fc2.weight, fc2.bias)]
     with torch.autocast(x.device.type, enabled=False):
         return PredictorFunction.apply(x.detach().to(dtype), *params)
 
 
-__all__ = ["PredictorFunction", "predictor_logits", "predictor_usable"]
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def gate_and_predictor(gate: nn.Linear, predictor: nn.Sequential, x: torch.Tensor):
+    """(gate logits (S, E), predictor logits (S, E) float32) for a pool x (S, D), through
+    `GatePredictorFunction`. Under autocast the weights and x are cast to the autocast dtype, as
+    nn.Linear's would be."""
+    fc1, fc2 = predictor[0], predictor[2]
+    dtype = _autocast_dtype(x)
+    params = [p.to(dtype) for p in (gate.weight, fc1.weight, fc1.bias, fc2.weight, fc2.bias)]
+    with torch.autocast(x.device.type, enabled=False):
+        return GatePredictorFunction.apply(x.to(dtype), *params)
+
+
+__all__ = ["GatePredictorFunction", "PredictorFunction", "gate_and_predictor", "predictor_logits",
+           "predictor_usable"]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moedit.models.config import MoEConfig
-from moedit.models.fused_predictor import predictor_logits, predictor_usable
+from moedit.models.fused_predictor import gate_and_predictor, predictor_logits, predictor_usable
 from moedit.models.fused_router import DiffMoETail, fused_tail_usable
 
 
@@ -116,15 +116,20 @@ class DiffMoERouter(Router):
         # the training tail in four Triton kernels (fused_router.py) where they run (CUDA, z-loss off);
         # False: the PyTorch ops below (the reference; benchmarks/moe_layer.py --unfused-router)
         self.fused_tail = True
-        # the predictor's SiLU inside its Triton kernels (fused_predictor.py) where they run; False:
-        # the three modules (the reference; benchmarks/moe_layer.py --unfused-predictor)
+        # the gate in the predictor's first GEMM and the predictor's SiLU inside its Triton kernels
+        # (fused_predictor.py) where they run; False: the gate and the three modules apart (the
+        # reference; benchmarks/moe_layer.py --unfused-predictor)
         self.fused_predictor = True
 
     def forward(self, x: torch.Tensor, batch_size: int) -> RoutingDecision:
         S, E = x.shape[0], self.num_experts
-        logits = self.gate(x)  # (S, E)
-        # detach: the predictor must not shape the backbone's features
-        pred_logits = self.predictor_logits(x.detach())  # (S, E)
+        if self.fused_predictor and predictor_usable(x):
+            # the gate in the predictor's first GEMM; the predictor reads x detached (fused_predictor.py)
+            logits, pred_logits = gate_and_predictor(self.gate, self.capacity_predictor, x)
+        else:
+            logits = self.gate(x)  # (S, E)
+            # detach: the predictor must not shape the backbone's features
+            pred_logits = self.capacity_predictor(x.detach())  # (S, E)
         if (self.training and self.fused_tail and self.cfg.z_loss_coef == 0 and fused_tail_usable(logits)
                 and fused_tail_usable(pred_logits)):
             return self._fused_training_decision(logits, pred_logits, batch_size)
