@@ -6,7 +6,8 @@ Each row is a DiffMoE layer step (forward + backward with its aux loss, one CUDA
 as benchmarks/moe_layer.py --cuda-graph step), divided by the dense FFN's:
 - `as built`: the layer as it trains;
 - `predictor removed (bound)`: the predictor's logits replaced by a constant tensor (no predictor
-  GEMMs or kernels, no predictor gradient): a lower bound for any scheme that hides the predictor;
+  GEMMs or kernels, no predictor gradient; the gate then runs as its own GEMM): a lower bound for
+  any scheme that hides the predictor;
 - `predictor on a side stream`: the constant logits feed the routing, while the real predictor
   (fused_predictor.py's kernels) runs forward and backward on a second stream,
   overlapping the routing and expert kernels; the step waits for it at the end of the forward.
@@ -17,14 +18,18 @@ they measure, they are not a mode of the layer.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from benchmarks.moe_layer import build_layer, make_context, make_step, time_fwd_bwd
-from moedit.models.cuda_graph import CUDAGraphStep
-from moedit.models.fused_predictor import predictor_logits
-from moedit.models.layers import GeluMLP
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for `moedit` and `benchmarks`
+
+from benchmarks.moe_layer import build_layer, make_context, make_step, time_fwd_bwd  # noqa: E402
+from moedit.models.cuda_graph import CUDAGraphStep  # noqa: E402
+from moedit.models.fused_predictor import predictor_logits  # noqa: E402
+from moedit.models.layers import GeluMLP  # noqa: E402
 
 
 class _Constant(nn.Module):
