@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The MoE-layer work of issue 2 on one GPU, in one go (through the device tool, carrying .whl_mc):
-# the Triton kernel tests, the gather-sum / predictor micro-benchmarks, the layer table (CUDA graphs,
+# the Triton kernel tests, the gather-sum / predictor micro-benchmarks, the expert GEMMs (cuBLAS
+# layouts; Triton with gathered rows), the layer table (CUDA graphs,
 # GPU kernel time), DiffMoE with each fused piece switched off, what its capacity predictor costs
 # (benchmarks/predictor_cost.py), a DiffMoE E=16 profile, and the
 # whole-model train step (Megatron-Core, one GPU) of DiT-L/2 and DiffMoE-L.
@@ -20,7 +21,10 @@ if want tests; then
     tests/test_models_fused_router.py tests/test_models_fused.py tests/test_models_gpu.py
 fi
 want micro && step micro 200 python3 benchmarks/moe_kernels.py
-want gemm && step gemm 200 python3 benchmarks/expert_gemm_variants.py
+if want gemm; then
+  step gemm 200 python3 benchmarks/expert_gemm_variants.py
+  step gather_gemm 200 python3 benchmarks/gather_gemm.py
+fi
 want table && step table 200 $bench
 if want variants; then
   step no_predictor 100 $bench --layer diffmoe --unfused-predictor
