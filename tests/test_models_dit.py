@@ -235,7 +235,7 @@ def test_training_step_reduces_loss(name):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0]
 
 
