@@ -222,7 +222,8 @@ def test_gate_init_std():
 
 @pytest.mark.parametrize("name", ["tiny-diffmoe", "tiny-tc", "tiny-ec", "tiny-ditmoe"])
 def test_training_step_reduces_loss(name):
-    """A few SGD steps on a fixed batch fit it: gradients reach every routed path."""
+    """30 Adam steps on a fixed batch fit it (loss -21% or more, 10% asked): gradients reach every routed path."""
+    torch.manual_seed(0)  # the init and target from the global generator: else they depend on the tests before
     cfg = get_flavor(name)
     model = build_model(cfg)
     perturb(model, seed=1)
@@ -230,7 +231,7 @@ def test_training_step_reduces_loss(name):
     target = torch.randn(8, 8, 16, 16)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(15):
+    for _ in range(30):
         loss = F.mse_loss(model(x, t, y), target)
         opt.zero_grad()
         loss.backward()
