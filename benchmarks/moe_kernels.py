@@ -7,8 +7,10 @@ Gather-sum: out[s] = sum over the experts e that took token s of w * (rows[inv[e
 S = 8192 tokens, D = 1024, expert choice at capacity 1 (each expert's top S/E tokens of random
 scores, so about a third of the tokens are taken by no expert and some by three or more), the
 kernel of moedit/models/fused.py over a few tiles; "GB/s" counts the bytes that must move (the
-rows read, the output written). Predictor: Linear(D, D) -> SiLU -> Linear(D, E) forward + backward
-on a detached input, as nn modules and fused (moedit/models/fused_predictor.py), over tiles. Select:
+rows read, the output written). Gate + predictor: the gate Linear(D, E) and the predictor
+Linear(D, D) -> SiLU -> Linear(D, E) on the detached input, forward + backward, as nn modules and
+fused (moedit/models/fused_predictor.py), over tiles (before issue 2 follow-up 4: the predictor
+alone). Select:
 the DiffMoE router tail's forward (moedit/models/fused_router.py) by the select kernel's warps.
 """
 
@@ -73,18 +75,19 @@ def predictor() -> None:
     D, S = 1024, 8192
     for E in (8, 16):
         module = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, E)).to("cuda", torch.bfloat16)
-        x = torch.randn(S, D, device="cuda", dtype=torch.bfloat16)
+        gate = nn.Linear(D, E, bias=False).to("cuda", torch.bfloat16)
+        x = torch.randn(S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         probe = torch.randn(S, E, device="cuda")
 
         def step(fused_path: bool, backward: bool = True) -> None:
             with torch.set_grad_enabled(backward):
-                z = fp.predictor_logits(module, x) if fused_path else module(x.detach())
+                logits, z = fp.gate_and_predictor(gate, module, x) if fused_path else (gate(x), module(x.detach()))
             if backward:
-                (z * probe).sum().backward()
-                for p in module.parameters():
+                ((z + logits) * probe).sum().backward()
+                for p in [x, gate.weight, *module.parameters()]:
                     p.grad = None
 
-        print(f"\npredictor, E={E}: modules fwd {replay_time_us(lambda: step(False, False)):.1f} us, "
+        print(f"\ngate + predictor, E={E}: modules fwd {replay_time_us(lambda: step(False, False)):.1f} us, "
               f"fwd+bwd {replay_time_us(lambda: step(False)):.1f} us (graph replays)")
         print(f"{'head tile':>22s} {'fwd us':>7s} {'_head_kernel us':>16s} {'its sum us':>11s}")
         default_head = fp.TILES["head"]

@@ -199,7 +199,7 @@ def forced_decision(decision, forced: torch.Tensor, router, x: torch.Tensor):
     uniform = bool((counts == counts[0]).all()) and int(counts[0]) > 0
     aux = dict(decision.aux)
     if "predictor" in aux:
-        pred_logits = router_float(router.predictor_logits(x.detach()))  # (S, E)
+        pred_logits = router_float(router.logits(x.detach())[1])  # (S, E), as the model computes them
         aux["predictor"] = F.binary_cross_entropy_with_logits(pred_logits.t(), forced.t().to(pred_logits.dtype))
     if "balance" in aux:
         S, E = forced.shape

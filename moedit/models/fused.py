@@ -35,10 +35,13 @@ except ImportError:  # pragma: no cover - depends on the install
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as Triton reads it at import
+
+
 def triton_usable(t: torch.Tensor, float64: bool = True) -> bool:
     """Whether the Triton kernels run for this tensor (CUDA, Triton installed, a dtype they take)."""
     dtypes = (torch.bfloat16, torch.float16, torch.float32) + ((torch.float64,) if float64 else ())
-    device_ok = t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter: kernel tests on CPU
+    device_ok = t.is_cuda or _INTERPRETED  # the interpreter: kernel tests on CPU
     return triton is not None and device_ok and t.dtype in dtypes
 
 

@@ -1,26 +1,27 @@
-"""DiffMoE's capacity predictor, Linear(D, D) -> SiLU -> Linear(D, E), with its SiLU fused.
+"""DiffMoE's capacity predictor, Linear(D, D) -> SiLU -> Linear(D, E), fused with the router's gate.
 
 The predictor runs on every token of the pool at every training step, on a detached input, so
-its backward needs no input gradient: only the weight and bias gradients. As three PyTorch
-modules its forward and backward write the (S, D) hidden layer four times (pre-activation, SiLU
-output, the output layer's input gradient, the SiLU gradient) and read it again for the first
-bias gradient. Here:
+its backward needs no input gradient: only the weight and bias gradients. The gate, Linear(D, E)
+without bias, reads the same pool. As modules, the predictor's forward and backward write the
+(S, D) hidden layer four times (pre-activation, SiLU output, the output layer's input gradient,
+the SiLU gradient) and read it again for the first bias gradient, and the gate reads x on its own
+(an N = E GEMM, ~2x slower than its bytes). Here (`GatePredictorFunction`):
 
-- forward: h = x W1^T + b1 (one cuBLAS GEMM with its bias epilogue), then one Triton kernel that
-  reads h once and gives z = silu(h) W2^T + b2 (float32 logits; silu(h) is never stored);
+- forward: [h, logits] = x [W1; Wg]^T + [b1; 0] (one cuBLAS GEMM with its bias epilogue), then one
+  Triton kernel that reads h once and gives z = silu(h) W2^T + b2 (float32 predictor logits;
+  silu(h) is never stored);
 - backward: one Triton kernel that reads h and dz once and writes dh = (dz W2) * silu'(h), with the
   partial sums of dW2 = dz^T silu(h), db1 = sum dh and db2 = sum dz per slice of rows (one more
-  kernel adds them up); then dW1 = dh^T x (cuBLAS).
+  kernel adds them up); then [dW1; dWg] = [dh, dlogits]^T x (one cuBLAS GEMM) and, for x, only
+  the gate's dlogits Wg.
 
-On an H100 at DiffMoE-L shapes (S = 8192, D = 1024, E = 16, bf16) forward + backward take 122 us
-against 150 us for the modules (benchmarks/moe_kernels.py; benchmarks/RESULTS.md).
-
-The router's gate reads the same pool: `GatePredictorFunction` (what DiffMoERouter runs) computes
-the gate logits in the predictor's first GEMM, x [W1; Wg]^T, and both weight gradients in one GEMM.
+On an H100 at DiffMoE-L shapes (S = 8192, D = 1024, E = 16, bf16) the predictor alone took 122 us
+forward + backward against 150 us for its modules; the merged GEMMs take 31 + 34 us against
+28 + 12 and 28 + 9 us apart (benchmarks/RESULTS.md).
 
 Matmuls take the compute dtype's tensor cores with float32 accumulation, as nn.Linear does
 (float32 inputs use exact float32 products). Where Triton does not run (CPU, float64), the
-caller uses the modules themselves: `predictor_usable`.
+router uses the modules themselves: `predictor_usable`.
 """
 
 from __future__ import annotations
@@ -145,33 +146,9 @@ def _head_backward(h: torch.Tensor, grad_z: torch.Tensor, w2: torch.Tensor, dh: 
             sums[E_P * D + D:E_P * D + D + E].to(w2.dtype))
 
 
-class PredictorFunction(torch.autograd.Function):
-    """z (S, E) float32 from x (S, D) and the predictor's weights, all in one dtype. x gets no gradient."""
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2):
-        x, w1, w2 = x.contiguous(), w1.contiguous(), w2.contiguous()
-        h = torch.addmm(b1, x, w1.t())  # (S, D): one GEMM with the bias in its epilogue
-        ctx.save_for_backward(x, h, w2)
-        return _head(h, w2, b2)
-
-    @staticmethod
-    def backward(ctx, grad_z):
-        x, h, w2 = ctx.saved_tensors
-        dh = torch.empty_like(h)
-        grad_w2, grad_b1, grad_b2 = _head_backward(h, grad_z, w2, dh)
-        return None, torch.mm(dh.t(), x), grad_b1, grad_w2, grad_b2  # dW1 (D, D) in the (out, in) layout
-
-
 class GatePredictorFunction(torch.autograd.Function):
-    """The router's gate and the capacity predictor on one pool x (S, D), their first GEMMs as one.
-
-    forward(x, wg (E, D), w1, b1, w2, b2) -> (logits (S, E) in x's dtype, z (S, E) float32):
-    - one GEMM x [W1; Wg]^T + [b1; 0] gives the predictor's hidden layer and the gate logits (x is
-      read once; alone, the gate's GEMM (N = E) took 12 us at DiffMoE-L, E = 16, on an H100);
-    - the backward's weight gradients are one GEMM, [dh, dlogits]^T x;
-    - the predictor sees x as detached: x's gradient is the gate's alone, dlogits Wg.
-    """
+    """forward(x (S, D), wg (E, D), w1, b1, w2, b2) -> (gate logits (S, E) in x's dtype, predictor
+    logits z (S, E) float32), all inputs in one dtype; x's gradient is the gate's alone (see above)."""
 
     @staticmethod
     def forward(ctx, x, wg, w1, b1, w2, b2):
@@ -209,31 +186,15 @@ def _padded_experts(E: int) -> int:
     return max(16, triton.next_power_of_2(E))  # tl.dot takes dimensions of at least 16
 
 
-def predictor_logits(predictor: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """(S, E) float32 logits of a Linear-SiLU-Linear predictor on a detached x (S, D), fused.
-
-    Under autocast the weights are cast to the autocast dtype, as nn.Linear's would be."""
-    fc1, fc2 = predictor[0], predictor[2]
-    dtype = _autocast_dtype(x)
-    params = [p.to(dtype) for p in (fc1.weight, fc1.bias, fc2.weight, fc2.bias)]
-    with torch.autocast(x.device.type, enabled=False):
-        return PredictorFunction.apply(x.detach().to(dtype), *params)
-
-
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-
-
 def gate_and_predictor(gate: nn.Linear, predictor: nn.Sequential, x: torch.Tensor):
     """(gate logits (S, E), predictor logits (S, E) float32) for a pool x (S, D), through
     `GatePredictorFunction`. Under autocast the weights and x are cast to the autocast dtype, as
     nn.Linear's would be."""
     fc1, fc2 = predictor[0], predictor[2]
-    dtype = _autocast_dtype(x)
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     params = [p.to(dtype) for p in (gate.weight, fc1.weight, fc1.bias, fc2.weight, fc2.bias)]
     with torch.autocast(x.device.type, enabled=False):
         return GatePredictorFunction.apply(x.to(dtype), *params)
 
 
-__all__ = ["GatePredictorFunction", "PredictorFunction", "gate_and_predictor", "predictor_logits",
-           "predictor_usable"]
+__all__ = ["GatePredictorFunction", "gate_and_predictor", "predictor_usable"]

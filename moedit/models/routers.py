@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moedit.models.config import MoEConfig
-from moedit.models.fused_predictor import gate_and_predictor, predictor_logits, predictor_usable
+from moedit.models.fused_predictor import gate_and_predictor, predictor_usable
 from moedit.models.fused_router import DiffMoETail, fused_tail_usable
 
 
@@ -123,13 +123,7 @@ class DiffMoERouter(Router):
 
     def forward(self, x: torch.Tensor, batch_size: int) -> RoutingDecision:
         S, E = x.shape[0], self.num_experts
-        if self.fused_predictor and predictor_usable(x):
-            # the gate in the predictor's first GEMM; the predictor reads x detached (fused_predictor.py)
-            logits, pred_logits = gate_and_predictor(self.gate, self.capacity_predictor, x)
-        else:
-            logits = self.gate(x)  # (S, E)
-            # detach: the predictor must not shape the backbone's features
-            pred_logits = self.capacity_predictor(x.detach())  # (S, E)
+        logits, pred_logits = self.logits(x)
         if (self.training and self.fused_tail and self.cfg.z_loss_coef == 0 and fused_tail_usable(logits)
                 and fused_tail_usable(pred_logits)):
             return self._fused_training_decision(logits, pred_logits, batch_size)
@@ -154,11 +148,12 @@ class DiffMoERouter(Router):
         decision.predictor_prob = pred_prob.detach()
         return decision
 
-    def predictor_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(S, E) capacity-predictor logits of a detached x (S, D)."""
+    def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate logits, capacity-predictor logits), each (S, E), of a pool x (S, D). The predictor
+        reads x detached: it must not shape the backbone's features."""
         if self.fused_predictor and predictor_usable(x):
-            return predictor_logits(self.capacity_predictor, x)
-        return self.capacity_predictor(x)
+            return gate_and_predictor(self.gate, self.capacity_predictor, x)  # one GEMM for both (fused_predictor.py)
+        return self.gate(x), self.capacity_predictor(x.detach())
 
     def _tokens_per_expert(self, S: int, capacity: float) -> int:
         E = self.num_experts
