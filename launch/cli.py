@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="training config (YAML)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for moedit train")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides for moedit train (anywhere on the line)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -52,15 +53,31 @@ def launch_slurm(args: argparse.Namespace) -> int:
     if args.job_name is None:
         args.job_name = common.job_name_for(run_dir)
     options = common.slurm_options(args)
+    train_args = common.training_args(args.overrides)
+    # the job runs `moedit train CONFIG TRAIN_ARGS train.run_dir=RUN_DIR`: check exactly that now
+    cfg = common.validate_training_config(config, [*train_args, f"train.run_dir={run_dir}"])
+    common.check_resume_world_size(cfg, options.nodes * options.procs_per_node, "--nodes x --nproc-per-node",
+                                   "--nodes and --nproc-per-node that make {saved} processes")
+    max_cpus = None
+    if not args.dry_run:
+        slurm.require_slurm("sbatch")
+        partitions = slurm.query_partitions()
+        slurm.check_against_cluster(options, partitions)
+        part = slurm.partition_of(options, partitions)
+        max_cpus = part.max_cpus if part is not None and part.max_cpus > 0 else None
     log_dir = os.path.join(run_dir, "slurm")
-    spec = JobSpec(config=config, runs=[RunEntry(run_dir, common.training_args(args.overrides))],
-                   options=options, log_dir=log_dir, workdir=os.getcwd(), python=sys.executable)
+    spec = JobSpec(config=config, runs=[RunEntry(run_dir, train_args)], options=options, log_dir=log_dir,
+                   workdir=os.getcwd(), python=sys.executable, loader_workers=cfg.data.num_workers,
+                   max_cpus=max_cpus)
     script = render_sbatch(spec)
+    if options.cpus_per_task is None:
+        cpus = slurm.default_cpus_per_task(options, cfg.data.num_workers, max_cpus)
+        print(f"moedit launch: no --cpus-per-task given: asking for {cpus} CPUs per node "
+              f"({options.procs_per_node} process(es), data.num_workers = {cfg.data.num_workers}); "
+              "pass --cpus-per-task to choose", file=sys.stderr)
     if args.dry_run:
         print(script, end="")
         return 0
-    slurm.require_slurm("sbatch")
-    slurm.check_against_cluster(options, slurm.query_partitions())
     os.makedirs(log_dir, exist_ok=True)
     script_path = Path(log_dir) / "job.sbatch"
     script_path.write_text(script)
@@ -75,6 +92,9 @@ def launch_local(args: argparse.Namespace) -> int:
     config = common.check_config(args.config)
     for text in args.overrides:
         common.split_override(text)
+    # Validate before torchrun starts any worker: a bad key is one line here, not N tracebacks.
+    cfg = common.validate_training_config(config, list(args.overrides))
+    common.check_resume_world_size(cfg, args.nproc, "--nproc", "--nproc {saved}")
     command = local.torchrun_command(sys.executable, args.nproc, config, list(args.overrides))
     env = local.local_env(args.nproc, common.parse_env(args.env))
     if args.dry_run:

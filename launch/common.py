@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import json
 import os
 import re
+import sys
+import types
 from pathlib import Path
 
 import yaml
@@ -28,6 +33,118 @@ def check_config(path: str) -> str:
     if not config.is_file():
         raise MoeditError(f"config {path}: no such file")
     return str(config.resolve())
+
+
+def validate_training_config(config: str, overrides: list[str]):
+    """The config `moedit train CONFIG overrides...` would run, loaded and validated here, before
+    any worker or job starts; a bad key or value is the same one-line error `moedit train` gives.
+
+    The config sections are plain dataclasses, but their packages' __init__ import torch (seconds
+    on a busy machine): unless torch is loaded already, the config modules are imported on their
+    own (light_config_modules) and the result is only read, never passed to training code."""
+    if "moedit.train.config" in sys.modules or "torch" in sys.modules:
+        from moedit.train.config import load_config
+
+        return load_config(config, list(overrides))
+    with light_config_modules() as train_config:
+        return train_config.load_config(config, list(overrides))
+
+
+# Config modules (torch-free) by package; `moedit.models` also re-exports the flavor registry.
+_LIGHT_MODULES = {
+    "moedit.models": ("config", "flavors"),
+    "moedit.diffusion": ("config",),
+    "moedit.engines": ("config",),
+    "moedit.data": ("config",),
+}
+
+
+@contextlib.contextmanager
+def light_config_modules():
+    """moedit.train.config, imported with stand-ins for the packages above that load only their
+    config modules (never torch). Every module imported here is removed from sys.modules again on
+    exit, so later imports get the real packages."""
+    import moedit
+
+    before = set(sys.modules)
+    stubs = []
+    for name, submodules in _LIGHT_MODULES.items():
+        if name in sys.modules:
+            continue
+        stub = types.ModuleType(name)
+        stub.__path__ = [os.path.join(os.path.dirname(moedit.__file__), name.rsplit(".", 1)[1])]
+
+        def lookup(attr, _name=name, _subs=submodules):
+            for sub in _subs:
+                module = importlib.import_module(f"{_name}.{sub}")
+                if hasattr(module, attr):
+                    return getattr(module, attr)
+            raise AttributeError(f"module {_name!r} (config only) has no attribute {attr!r}")
+
+        stub.__getattr__ = lookup
+        sys.modules[name] = stub
+        stubs.append(name)
+    try:
+        yield importlib.import_module("moedit.train.config")
+    finally:
+        for name in set(sys.modules) - before:
+            del sys.modules[name]
+        for name in stubs:
+            sys.modules.pop(name, None)
+        for name in list(vars(moedit)):
+            if f"moedit.{name}" not in sys.modules and isinstance(getattr(moedit, name), types.ModuleType):
+                delattr(moedit, name)
+        if "moedit.train" in sys.modules and "moedit.train.config" not in sys.modules:
+            vars(sys.modules["moedit.train"]).pop("config", None)
+
+
+def latest_checkpoint_meta(run_dir: str | Path) -> tuple[Path, dict] | None:
+    """(checkpoint directory, meta.json) of the newest complete checkpoint of a run directory,
+    read without torch (moedit.train.checkpoint decides the same way on resume)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    best = None
+    for child in root.iterdir():
+        match = re.fullmatch(r"step_(\d+)", child.name)
+        if not match or not (child / "meta.json").is_file():
+            continue
+        try:
+            meta = json.loads((child / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and meta.get("complete") and (best is None or int(match.group(1)) > best[0]):
+            best = (int(match.group(1)), child, meta)
+    return None if best is None else (best[1], best[2])
+
+
+def check_resume_world_size(cfg, world_size: int, flag: str, keep: str) -> None:
+    """A run resumes only with the world size it was saved with (the data position is per rank):
+    refuse before starting processes, and say what to pass instead. `keep` is the advice that keeps
+    the saved size, with {saved} for the number."""
+    resume = cfg.train.resume
+    if resume == "never":
+        return
+    if resume == "auto":
+        found = latest_checkpoint_meta(cfg.train.run_dir)
+    else:
+        meta_path = Path(resume) / "meta.json"
+        try:
+            found = (Path(resume), json.loads(meta_path.read_text())) if meta_path.is_file() else None
+        except (OSError, ValueError):
+            found = None
+    if found is None:
+        return
+    ckpt, meta = found
+    saved = int(meta.get("world_size", 1))
+    if saved == world_size:
+        return
+    run_dir = str(cfg.train.run_dir).rstrip("/")
+    raise MoeditError(
+        f"train.run_dir = {run_dir} holds checkpoint {ckpt.name} of a {saved}-process run, and train.resume = "
+        f"{resume} would resume it with {world_size} processes ({flag}); resuming needs the same number. "
+        f"Pass {keep.format(saved=saved)} to continue that run, or start a new one with "
+        f"train.run_dir={run_dir}-{world_size}proc (or train.resume=never to start over in {run_dir})")
 
 
 def resolve_run_dir(config: str, overrides: list[str], explicit: str | None) -> str:

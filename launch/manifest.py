@@ -8,13 +8,14 @@
 
 A run's state comes from the queue first (pending/running), then from its run
 directory (DONE -> completed); a submitted run that has left the queue without
-DONE is failed.
+DONE is cancelled when SLURM (or the job's log) says it was cancelled (scancel), else failed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -28,7 +29,7 @@ from moedit.launch.slurm import SlurmOptions
 from moedit.launch.sweep import Sweep
 
 MANIFEST = "manifest.json"
-STATES = ("completed", "running", "pending", "failed", "unsubmitted")
+STATES = ("completed", "running", "pending", "failed", "cancelled", "unsubmitted")
 # squeue states of a job that holds (or is about to hold) resources
 _RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT", "SUSPENDED", "STOPPED"}
 
@@ -96,19 +97,24 @@ def array_spec(indices: list[int], max_concurrent: int | None) -> str:
     return ",".join(parts) + (f"%{max_concurrent}" if max_concurrent else "")
 
 
-def render_array(sweep_dir: str, manifest: dict, indices: list[int], options: SlurmOptions) -> str:
+def render_array(sweep_dir: str, manifest: dict, indices: list[int], options: SlurmOptions,
+                 max_cpus: int | None = None) -> str:
     runs = [RunEntry(r["run_dir"], training_args(r["args"])) for r in manifest["runs"]]
     spec = JobSpec(config=manifest["config"], runs=runs, options=options,
                    log_dir=os.path.join(sweep_dir, "logs"), workdir=manifest["workdir"],
-                   python=manifest["python"], array=array_spec(indices, manifest.get("max_concurrent")))
+                   python=manifest["python"], array=array_spec(indices, manifest.get("max_concurrent")),
+                   max_cpus=max_cpus)
     return render_sbatch(spec)
 
 
 def submit_array(sweep_dir: str, manifest: dict, indices: list[int], options: SlurmOptions) -> str:
     """Submit the given runs as one job array; records job ids in the manifest and saves it."""
-    script = render_array(sweep_dir, manifest, indices, options)
     slurm.require_slurm("sbatch")
-    slurm.check_against_cluster(options, slurm.query_partitions())
+    partitions = slurm.query_partitions()
+    slurm.check_against_cluster(options, partitions)
+    part = slurm.partition_of(options, partitions)
+    script = render_array(sweep_dir, manifest, indices, options,
+                          max_cpus=part.max_cpus if part is not None and part.max_cpus > 0 else None)
     os.makedirs(os.path.join(sweep_dir, "logs"), exist_ok=True)
     script_path = Path(sweep_dir) / "slurm" / f"submit-{len(manifest['arrays'])}.sbatch"
     script_path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,20 +132,38 @@ def submit_array(sweep_dir: str, manifest: dict, indices: list[int], options: Sl
     return array_id
 
 
-def run_states(manifest: dict) -> list[dict]:
-    """[{name, state, job_id, detail}] for every run, in manifest order."""
+def run_states(manifest: dict, log_dir: str | None = None) -> list[dict]:
+    """[{name, state, job_id, detail}] for every run, in manifest order. `log_dir` (the sweep's
+    logs/) tells a cancelled job from a failed one once SLURM has forgotten it."""
     job_ids = [r["job_id"] for r in manifest["runs"] if r["job_id"]]
     queued = slurm.queue_states(job_ids) if job_ids else {}
     out = []
     for run in manifest["runs"]:
         run_dir = Path(run["run_dir"])
         job_id = run["job_id"]
-        state, detail = _state_of(run_dir, job_id, queued)
+        state, detail = _state_of(run_dir, job_id, queued, log_dir)
         out.append({"index": run["index"], "name": run["name"], "state": state, "job_id": job_id, "detail": detail})
     return out
 
 
-def _state_of(run_dir: Path, job_id: str | None, queued: dict[str, str]) -> tuple[str, str]:
+def _cancelled_in_log(log_dir: str | None, job_id: str) -> bool:
+    """slurmstepd writes `*** JOB 12 ON node CANCELLED AT ... ***` into a cancelled job's stderr."""
+    if not log_dir:
+        return False
+    for path in Path(log_dir).glob(f"*-{job_id}.err"):
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - 65536))
+                tail = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if re.search(r"\*\*\* (JOB|STEP) \S+ ON \S+ CANCELLED AT", tail):
+            return True
+    return False
+
+
+def _state_of(run_dir: Path, job_id: str | None, queued: dict[str, str],
+              log_dir: str | None = None) -> tuple[str, str]:
     if (run_dir / "DONE").exists():
         return "completed", ""
     if job_id is None:
@@ -151,11 +175,13 @@ def _state_of(run_dir: Path, job_id: str | None, queued: dict[str, str]) -> tupl
     detail = f"{info.get('JobState', 'gone from SLURM')} exit {info.get('ExitCode', '?')}" if info else "left the queue"
     if (run_dir / "PREEMPTED").exists():
         detail += ", checkpointed on a signal but not requeued"
+    if info.get("JobState", "").startswith("CANCELLED") or (not info and _cancelled_in_log(log_dir, job_id)):
+        return "cancelled", detail if info else "cancelled (job log), gone from SLURM"
     return "failed", detail
 
 
 def update_states(sweep_dir: str, manifest: dict) -> list[dict]:
-    states = run_states(manifest)
+    states = run_states(manifest, os.path.join(sweep_dir, "logs"))
     for run, status in zip(manifest["runs"], states):
         run["state"] = status["state"]
     save_manifest(sweep_dir, manifest)

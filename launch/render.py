@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from moedit.launch.slurm import SlurmOptions, check_directive_value
+from moedit.launch.slurm import SlurmOptions, check_directive_value, default_cpus_per_task
 
 # Ports below the usual Linux ephemeral range (32768+), so a derived port rarely
 # collides with a client socket; every node of a job derives the same port.
@@ -48,6 +48,10 @@ class JobSpec:
     """Interpreter with moedit installed (the submitting one)."""
     array: str | None = None
     """`--array` value such as '0-2%2'; None for a single job."""
+    loader_workers: int = 2
+    """data.num_workers of the run(s): sizes the default --cpus-per-task."""
+    max_cpus: int | None = None
+    """CPUs of the partition's nodes (from sinfo) when known: caps the default --cpus-per-task."""
 
 
 def render_sbatch(spec: JobSpec) -> str:
@@ -57,6 +61,14 @@ def render_sbatch(spec: JobSpec) -> str:
         raise ValueError(f"{len(spec.runs)} runs need a job array (spec.array)")
     lines = ["#!/bin/bash", "# Written by `moedit launch`. Values are shell-quoted; edit with care."]
     lines += [f"#SBATCH {directive}" for directive in _directives(spec)]
+    if spec.options.cpus_per_task is None:
+        opts = spec.options
+        cpus = default_cpus_per_task(opts, spec.loader_workers, spec.max_cpus)
+        lines.append(
+            f"# --cpus-per-task={cpus}: moedit's default, as no --cpus-per-task was given: {opts.procs_per_node} "
+            f"process(es) x max(4, 1 + data.num_workers) CPUs with data.num_workers = {spec.loader_workers}"
+            + (f", capped at the node's {spec.max_cpus}" if spec.max_cpus else "")
+            + "; pass --cpus-per-task to choose")
     lines += ["", "set -euo pipefail", f"cd {shlex.quote(spec.workdir)}", ""]
     lines += _run_selection(spec)
     lines += _environment(spec.options)
@@ -83,7 +95,8 @@ def _directives(spec: JobSpec) -> list[str]:
         out.append(f"--array={spec.array}")
     if opts.gpus_per_node:
         out.append(f"--gpus-per-node={opts.gpus_per_node}")
-    optional = {"cpus-per-task": opts.cpus_per_task, "partition": opts.partition, "account": opts.account,
+    cpus = opts.cpus_per_task or default_cpus_per_task(opts, spec.loader_workers, spec.max_cpus)
+    optional = {"cpus-per-task": cpus, "partition": opts.partition, "account": opts.account,
                 "time": opts.time, "qos": opts.qos, "constraint": opts.constraint, "mem": opts.mem}
     out += [f"--{name}={value}" for name, value in optional.items() if value is not None]
     if opts.exclusive:

@@ -77,8 +77,7 @@ class SlurmOptions:
             if re.search(r"[\s\"'\\`$;<>]", self.constraint):
                 raise ValueError(f"slurm.constraint = {self.constraint!r}: contains whitespace or shell characters")
         for arg in self.sbatch_args:
-            if not arg.startswith("-") or re.search(r"[\n\r\0]", arg):
-                raise ValueError(f"--sbatch-arg {arg!r}: must be one option such as --reservation=NAME, on one line")
+            check_sbatch_arg(arg)
         for key in self.env:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 raise ValueError(f"--env {key!r}: not a valid environment variable name")
@@ -94,12 +93,56 @@ class SlurmOptions:
         return self.nproc_per_node or self.gpus_per_node or 1
 
 
+DEFAULT_CPUS_PER_PROCESS = 4
+"""Without --cpus-per-task, each training process gets max(this, 1 + data.num_workers) CPUs."""
+
+
+def default_cpus_per_task(options: SlurmOptions, loader_workers: int = 2, max_cpus: int | None = None) -> int:
+    """CPUs per node when --cpus-per-task is not given: per training process one core for its main
+    thread plus one per data-loader worker, at least DEFAULT_CPUS_PER_PROCESS, capped at the node's
+    CPUs when known. (SLURM's own default is often 1 CPU for the whole task: every rank and loader
+    worker of the node would share one core.)"""
+    cpus = options.procs_per_node * max(DEFAULT_CPUS_PER_PROCESS, 1 + max(0, loader_workers))
+    return max(1, min(cpus, max_cpus)) if max_cpus else cpus
+
+
 def check_directive_value(name: str, value: str) -> None:
     """Reject a value that could break out of its `#SBATCH` line."""
     if not value or _UNSAFE_DIRECTIVE.search(value):
         raise ValueError(
             f"{name} = {value!r}: empty or contains whitespace, quotes or shell characters, "
             "which cannot go into an #SBATCH line")
+
+
+# `--sbatch-arg` must not smuggle in options that moedit sets itself: the script depends on them.
+_MANAGED_OPTIONS = {
+    "--job-name": "--job-name", "-J": "--job-name", "--nodes": "--nodes", "-N": "--nodes",
+    "--ntasks-per-node": None, "--output": None, "-o": None, "--error": None, "-e": None,
+    "--open-mode": None, "--requeue": None, "--no-requeue": None, "--array": None, "-a": None,
+    "--gpus-per-node": "--gpus-per-node", "--cpus-per-task": "--cpus-per-task", "-c": "--cpus-per-task",
+    "--partition": "--partition", "-p": "--partition", "--account": "--account", "-A": "--account",
+    "--time": "--time", "-t": "--time", "--qos": "--qos", "-q": "--qos", "--constraint": "--constraint",
+    "-C": "--constraint", "--mem": "--mem", "--exclusive": "--exclusive", "--signal": "--signal-seconds",
+}
+_OPTION_NAME = re.compile(r"^(--[A-Za-z][A-Za-z0-9-]*|-[A-Za-z])$")
+
+
+def check_sbatch_arg(arg: str) -> None:
+    """One extra `#SBATCH` option, `--name` or `--name=VALUE` (docs/launch.md): the value obeys the
+    rule of every other #SBATCH value (no whitespace, quotes or shell characters), and an option that
+    moedit writes itself is refused with the flag to use instead."""
+    if not isinstance(arg, str):
+        raise ValueError(f"--sbatch-arg {arg!r}: must be a string such as --reservation=NAME")
+    name, sep, value = arg.partition("=")
+    if not _OPTION_NAME.match(name):
+        raise ValueError(f"--sbatch-arg {arg!r}: must be one long option such as --reservation=NAME "
+                         "(write --sbatch-arg=--reservation=NAME)")
+    if name in _MANAGED_OPTIONS:
+        flag = _MANAGED_OPTIONS[name]
+        instead = f"use moedit's {flag} flag" if flag else "moedit sets it itself"
+        raise ValueError(f"--sbatch-arg {arg!r}: {name} is written by moedit launch; {instead}")
+    if sep:
+        check_directive_value(f"--sbatch-arg {name}", value)
 
 
 def parse_time_limit(text: str) -> int:
@@ -159,18 +202,22 @@ def gpus_in_gres(gres: str) -> int:
     return total
 
 
-def check_against_cluster(options: SlurmOptions, partitions: dict[str, Partition]) -> None:
-    """Fail early, in one line, on requests the cluster can never satisfy."""
+def partition_of(options: SlurmOptions, partitions: dict[str, Partition]) -> Partition | None:
+    """The partition a job with these options lands in (None: no default partition to tell)."""
     if options.partition is None:
         defaults = [p for p in partitions.values() if p.is_default]
-        if not defaults:
-            return  # no default partition: sbatch itself will say what it wants
-        part = defaults[0]
-    elif options.partition in partitions:
-        part = partitions[options.partition]
-    else:
-        known = ", ".join(sorted(partitions)) or "none"
-        raise MoeditError(f"--partition {options.partition}: no such partition on this cluster (known: {known})")
+        return defaults[0] if defaults else None
+    if options.partition in partitions:
+        return partitions[options.partition]
+    known = ", ".join(sorted(partitions)) or "none"
+    raise MoeditError(f"--partition {options.partition}: no such partition on this cluster (known: {known})")
+
+
+def check_against_cluster(options: SlurmOptions, partitions: dict[str, Partition]) -> None:
+    """Fail early, in one line, on requests the cluster can never satisfy."""
+    part = partition_of(options, partitions)
+    if part is None:
+        return  # no default partition: sbatch itself will say what it wants
     if options.nodes > part.nodes:
         raise MoeditError(f"--nodes {options.nodes}: partition {part.name} has only {part.nodes} node(s)")
     if options.gpus_per_node > part.max_gpus:

@@ -25,13 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_slurm_arguments(submit)
     submit.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
 
-    status = actions.add_parser("status", help="pending/running/completed/failed of each run")
+    status = actions.add_parser("status", help="pending/running/completed/failed/cancelled of each run")
     status.add_argument("sweep_dir")
     status.add_argument("--json", action="store_true", help="print the states as JSON")
 
     resubmit = actions.add_parser("resubmit", help="submit failed runs again (they resume from checkpoints)")
     resubmit.add_argument("sweep_dir")
-    resubmit.add_argument("--failed", action="store_true", required=True, help="resubmit the failed runs")
+    resubmit.add_argument("--failed", action="store_true", help="resubmit the failed runs")
+    resubmit.add_argument("--cancelled", action="store_true", help="resubmit the runs cancelled with scancel")
     common.add_slurm_arguments(resubmit)
     resubmit.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
 
@@ -67,6 +68,12 @@ def submit(args: argparse.Namespace) -> int:
         raise MoeditError(f"{sweep.sweep_dir}: sweep already submitted ({len(submitted)} runs have jobs); "
                           "see `moedit sweep status` and `moedit sweep resubmit --failed`")
     indices = [r["index"] for r in record["runs"]]
+    for run in record["runs"]:  # every run's config, checked before anything is submitted
+        try:
+            common.validate_training_config(sweep.config, [*common.training_args(run["args"]),
+                                                           f"train.run_dir={run['run_dir']}"])
+        except MoeditError as exc:
+            raise MoeditError(f"run {run['index']} ({run['name']}): {exc}") from None
     if args.dry_run:
         print(manifest.render_array(sweep.sweep_dir, record, indices, options), end="")
         return 0
@@ -93,9 +100,13 @@ def status(args: argparse.Namespace) -> int:
 def resubmit(args: argparse.Namespace) -> int:
     record = manifest.load_manifest(args.sweep_dir)
     states = manifest.update_states(args.sweep_dir, record)
-    failed = [s["index"] for s in states if s["state"] == "failed"]
+    wanted = {"failed"} if args.failed else set()
+    wanted |= {"cancelled"} if getattr(args, "cancelled", False) else set()
+    if not wanted:
+        raise MoeditError("resubmit needs --failed and/or --cancelled: which runs to submit again")
+    failed = [s["index"] for s in states if s["state"] in wanted]
     if not failed:
-        print(f"sweep {record['sweep']}: no failed runs ({manifest.summary(states)})")
+        print(f"sweep {record['sweep']}: no {' or '.join(sorted(wanted))} runs ({manifest.summary(states)})")
         return 0
     last = record["arrays"][-1]["options"] if record["arrays"] else dict(record["slurm"])
     options = common.slurm_options(args, last)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from moedit.errors import MoeditError
@@ -24,8 +25,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Commands whose positional `overrides` (dotted key=value) may also come after flags:
+# `moedit launch local CFG --nproc 2 train.steps=30`.
+OVERRIDES_ANYWHERE = ("train", "launch", "models")
+_OVERRIDE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("moedit")
+    except Exception:  # not installed (run from a checkout)
+        return "unknown"
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moedit", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"moedit {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
@@ -37,7 +54,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
-    args = build_parser(command).parse_args(argv)
+    parser = build_parser(command)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        overrides = [e for e in extras if _OVERRIDE_RE.match(e)]
+        unknown = [e for e in extras if not _OVERRIDE_RE.match(e)]
+        if unknown or args.command not in OVERRIDES_ANYWHERE or not hasattr(args, "overrides"):
+            where = " ".join(["moedit", args.command or ""] + ([args.target] if getattr(args, "target", None) else []))
+            print(f"{where.strip()}: error: unrecognized arguments: {' '.join(unknown or extras)}", file=sys.stderr)
+            return 2
+        # overrides given after a flag apply after those given before it, in command-line order
+        args.overrides = list(args.overrides or []) + overrides
     if args.command is None:
         build_parser().print_help()
         return 2

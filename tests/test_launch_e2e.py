@@ -19,6 +19,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
+# The smallest config `moedit launch` accepts: it validates the config before starting anything.
+VALID_CONFIG = "model:\n  flavor: tiny-diffmoe\n  learn_sigma: false\ntrain:\n  run_dir: run\n"
 
 
 def _cluster_problem() -> str | None:
@@ -201,7 +203,7 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(setup, jobs):
 ], ids=["partition", "gpus", "nodes"])
 def test_requests_the_cluster_cannot_meet_fail_before_submission(tmp_path, flags, message):
     config = tmp_path / "c.yaml"
-    config.write_text("train:\n  run_dir: run\n")
+    config.write_text(VALID_CONFIG)
     proc = subprocess.run([sys.executable, "-m", "moedit.cli", "launch", "slurm", str(config), *flags],
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2

@@ -26,6 +26,8 @@ from moedit.launch.slurm import (
 )
 
 INJECTION = 'x"; touch {pwned}; "'
+# The smallest config `moedit launch` accepts: it validates the config before starting anything.
+VALID_CONFIG = "model:\n  flavor: tiny-diffmoe\n  learn_sigma: false\ntrain:\n  run_dir: run\n"
 
 SRUN_STUB = r"""#!/bin/bash
 # Records its arguments (NUL-separated) and the rendezvous environment, then plays the trainer.
@@ -225,7 +227,7 @@ def _cli(args: list[str], path: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_cli_without_slurm_gives_one_line_error_and_dry_run_still_renders(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text("train:\n  run_dir: run\n")
+    config.write_text(VALID_CONFIG)
     empty = tmp_path / "empty_path"
     empty.mkdir()
     result = _cli(["launch", "slurm", str(config), "train.steps=3"], str(empty), tmp_path)
