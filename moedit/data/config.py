@@ -20,7 +20,9 @@ class DataConfig:
 
     prepare: str | None = None
     """Built-in dataset to prepare into `path` when its dataset.json is missing: `digits` or
-    `synthetic` (see moedit.data.prepare.prepare_builtin). None: the shards must exist."""
+    `synthetic` (see moedit.data.prepare.prepare_builtin). None: the shards must exist. A `data.path`
+    given on the command line is never filled with it (a typo must not become a fresh dataset)
+    unless `data.prepare` is given on the command line too; `moedit train` names the error."""
 
     prepare_image_size: int | None = None
     """Image size for `prepare: digits` (None keeps the native 8x8)."""

@@ -9,6 +9,7 @@ continues with exactly the batches an uninterrupted one would have produced (doc
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -18,12 +19,16 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from moedit.data.config import DataConfig
-from moedit.data.manifest import Manifest, default_manifest_path, load_manifest, resolve_shards
+from moedit.data.manifest import (
+    Manifest, directory_shards, load_manifest, manifest_path, resolve_shards, same_directory,
+)
 from moedit.data.samples import REASONS, DataError
 from moedit.data.stream import Stream, StreamPlan, epoch_rank_shards
 from moedit.errors import MoeditError
 
 STATE_VERSION = 1
+
+log = logging.getLogger("moedit.data")
 
 
 class _StreamDataset(IterableDataset):
@@ -231,6 +236,33 @@ class ShardLoader:
         self._counters = self._zero_counters() | {k: v for k, v in state["counters"].items()}
 
 
+def _check_manifest_directories(data_cfg: DataConfig, manifest: Manifest, json_path: str, report: bool) -> None:
+    """Shards the manifest lists but the directory lacks: an error under data.bad_data = raise; under
+    skip a warning, and their samples are counted as skipped (`missing_shard`) when they come up.
+    `*.tar` files the manifest does not list are not read: a warning names them."""
+    for part in filter(None, data_cfg.path.split("::")):
+        if part.startswith("pipe:") or "://" in part or not os.path.isdir(part):
+            continue
+        if not same_directory(part, manifest.root):
+            continue
+        _, missing, extra = directory_shards(manifest, part)
+        names = lambda paths: ", ".join(os.path.basename(p) for p in paths[:5]) + (" ..." if len(paths) > 5 else "")
+        if missing:
+            lost = sum(manifest.shard(p).num_samples for p in missing)
+            what = (f"{len(missing)} of the {len(manifest.shards)} shards listed in {json_path} are missing from "
+                    f"{part} ({names(missing)}; {lost} of {manifest.num_samples} samples)")
+            if data_cfg.bad_data == "raise":
+                raise MoeditError(
+                    f"{what}: restore them, re-index the directory with `moedit prepare --source shards "
+                    f"--output DIR`, or set data.bad_data=skip to count their samples as skipped")
+            if report:
+                log.warning("%s: their samples are skipped and counted (data/skipped_missing_shard)", what)
+        if extra and report:
+            log.warning("%s: %d *.tar file(s) not listed in %s are not read: %s (index them with "
+                        "`moedit prepare --source shards --output DIR` to use them)",
+                        part, len(extra), json_path, names(extra))
+
+
 def build_loader(data_cfg: DataConfig, *, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0) -> ShardLoader:
     """The loader of one data-parallel rank. See ShardLoader."""
@@ -238,10 +270,14 @@ def build_loader(data_cfg: DataConfig, *, batch_size: int, rank: int = 0, world_
         raise ValueError(f"batch_size = {batch_size}: use 1 or more")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size = {world_size})")
-    urls = resolve_shards(data_cfg.path)  # first: "shards not found" is the likelier mistake
-    manifest = load_manifest(data_cfg.manifest or default_manifest_path(data_cfg.path))
+    json_path = manifest_path(data_cfg)
+    if not os.path.isfile(json_path):
+        resolve_shards(data_cfg.path)  # first: "shards not found" is the likelier mistake
+    manifest = load_manifest(json_path)
     if manifest.num_samples == 0:
         raise MoeditError(f"{data_cfg.path}: the manifest lists no samples")
+    urls = resolve_shards(data_cfg.path, manifest)
+    _check_manifest_directories(data_cfg, manifest, json_path, report=rank == 0)
     infos = [manifest.shard(u) for u in urls]
     if not data_cfg.resampled and data_cfg.split == "shard" and len(urls) < world_size:
         raise MoeditError(

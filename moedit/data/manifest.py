@@ -110,6 +110,25 @@ def shard_basename(url: str) -> str:
     return os.path.basename(url)
 
 
+def model_changes_for(manifest: Manifest, *, in_channels: int, input_size: int, num_classes: int) -> dict[str, Any]:
+    """The `model.*` settings that a model needs to train on these shards and does not have:
+    {"model.in_channels": C, "model.input_size": H, "model.num_classes": K}, each only where the
+    model's value does not fit (a model with more classes than the shards fits; num_classes = 0,
+    an unconditional model, ignores labels)."""
+    c, h, w = manifest.latent_shape
+    if h != w:
+        raise MoeditError(f"{os.path.join(manifest.root, MANIFEST_NAME)}: latents are {h}x{w}; the DiT takes "
+                          "square inputs only (model.input_size)")
+    changes: dict[str, Any] = {}
+    if in_channels != c:
+        changes["model.in_channels"] = c
+    if input_size != h:
+        changes["model.input_size"] = h
+    if num_classes and num_classes < manifest.num_classes:
+        changes["model.num_classes"] = manifest.num_classes
+    return changes
+
+
 def load_manifest(shard_dir: str | os.PathLike) -> Manifest:
     """Read `dataset.json` given a shard directory, the json's own path, or a data.path shard
     pattern (the manifest beside its first shard; `pipe:` URLs need the json path)."""
@@ -178,12 +197,36 @@ def expand_braces(pattern: str) -> list[str]:
     return [out for v in values for out in expand_braces(head + v + tail)]
 
 
-def resolve_shards(path: str) -> list[str]:
-    """Shard URLs for a directory, brace pattern, glob, `pipe:` URL or `::`-joined list of these."""
+def same_directory(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def directory_shards(manifest: Manifest, directory: str) -> tuple[list[str], list[str], list[str]]:
+    """The shards of a directory that holds `manifest`: (paths of every shard the manifest lists,
+    in file-name order; those of them missing from the directory; `*.tar` files in the directory
+    that the manifest does not list). The manifest, not the directory listing, says what the
+    dataset is, so a lost shard is noticed instead of silently shrinking the data."""
+    listed = sorted(os.path.join(directory, s.name) for s in manifest.shards)
+    missing = [p for p in listed if not os.path.isfile(p)]
+    names = {os.path.normpath(s.name) for s in manifest.shards}
+    extra = sorted(p for p in glob.glob(os.path.join(directory, "*.tar"))
+                   if os.path.normpath(os.path.relpath(p, directory)) not in names)
+    return listed, missing, extra
+
+
+def resolve_shards(path: str, manifest: Manifest | None = None) -> list[str]:
+    """Shard URLs for a directory, brace pattern, glob, `pipe:` URL or `::`-joined list of these.
+    A directory that holds `manifest` gives the shards the manifest lists (see directory_shards);
+    other directories give their `*.tar` files."""
     urls: list[str] = []
     for part in filter(None, path.split("::")):
         if part.startswith("pipe:") or "://" in part:
             urls.extend(expand_braces(part))
+        elif os.path.isdir(part) and manifest is not None and same_directory(part, manifest.root):
+            urls.extend(directory_shards(manifest, part)[0])
         elif os.path.isdir(part):
             found = sorted(glob.glob(os.path.join(part, "*.tar")))
             if not found:
@@ -200,6 +243,12 @@ def resolve_shards(path: str) -> list[str]:
     if not urls:
         raise MoeditError(f"data.path {path!r} names no shards")
     return urls
+
+
+def manifest_path(data_cfg) -> str:
+    """The dataset.json a `data` config section names: `data.manifest` if set, else the default
+    beside `data.path`. Use it wherever a manifest is loaded from a config."""
+    return data_cfg.manifest or default_manifest_path(data_cfg.path)
 
 
 def default_manifest_path(path: str) -> str:

@@ -14,7 +14,8 @@ LABEL_KEY = "cls"
 METADATA_KEY = "json"
 
 # Reasons a sample is bad; they name the counters in ShardLoader.stats().
-REASONS = ("corrupt_shard", "checksum", "missing_key", "bad_array", "wrong_shape", "wrong_dtype", "bad_label")
+REASONS = ("corrupt_shard", "missing_shard", "checksum", "missing_key", "bad_array", "wrong_shape", "wrong_dtype",
+           "bad_label")
 
 
 class DataError(MoeditError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -128,6 +129,8 @@ class ShardSequence:
 def load_shard_entries(plan: StreamPlan, shard_id: int) -> list[RawSample | BadEntry]:
     """Exactly `counts[shard_id]` entries for a shard; unreadable parts become BadEntry."""
     url, expected = plan.urls[shard_id], plan.counts[shard_id]
+    if "://" not in url and not url.startswith("pipe:") and not os.path.exists(url):
+        return [BadEntry(url, None, "missing_shard", "listed in the manifest but missing from the directory")] * expected
     entries: list[RawSample | BadEntry] = []
     reason, problem = "", ""
     try:

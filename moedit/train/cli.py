@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moedit.errors import MoeditError
+
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides applied last, e.g. optim.lr=2e-4")
+    parser.add_argument("overrides", nargs="*",
+                        help="dotted overrides applied last, e.g. optim.lr=2e-4 (anywhere on the line)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -27,12 +30,17 @@ def main(args: argparse.Namespace) -> int:
     else:
         from moedit.train.trainer import Trainer
 
+    # Checks of the data against the config, on every rank and before anything is written
+    # (the run directory included): a mistyped data.path or shards of other shapes are one line.
+    _check_builtin_target(cfg, args.overrides)
+    check_model_fits_data(cfg)
     trainer = Trainer(cfg)
     failed = None
     try:
         if trainer.engine.is_main:
             _ensure_data(cfg)
         trainer.engine.barrier()
+        check_model_fits_data(cfg)  # a built-in dataset prepared just now
         trainer.setup()
         if trainer.engine.is_main:
             e = trainer.engine
@@ -77,6 +85,54 @@ def _exit_without_teardown(exc: BaseException, engine) -> None:
     if isinstance(exc, SystemExit):
         os._exit(exc.code if isinstance(exc.code, int) else 1)
     os._exit(130 if isinstance(exc, KeyboardInterrupt) else 2 if isinstance(exc, MoeditError) else 1)
+
+
+def _override_keys(overrides) -> set[str]:
+    return {text.split("=", 1)[0].strip() for text in overrides or [] if "=" in text}
+
+
+def _check_builtin_target(cfg, overrides) -> None:
+    """A config's built-in dataset (`data.prepare`) is prepared only at the config's own data.path:
+    a data.path given on the command line names existing shards (a typo must not become a fresh
+    copy of the digits), unless data.prepare is given on the command line too."""
+    from pathlib import Path
+
+    from moedit.data.manifest import manifest_path
+
+    source = cfg.data.prepare
+    keys = _override_keys(overrides)
+    if not source or "data.path" not in keys or "data.prepare" in keys:
+        return
+    if Path(manifest_path(cfg.data)).is_file():
+        return
+    raise MoeditError(
+        f"data.path = {cfg.data.path}: no prepared shards there (no {manifest_path(cfg.data)}). The config builds "
+        f"its built-in '{source}' dataset only at its own data.path; a data.path given on the command line must "
+        f"hold shards made by `moedit prepare`. Fix the path, or add data.prepare={source} to build '{source}' there")
+
+
+def check_model_fits_data(cfg) -> None:
+    """The model's input shape and classes must fit the shards' manifest: name the model.* keys to
+    set (from dataset.json) before the trainer builds anything. Quiet when there is no manifest
+    yet (the loader reports missing data in its own words)."""
+    from pathlib import Path
+
+    from moedit.data.manifest import load_manifest, manifest_path, model_changes_for
+
+    path = manifest_path(cfg.data)
+    if not Path(path).is_file():
+        return
+    manifest = load_manifest(path)
+    m = cfg.model
+    changes = model_changes_for(manifest, in_channels=m.in_channels, input_size=m.input_size,
+                                num_classes=m.num_classes)
+    if changes:
+        c, h, w = manifest.latent_shape
+        have = ", ".join(f"{key} = {getattr(m, key.split('.')[1])}" for key in changes)
+        raise MoeditError(
+            f"the shards at {cfg.data.path} hold latents of shape {c}x{h}x{w} (C x H x W) with {manifest.num_classes} "
+            f"classes ({path}), which the model ({have}) cannot take: set "
+            + " ".join(f"{key}={value}" for key, value in changes.items()))
 
 
 def _ensure_data(cfg) -> None:
