@@ -72,7 +72,7 @@ fi
 if [ "$phase" != bench ] && [ "${SKIP_TRAIN:-0}" != 1 ]; then
   cfg=configs/megatron_diffmoe_s_e16_synthetic.yaml
   run=/tmp/megatron_train_run full=/tmp/megatron_train_full
-  common=(data.path=/tmp/synthetic-4x16x16 logging.log_every=1 logging.progress=lines checkpoint.every=20
+  common=(data.path=/tmp/synthetic-4x16x16 data.prepare=synthetic logging.log_every=1 logging.progress=lines checkpoint.every=20
           optim.warmup_steps=10)
   train=(torchrun --standalone --nproc_per_node 2 -m moedit.cli train $cfg "${common[@]}"
          parallel.megatron_optimizer="${OPTIMIZER:-distributed}")
