@@ -17,8 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for `moedit`
 
-from moedit.models.cuda_graph import replay_time_us  # noqa: E402
-from moedit.models.fused import BiasGelu  # noqa: E402
+from moedit.models.kernels import KernelOptions  # noqa: E402
+from moedit.models.kernels.cuda_graph import replay_time_us  # noqa: E402
+from moedit.models.kernels.moe import BiasGelu  # noqa: E402
 
 
 def main() -> None:
@@ -65,16 +66,14 @@ def main() -> None:
     t_fwd = replay_time_us(lambda: torch.nn.functional.gelu(dense_h, approximate="tanh"))
     t_bwd = replay_time_us(lambda: torch.ops.aten.gelu_backward(grad.view(S, F), dense_h, approximate="tanh"))
     print(f"\n{'bias + GELU, E=16':26s} {'fwd us':>8s} {'bwd us':>8s}\n{'dense F.gelu (no bias)':26s} {t_fwd:8.1f} {t_bwd:8.1f}")
-    default = dict(BiasGelu.TILES)
     for config in ((32, 128, 4), (64, 128, 8), (128, 64, 8), (64, 64, 4), (32, 64, 2), (64, 64, 2), (128, 64, 4),
                    (32, 32, 1), (128, 32, 4), (256, 32, 8)):
-        BiasGelu.TILES = {False: config, True: config}
+        options = KernelOptions(bias_gelu_tile=config, bias_gelu_backward_tile=config)
         out, grad_h = torch.empty_like(h), torch.empty_like(h)
         partial = torch.empty(E, -(-K // config[0]), F, device="cuda")  # one row per K-block
-        t_fwd = replay_time_us(lambda: BiasGelu._launch(h, bias, out, h, out, backward=False))
-        t_bwd = replay_time_us(lambda: BiasGelu._launch(h, bias, grad_h, grad, partial, backward=True))
+        t_fwd = replay_time_us(lambda: BiasGelu.launch(h, bias, out, h, out, False, options))
+        t_bwd = replay_time_us(lambda: BiasGelu.launch(h, bias, grad_h, grad, partial, True, options))
         print(f"{'fused, tile ' + str(config):26s} {t_fwd:8.1f} {t_bwd:8.1f}")
-    BiasGelu.TILES = default
 
 if __name__ == "__main__":
     main()

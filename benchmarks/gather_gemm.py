@@ -11,7 +11,7 @@ moedit runs it as a gather (one (S, D) read and write) and a cuBLAS batched GEMM
 - `Triton GEMM gathering its rows`: loads each A tile straight from the pool through the index
   (no gathered copy).
 A fused version pays when its row is below `gather + cuBLAS bmm`. Times are CUDA-graph replays
-(moedit.models.cuda_graph.replay_time_us); results are checked against the bmm.
+(moedit.models.kernels.cuda_graph.replay_time_us); results are checked against the bmm.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for `m
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from moedit.models.cuda_graph import replay_time_us  # noqa: E402
+from moedit.models.kernels.cuda_graph import replay_time_us  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages)
 TILES = [(128, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (64, 256, 64, 8, 4, 4),

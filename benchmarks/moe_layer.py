@@ -19,13 +19,14 @@ Two parameter settings, each with its own dense baseline:
   MoE layer) and the backward accumulates fp32 grads, so memory-bound copies enter the ratio.
 
 `--cuda-graph layer` captures each layer (the dense FFN too) for its fixed shapes
-(moedit.models.cuda_graph.graph_moe_layer; torch.cuda.make_graphed_callables for the dense FFN):
+(moedit.models.kernels.cuda_graph.graph_moe_layer; torch.cuda.make_graphed_callables for the dense FFN):
 one replay per forward and one per backward, callable from eager code; autograd then copies the
 static weight gradients into `.grad`. `--cuda-graph step` captures the whole timed step (forward,
-backward, fresh `.grad`) with moedit.models.cuda_graph.CUDAGraphStep: one replay per step, no
+backward, fresh `.grad`) with moedit.models.kernels.cuda_graph.CUDAGraphStep: one replay per step, no
 copies, as a trainer that graphs its whole step would run. Either way wall time approaches the GPU
-kernel time on a launch-bound host. `--combine` and `--bias-gelu` pick the MoE layer's combine / fc1-bias backends
-(default auto: the fused Triton paths on CUDA) to compare against the plain PyTorch ones.
+kernel time on a launch-bound host. `--combine`, `--bias-gelu`, `--unfused-router` and `--unfused-predictor`
+set the MoE layer's KernelOptions (default auto: the fused Triton paths on CUDA) to compare against the
+plain PyTorch ones.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ import time
 import torch
 
 from moedit.models.config import ModelConfig, MoEConfig
-from moedit.models.cuda_graph import CUDAGraphStep, graph_moe_layer
+from moedit.models.kernels import KernelOptions
+from moedit.models.kernels.cuda_graph import CUDAGraphStep, graph_moe_layer
 from moedit.models.layers import GeluMLP
 from moedit.models.moe import MoELayer, RoutingContext
 
@@ -48,11 +50,11 @@ LAYERS = {  # label -> MoEConfig fields (every = 1, first = 0 added below)
 }
 
 
-def build_layer(kind: str, D: int, E: int, tokens_per_image: int) -> MoELayer:
+def build_layer(kind: str, D: int, E: int, tokens_per_image: int, options: KernelOptions | None = None) -> MoELayer:
     side = int(round((tokens_per_image) ** 0.5)) * 2  # latent side at p = 2
     cfg = ModelConfig(input_size=side, patch_size=2, hidden_size=D, depth=1, num_heads=max(1, D // 64),
                       moe=MoEConfig(num_experts=E, every=1, first=0, **LAYERS[kind]))
-    return MoELayer(cfg, 0, num_noise_bins=10)
+    return MoELayer(cfg, 0, num_noise_bins=10, kernel_options=options)
 
 
 def make_context(batch: int, device: torch.device) -> RoutingContext:
@@ -119,17 +121,13 @@ def time_layers(args, x, probe, ctx, param_dtype, autocast: bool) -> dict[tuple[
     times = {("dense FFN", 1): time_fwd_bwd(dense_step, device, args.warmup, args.iters)}
     if args.kernel_time and device.type == "cuda" and not autocast:
         args.kernel_ms[("dense FFN", 1)] = kernel_ms(dense_step)
+    options = KernelOptions(combine=args.combine, bias_gelu=args.bias_gelu, fused_router_tail=not args.unfused_router,
+                            fused_predictor=not args.unfused_predictor)
     for E in experts:
         for kind in LAYERS:
             if args.layer and args.layer not in kind:
                 continue
-            layer = build_layer(kind, D, E, tokens_per_image).to(device, param_dtype).train()
-            layer.combine_backend = args.combine
-            layer.experts.bias_gelu_backend = args.bias_gelu
-            if args.unfused_router and hasattr(layer.router, "fused_tail"):
-                layer.router.fused_tail = False
-            if args.unfused_predictor and hasattr(layer.router, "fused_predictor"):
-                layer.router.fused_predictor = False
+            layer = build_layer(kind, D, E, tokens_per_image, options).to(device, param_dtype).train()
             if args.cuda_graph == "layer" and not autocast:
                 graph_moe_layer(layer, x, ctx)
             if args.compile:
@@ -250,9 +248,10 @@ def main() -> int:
     parser.add_argument("--bias-gelu", default="auto", choices=["auto", "fused", "baddbmm"],
                         help="expert fc1 bias: fused into the GELU, or baddbmm")
     parser.add_argument("--unfused-router", action="store_true",
-                        help="DiffMoE's training tail in plain PyTorch ops, not moedit/models/fused_router.py")
+                        help="DiffMoE's training tail in plain PyTorch ops, not moedit/models/kernels/router_tail.py")
     parser.add_argument("--unfused-predictor", action="store_true",
-                        help="DiffMoE: the gate and the capacity predictor's three modules apart, not fused_predictor.py's kernels")
+                        help="DiffMoE: the gate and the capacity predictor's three modules apart, not "
+                             "moedit/models/kernels/predictor.py's kernels")
     parser.add_argument("--layer", default="", help="only layers whose name contains this (e.g. diffmoe)")
     parser.add_argument("--experts", type=int, default=0, help="only this number of experts")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels per layer")

@@ -9,7 +9,7 @@ as benchmarks/moe_layer.py --cuda-graph step), divided by the dense FFN's:
   GEMMs or kernels, no predictor gradient; the gate then runs as its own GEMM): a lower bound for
   any scheme that hides the predictor;
 - `predictor on a side stream`: the constant logits feed the routing, while the real predictor
-  (fused_predictor.py's kernels, which compute the gate logits too: ~1.6% more GEMM work, those
+  (moedit/models/kernels/predictor.py's kernels, which compute the gate logits too: ~1.6% more GEMM work, those
   logits unused) runs forward and backward on a second stream,
   overlapping the routing and expert kernels; the step waits for it at the end of the forward.
 The last two change what the layer computes (the routing no longer sees this step's predictor):
@@ -28,8 +28,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for `moedit` and `benchmarks`
 
 from benchmarks.moe_layer import build_layer, make_context, make_step, time_fwd_bwd  # noqa: E402
-from moedit.models.cuda_graph import CUDAGraphStep  # noqa: E402
-from moedit.models.fused_predictor import gate_and_predictor  # noqa: E402
+from moedit.models.kernels import KernelOptions  # noqa: E402
+from moedit.models.kernels.cuda_graph import CUDAGraphStep  # noqa: E402
+from moedit.models.kernels.predictor import gate_and_predictor  # noqa: E402
 from moedit.models.layers import GeluMLP  # noqa: E402
 
 
@@ -60,7 +61,8 @@ def _with_constant_predictor(layer, x: torch.Tensor, side_stream: bool):
     """Patch `layer` (DiffMoE, gate and predictor apart) so its routing reads constant predictor
     logits; with side_stream, also run the real predictor on a second stream, joined after the layer."""
     router = layer.router
-    router.fused_predictor = False  # gate and predictor apart, so the predictor can be taken out
+    # gate and predictor apart, so the predictor can be taken out
+    router.kernel_options = router.kernel_options.replace(fused_predictor=False)
     with torch.no_grad():
         constant = router.capacity_predictor(x.reshape(-1, x.shape[-1])).clone()
     if not side_stream:

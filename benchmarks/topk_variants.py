@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for `moedit`
 
-from moedit.models.cuda_graph import replay_time_us  # noqa: E402
+from moedit.models.kernels.cuda_graph import replay_time_us  # noqa: E402
 
 
 def main() -> None:

@@ -238,11 +238,11 @@ class Replay:
                              f"renormalisation; flavor {ref.cfg.name} has router {ref.cfg.moe.router}: run with "
                              f"--no-replay")
         for layer in ref.moe_layers():
-            if enabled and hasattr(layer.router, "fused_tail"):
+            if enabled:
                 # forced_decision takes the combine weights from decision.probs: DiffMoE's fused tail
                 # returns them without a gradient (its `weight` output carries it), so the reference
                 # side runs the PyTorch tail, whose probs are differentiable
-                layer.router.fused_tail = False
+                layer.router.kernel_options = layer.router.kernel_options.replace(fused_router_tail=False)
             original = layer.router.forward
 
             def forward(x, batch_size, _original=original, _layer=layer):

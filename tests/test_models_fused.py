@@ -1,4 +1,4 @@
-"""The fused MoE paths (moedit/models/fused.py) against the plain ones, and CUDA-graphed layers.
+"""The fused MoE paths (moedit/models/kernels/moe.py) against the plain ones, and CUDA-graphed layers.
 
 CPU: the gather-sum combine / dispatch backward and the bias-in-GELU give the same outputs and
 gradients as index_add_ and baddbmm for every router, in float64 (the PyTorch versions of the
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from moedit.models import ModelConfig, MoEConfig
-from moedit.models.fused import BiasGelu, gather_sum, gather_sum_reference, inverse_map
+from moedit.models.kernels import KernelOptions, set_kernel_options
+from moedit.models.kernels.moe import BiasGelu, gather_sum, gather_sum_reference, inverse_map
 from moedit.models.moe import MoELayer, RoutingContext
 
 ROUTERS = {
@@ -46,8 +47,7 @@ def make_input(batch: int, tokens: int, hidden: int, dtype, device):
 
 
 def run_step(layer, x, ctx, probe, combine: str, bias_gelu: str):
-    layer.combine_backend = combine
-    layer.experts.bias_gelu_backend = bias_gelu
+    assert set_kernel_options(layer, KernelOptions(combine=combine, bias_gelu=bias_gelu)) == 3
     layer.zero_grad(set_to_none=True)
     xi = x.clone().requires_grad_()
     out = layer(xi, ctx)
@@ -100,17 +100,14 @@ def test_bias_gelu_gradients_float64():
 
 @pytest.mark.parametrize("tile", [None, (16, 64, 4)])
 @pytest.mark.parametrize("experts", [16, 6])
-def test_gather_sum_kernel_matches_the_reference(tile, experts, rerun_in_triton_interpreter, monkeypatch):
+def test_gather_sum_kernel_matches_the_reference(tile, experts, rerun_in_triton_interpreter):
     """The gather-sum kernel (Triton: CUDA, or the interpreter on CPU), float32 against the float64
     reference: plain, weighted, weighted with the experts' bias; tokens with no hit, one token taken by
     every expert, E not a power of two, sizes off the tiles (the default, and 16 tokens per program)."""
     pytest.importorskip("triton")
     if rerun_in_triton_interpreter():
         return
-    import moedit.models.fused as fused
-
-    if tile:
-        monkeypatch.setitem(fused.GATHER_SUM, "tile", tile)
+    options = KernelOptions(gather_sum_tile=tile) if tile else KernelOptions()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(experts)
     E, S, D = experts, 100, 72
@@ -126,8 +123,110 @@ def test_gather_sum_kernel_matches_the_reference(tile, experts, rerun_in_triton_
     for w, b in [(None, None), (weight, None), (weight, bias)]:
         ref = gather_sum_reference(rows.double(), inv.cpu(), None if w is None else w.double(),
                                    None if b is None else b.double())
-        got = gather_sum(rows.to(device), inv, None if w is None else w.to(device), None if b is None else b.to(device))
+        got = gather_sum(rows.to(device), inv, None if w is None else w.to(device), None if b is None else b.to(device),
+                         options)
         torch.testing.assert_close(got.cpu().double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def _options_reach_every_layer(monkeypatch) -> None:
+    import moedit.models.experts as experts_module
+    import moedit.models.moe as moe_module
+    import moedit.models.routers as routers_module
+    from moedit.models import build_model
+    from moedit.models.kernels import triton_usable, use_kernel_options
+
+    calls: dict[str, int] = {}
+
+    def counted(name: str, fn):
+        def call(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return call
+
+    # each fused path, counted where its caller looks it up
+    for module, name in ((moe_module, "GatherCombine"), (experts_module, "BiasGelu"), (routers_module, "DiffMoETail")):
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, type(name, (), {"apply": staticmethod(counted(name, fn.apply))}))
+    monkeypatch.setattr(routers_module, "gate_and_predictor", counted("gate_and_predictor",
+                                                                      routers_module.gate_and_predictor))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    depth = 3
+    cfg = ModelConfig(input_size=8, patch_size=2, hidden_size=32, depth=depth, num_heads=4, num_classes=10,
+                      moe=MoEConfig(router="diffmoe", num_experts=4, every=1, first=0))
+    reference = KernelOptions(combine="index_add", bias_gelu="baddbmm", fused_router_tail=False, fused_predictor=False)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device).train()
+    holders = [m for m in model.modules() if hasattr(m, "kernel_options")]
+    assert len(holders) == 3 * depth  # each layer, its router and its experts
+    assert all(m.kernel_options == KernelOptions() for m in holders)
+    assert set_kernel_options(model, reference) == 3 * depth
+    assert all(m.kernel_options is reference for m in holders)
+    with torch.no_grad():
+        for p in model.parameters():  # adaLN-Zero would zero the MoE layers' contribution to the output
+            p.normal_(0.0, 0.2)
+    x = torch.randn(2, cfg.in_channels, 8, 8, device=device)
+    t, y = torch.rand(2, device=device), torch.tensor([1, 2], device=device)
+
+    def step() -> tuple[dict[str, int], list[torch.Tensor]]:
+        calls.clear()
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same random draws, if the model makes any
+        xi = x.clone().requires_grad_()
+        out = model(xi, t, y)
+        out.square().mean().backward()
+        return dict(calls), [out.detach(), xi.grad]
+
+    usable = triton_usable(x)  # CUDA, or Triton's interpreter: the defaults take every fused path
+    ref_calls, ref_out = step()
+    assert ref_calls == {}
+    forced = KernelOptions(combine="gather", bias_gelu="fused")  # their PyTorch versions where Triton does not run
+    assert set_kernel_options(model, forced) == 3 * depth
+    assert all(m.kernel_options is forced for m in holders)
+    got_calls, got_out = step()
+    fused_router = {"DiffMoETail": depth, "gate_and_predictor": depth} if usable else {}
+    assert got_calls == {"GatherCombine": depth, "BiasGelu": depth, **fused_router}
+    for a, b in zip(ref_out, got_out):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    with use_kernel_options(model, KernelOptions()):
+        default_calls, default_out = step()
+        assert default_calls == ({"GatherCombine": depth, "BiasGelu": depth, **fused_router} if usable else {})
+    assert all(m.kernel_options is forced for m in holders)  # restored after the block
+    for a, b in zip(ref_out, default_out):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    with use_kernel_options(model, reference):
+        assert step()[0] == {}
+
+
+def test_kernel_options_reach_every_moe_layer(monkeypatch, rerun_in_triton_interpreter):
+    """Options set by set_kernel_options and by use_kernel_options reach every MoE
+    layer's combine, experts and router: the fused paths run once per layer exactly where the options
+    (and, for "auto", the device) say, and give the reference's outputs and input gradients. Off CUDA
+    it runs here (the PyTorch versions of the gather-sum and bias-GELU) and again under Triton's
+    interpreter (the fused DiffMoE tail and predictor too)."""
+    _options_reach_every_layer(monkeypatch)
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return
+    rerun_in_triton_interpreter()
+
+
+def test_kernel_options_given_at_construction_and_checked():
+    cfg = ModelConfig(input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=4, num_classes=10,
+                      moe=MoEConfig(router="diffmoe", num_experts=4, every=1, first=0))
+    options = KernelOptions(combine="index_add", fused_predictor=False)
+    layer = MoELayer(cfg, 0, num_noise_bins=10, kernel_options=options)
+    assert layer.kernel_options is layer.router.kernel_options is layer.experts.kernel_options is options
+    assert MoELayer(cfg, 0, num_noise_bins=10).router.kernel_options == KernelOptions()
+    with pytest.raises(ValueError, match="combine"):
+        KernelOptions(combine="triton")
+    with pytest.raises(ValueError, match="gather_sum_tile"):
+        KernelOptions(gather_sum_tile=(3, 1024, 4))
+    with pytest.raises(ValueError, match="fused_router_tail"):
+        KernelOptions(fused_router_tail="auto")
+    with pytest.raises(TypeError):
+        set_kernel_options(torch.nn.Linear(2, 2), {"combine": "gather"})
+    assert KernelOptions().replace(combine="gather") == KernelOptions(combine="gather")
 
 
 # ----- GPU -------------------------------------------------------------------------------------------
@@ -188,7 +287,7 @@ def test_triton_gather_sum_and_bias_gelu_kernels(dtype):
 @needs_cuda
 @pytest.mark.parametrize("kind", ["diffmoe", "token_choice_capacity"])
 def test_cuda_graphed_layer_matches_eager(kind):
-    from moedit.models.cuda_graph import graph_moe_layer
+    from moedit.models.kernels.cuda_graph import graph_moe_layer
 
     eager = make_layer(kind, torch.float32, "cuda", hidden=256, experts=8)
     graphed = make_layer(kind, torch.float32, "cuda", hidden=256, experts=8)
@@ -215,7 +314,7 @@ def test_cuda_graphed_layer_matches_eager(kind):
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_graph_step_matches_eager_steps():
-    from moedit.models.cuda_graph import CUDAGraphStep
+    from moedit.models.kernels.cuda_graph import CUDAGraphStep
 
     eager = make_layer("diffmoe", torch.float32, "cuda", hidden=256, experts=8)
     graphed = make_layer("diffmoe", torch.float32, "cuda", hidden=256, experts=8)

@@ -1,4 +1,4 @@
-"""DiffMoE's gate and capacity predictor fused (moedit/models/fused_predictor.py) against the modules.
+"""DiffMoE's gate and capacity predictor fused (moedit/models/kernels/predictor.py) against the modules.
 
 Same weights and input through `gate_and_predictor` in float32 and through an nn.Linear gate and
 nn.Sequential(Linear, SiLU, Linear) on the detached input in float64: both logits and every
@@ -16,12 +16,13 @@ from torch import nn
 
 pytest.importorskip("triton")
 
-from moedit.models.fused_predictor import gate_and_predictor, predictor_usable  # noqa: E402
+from moedit.models.kernels import KernelOptions  # noqa: E402
+from moedit.models.kernels.predictor import gate_and_predictor, predictor_usable  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # the default tiles (the logits split over column ranges), and small ones with one program per row block
-SMALL_TILES = {"head": (16, 32, 1, 4, 3), "backward": (16, 32, 4, 4)}
+SMALL_TILES = KernelOptions(predictor_head_tile=(16, 32, 1, 4, 3), predictor_backward_tile=(16, 32, 4, 4))
 
 
 def _modules(D: int, E: int, seed: int) -> tuple[nn.Linear, nn.Sequential]:
@@ -33,14 +34,14 @@ def _modules(D: int, E: int, seed: int) -> tuple[nn.Linear, nn.Sequential]:
     return gate, predictor
 
 
-def _outputs_and_grads(gate, predictor, x, probes, uses, fused: bool):
+def _outputs_and_grads(gate, predictor, x, probes, uses, fused: bool, options: KernelOptions = KernelOptions()):
     """Outputs and gradients of sum(probe * output) over the used outputs of (gate logits, predictor
     logits, x) (x standing for the pool's use downstream, whose gradient autograd adds to the gate's)."""
     gate.zero_grad()
     predictor.zero_grad()
     x = x.clone().requires_grad_(True)
     if fused:
-        outputs = (*gate_and_predictor(gate, predictor, x), x)
+        outputs = (*gate_and_predictor(gate, predictor, x, options), x)
     else:
         outputs = (gate(x), predictor(x.detach()), x)
     loss = sum((outputs[i] * probes[i]).sum() for i in uses)
@@ -54,22 +55,17 @@ def _outputs_and_grads(gate, predictor, x, probes, uses, fused: bool):
 @pytest.mark.parametrize("tokens, hidden, experts, uses, tiles", [
     (96, 48, 4, (0, 1, 2), None), (200, 160, 16, (0, 1, 2), None), (130, 64, 8, (0, 1), None),
     (130, 160, 16, (0, 1, 2), SMALL_TILES), (96, 48, 4, (1, 2), None), (96, 48, 4, (0, 2), None)])
-def test_gate_and_predictor_match_the_modules(tokens, hidden, experts, uses, tiles, rerun_in_triton_interpreter,
-                                              monkeypatch):
+def test_gate_and_predictor_match_the_modules(tokens, hidden, experts, uses, tiles, rerun_in_triton_interpreter):
     """Also where x's downstream use, the gate logits or the predictor logits go unused (the unused
     side's parameters then get no gradient, as from the modules)."""
     if rerun_in_triton_interpreter():
         return
-    import moedit.models.fused_predictor as fused_predictor
-
-    for name, tile in (tiles or {}).items():
-        monkeypatch.setitem(fused_predictor.TILES, name, tile)
     gate, predictor = _modules(hidden, experts, seed=tokens)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(tokens, hidden, generator=g).to(DEVICE)
     probes = [torch.randn(tokens, n, generator=g).to(DEVICE) for n in (experts, experts, hidden)]
     assert predictor_usable(x)
-    outputs, grads = _outputs_and_grads(gate, predictor, x, probes, uses, fused=True)
+    outputs, grads = _outputs_and_grads(gate, predictor, x, probes, uses, fused=True, options=tiles or KernelOptions())
     outputs_ref, grads_ref = _outputs_and_grads(gate.double(), predictor.double(), x.double(),
                                                 [p.double() for p in probes], uses, fused=False)
     assert outputs[1].dtype == torch.float32 and outputs[1].shape == outputs[0].shape == (tokens, experts)

@@ -1,4 +1,4 @@
-"""DiffMoE's fused training tail (moedit/models/fused_router.py) against the unfused router.
+"""DiffMoE's fused training tail (moedit/models/kernels/router_tail.py) against the unfused router.
 
 Same layer, weights and batch through both: routing (each expert's token set), combine weights,
 layer output, predictor BCE, hit counts, threshold update, per-sample counts, the entropy
@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("triton")
 
 from moedit.models import ModelConfig, MoEConfig  # noqa: E402
+from moedit.models.kernels import KernelOptions, set_kernel_options  # noqa: E402
 from moedit.models.moe import MoELayer, RoutingContext  # noqa: E402
 from moedit.models.stats import layer_snapshot  # noqa: E402
 
@@ -35,7 +36,7 @@ def _layer(num_experts: int, hidden: int, seed: int) -> MoELayer:
 
 
 def _run(layer: MoELayer, x: torch.Tensor, ctx: RoutingContext, fused: bool) -> dict:
-    layer.router.fused_tail = layer.router.fused_predictor = fused
+    set_kernel_options(layer, KernelOptions(fused_router_tail=fused, fused_predictor=fused))
     layer.reset_stats()
     layer.zero_grad()
     x = x.clone().requires_grad_(True)
@@ -88,10 +89,10 @@ def test_fused_tail_matches_unfused_router(num_experts, hidden, tokens, rerun_in
 
 
 def test_fused_tail_is_the_default_and_falls_back_where_it_cannot_run():
-    from moedit.models.fused_router import fused_tail_usable
+    from moedit.models.kernels.router_tail import fused_tail_usable
 
     layer = _layer(4, 16, seed=0)
-    assert layer.router.fused_tail is True
+    assert layer.router.kernel_options.fused_router_tail is True and layer.router.kernel_options == KernelOptions()
     assert not fused_tail_usable(torch.zeros(2, 2, dtype=torch.float64, device=DEVICE))  # float64: the reference path
     x = torch.randn(2, 8, 16, device=DEVICE)
     level = torch.tensor([0.2, 0.8], device=DEVICE)
@@ -103,13 +104,12 @@ def test_fused_tail_is_the_default_and_falls_back_where_it_cannot_run():
 
 
 @pytest.mark.parametrize("chunk", [None, 32])  # None: each row in one chunk; 32: the chunked loop
-def test_selection_takes_the_top_k_with_ties_to_the_lowest_token(chunk, rerun_in_triton_interpreter, monkeypatch):
+def test_selection_takes_the_top_k_with_ties_to_the_lowest_token(chunk, rerun_in_triton_interpreter):
     if rerun_in_triton_interpreter():
         return
-    from moedit.models import fused_router
+    from moedit.models.kernels.router_tail import DiffMoETail
 
-    if chunk:
-        monkeypatch.setattr(fused_router, "_SELECT_BLOCK", chunk)
+    options = KernelOptions(router_select_chunk=chunk) if chunk else KernelOptions()
     S, E, K = 100, 4, 25
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(S, E, generator=g)
@@ -118,7 +118,7 @@ def test_selection_takes_the_top_k_with_ties_to_the_lowest_token(chunk, rerun_in
     pred[10:40, 1] = 3.0  # 30 equal top probabilities of predictor 1
     thresholds = torch.rand(E, generator=g)
     logits, pred, thresholds = logits.to(DEVICE), pred.to(DEVICE), thresholds.to(DEVICE)
-    weight, loss, index, inverse, kth, stats, stacked = fused_router.DiffMoETail.apply(logits, pred, thresholds, K)
+    weight, loss, index, inverse, kth, stats, stacked = DiffMoETail.apply(logits, pred, thresholds, K, options)
 
     probs, q = logits.softmax(dim=1).t(), torch.sigmoid(pred).t()  # (E, S)
     torch.testing.assert_close(kth, torch.cat([probs, q]).topk(K, dim=1).values[:, -1], rtol=1e-6, atol=0)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moedit.models import ModelConfig, MoEConfig, build_model, get_flavor, override
+from moedit.models.kernels import KernelOptions, set_kernel_options
 from moedit.models.moe import MoELayer, RoutingContext
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -64,7 +65,7 @@ def test_grouped_mm_matches_padded_bmm_in_bf16(ffn_type):
     probe = torch.randn_like(x)
     results = []
     for backend in ("padded", "grouped_mm"):
-        experts.grouped_backend = backend
+        set_kernel_options(experts, KernelOptions(grouped_gemm=backend))
         experts.zero_grad()
         xi = x.clone().requires_grad_()
         out = experts.forward_grouped(xi, counts)

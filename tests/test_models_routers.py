@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moedit.models import ModelConfig, MoEConfig
+from moedit.models.kernels import KernelOptions, set_kernel_options
 from moedit.models.moe import MoELayer, RoutingContext
 from moedit.models.stats import layer_snapshot
 
@@ -139,7 +140,7 @@ def test_grouped_mm_and_padded_paths_agree(ffn_type):
     probe = torch.randn(B, T, D)
     results = []
     for backend in ("padded", "grouped_mm"):
-        layer.experts.grouped_backend = backend
+        set_kernel_options(layer, KernelOptions(grouped_gemm=backend))
         layer.zero_grad()
         out = layer(x, ctx())
         (out * probe).sum().backward()

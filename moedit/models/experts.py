@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moedit.models.fused import BiasGelu, expert_row_sum, triton_usable
+from moedit.models.kernels import KernelOptions, triton_usable
+from moedit.models.kernels.moe import BiasGelu, expert_row_sum
 
 
 GROUP_ALIGN = 8  # rows; 16 bytes of bf16
@@ -58,17 +59,18 @@ class ExpertLinear(torch.autograd.Function):
 
 
 class GroupedExperts(nn.Module):
-    """E experts of type `gelu` (fc1/fc2 with biases) or `swiglu` (gate/up/down, no biases)."""
+    """E experts of type `gelu` (fc1/fc2 with biases) or `swiglu` (gate/up/down, no biases).
 
-    def __init__(self, num_experts: int, hidden_size: int, expert_hidden: int, ffn_type: str):
+    `kernel_options` (default `KernelOptions()`): `grouped_gemm` "auto" = torch._grouped_mm where
+    usable, else pad + bmm; `bias_gelu` "auto" = fc1's bias applied inside a fused GELU where Triton
+    runs (no (E, K, F) broadcast copy for baddbmm), else baddbmm; and the fused GELU's tiles."""
+
+    def __init__(self, num_experts: int, hidden_size: int, expert_hidden: int, ffn_type: str,
+                 kernel_options: KernelOptions | None = None):
         super().__init__()
         E, D, Fh = num_experts, hidden_size, expert_hidden
         self.num_experts, self.ffn_type = E, ffn_type
-        # "auto": torch._grouped_mm where usable, else pad + bmm; "grouped_mm" / "padded" force one
-        self.grouped_backend = "auto"
-        # "auto": fc1's bias applied inside a fused GELU where Triton runs (no (E, K, F) broadcast copy
-        # for baddbmm), else baddbmm; "fused" / "baddbmm" force one
-        self.bias_gelu_backend = "auto"
+        self.kernel_options = kernel_options or KernelOptions()
         if ffn_type == "gelu":
             self.fc1_weight = nn.Parameter(torch.empty(E, Fh, D))
             self.fc1_bias = nn.Parameter(torch.zeros(E, Fh))
@@ -112,9 +114,10 @@ class GroupedExperts(nn.Module):
         x = x.to(dtype)
         if self.ffn_type == "gelu":
             w1, w2 = self._weights(dtype)
-            backend = self.bias_gelu_backend
+            options = self.kernel_options
+            backend = options.bias_gelu
             if backend == "fused" or (backend == "auto" and triton_usable(x)):
-                h = BiasGelu.apply(ExpertLinear.apply(x, w1, None), self.fc1_bias.to(dtype))  # (E, K, F)
+                h = BiasGelu.apply(ExpertLinear.apply(x, w1, None), self.fc1_bias.to(dtype), options)  # (E, K, F)
             else:
                 h = F.gelu(ExpertLinear.apply(x, w1, self.fc1_bias.to(dtype)), approximate="tanh")  # (E, K, F)
             return ExpertLinear.apply(h, w2, self.fc2_bias.to(dtype) if add_output_bias else None)  # (E, K, D)
@@ -126,7 +129,7 @@ class GroupedExperts(nn.Module):
         """(N, D) rows sorted by expert, counts (E,) summing to N -> (N, D)."""
         dtype = self.compute_dtype(x)
         x = x.to(dtype)
-        backend = self.grouped_backend
+        backend = self.kernel_options.grouped_gemm
         if backend == "grouped_mm" or (backend == "auto" and _grouped_mm_usable(x)):
             return self._grouped_mm(x, tokens_per_expert)
         return self._padded(x, tokens_per_expert)

@@ -3,8 +3,9 @@
 Dispatch is a gather of the pool rows the decision names (the place expert parallelism would
 plug in); combine adds the weighted expert outputs into their tokens, so a token taken by several
 experts (expert choice) gets the sum and a token taken by none gets 0. Where Triton runs (CUDA)
-the combine and the backward of dispatch are gather-sums over an (E, S) inverse map (fused.py:
-no atomics); elsewhere one in-place index_add_ (scatter-add) each.
+the combine and the backward of dispatch are gather-sums over an (E, S) inverse map
+(kernels/moe.py: no atomics); elsewhere one in-place index_add_ (scatter-add) each. Which runs, and
+the kernels' tiles: the layer's `kernel_options` (moedit.models.kernels.KernelOptions).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from torch import nn
 
 from moedit.models.config import ModelConfig
 from moedit.models.experts import GroupedExperts
-from moedit.models.fused import GatherCombine, GatherDispatch, inverse_map, triton_usable
+from moedit.models.kernels import KernelOptions, triton_usable
+from moedit.models.kernels.moe import GatherCombine, GatherDispatch, inverse_map
 from moedit.models.layers import build_dense_ffn
 from moedit.models.routers import RoutingDecision, aux_terms, build_router
 
@@ -188,25 +190,28 @@ class RoutingStats:
 
 
 class MoELayer(RoutingStats, nn.Module):
-    """Routed experts (+ optional shared experts) replacing one block's FFN."""
+    """Routed experts (+ optional shared experts) replacing one block's FFN.
 
-    def __init__(self, cfg: ModelConfig, block_index: int, num_noise_bins: int):
+    `kernel_options` (default `KernelOptions()`) is given to the router and the experts too;
+    `moedit.models.kernels.set_kernel_options(model, options)` changes all three."""
+
+    def __init__(self, cfg: ModelConfig, block_index: int, num_noise_bins: int,
+                 kernel_options: KernelOptions | None = None):
         super().__init__()
         moe = cfg.moe
         assert moe is not None
         D = cfg.hidden_size
-        self.router = build_router(moe, D)
-        self.experts = GroupedExperts(moe.num_experts, D, cfg.expert_hidden, cfg.ffn_type)
+        self.kernel_options = kernel_options = kernel_options or KernelOptions()
+        self.router = build_router(moe, D, kernel_options)
+        self.experts = GroupedExperts(moe.num_experts, D, cfg.expert_hidden, cfg.ffn_type, kernel_options)
         self.shared_experts = build_dense_ffn(cfg.ffn_type, D, cfg.shared_hidden) if cfg.shared_hidden else None
         self.init_routing_stats(cfg, block_index, num_noise_bins)
-        # "auto": gather-sum combine where Triton runs, else index_add_; "gather" / "index_add" force one
-        self.combine_backend = "auto"
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         B, T, D = x.shape
         pool = x.reshape(B * T, D)  # (S, D), sample-major
         decision = self.router(pool, B)
-        combined = run_experts(pool, decision, self.experts, self._row_expert(decision), self.combine_backend)
+        combined = run_experts(pool, decision, self.experts, self._row_expert(decision), self.kernel_options)
         if self.shared_experts is not None:
             combined = combined + self.shared_experts(pool)
         self.last_aux = decision.aux
@@ -215,19 +220,22 @@ class MoELayer(RoutingStats, nn.Module):
 
 
 def run_experts(pool: torch.Tensor, decision: RoutingDecision, experts: GroupedExperts, row_expert: torch.Tensor,
-                backend: str = "auto") -> torch.Tensor:
+                options: KernelOptions | None = None) -> torch.Tensor:
     """Dispatch the pool rows a decision names, run the experts, combine: (S, D) -> (S, D).
 
-    `row_expert` (N,) is each assignment row's expert (`RoutingStats._row_expert`). `backend`:
-    "auto" = gather-sum combine where Triton runs, else index_add_; "gather" / "index_add" force one.
+    `row_expert` (N,) is each assignment row's expert (`RoutingStats._row_expert`). `options`
+    (default: the experts' `kernel_options`): `combine` "auto" = gather-sum combine where Triton
+    runs, else index_add_; "gather" / "index_add" force one; and the gather-sum's tiles.
     """
     S, D = pool.shape
     E = experts.num_experts
+    options = options if options is not None else experts.kernel_options
+    backend = options.combine
     gather = backend == "gather" or (backend == "auto" and triton_usable(pool))
     if gather:
         inv = decision.inverse if decision.inverse is not None else inverse_map(
             decision.token_index, row_expert, decision.valid, E, S)  # (E, S)
-        dispatched = GatherDispatch.apply(pool, decision.token_index, inv)  # (N, D)
+        dispatched = GatherDispatch.apply(pool, decision.token_index, inv, options)  # (N, D)
     else:
         # index_select, not pool[idx]: its backward is an index_add, not a sort-based index_put
         dispatched = pool.index_select(0, decision.token_index)  # (N, D)
@@ -239,7 +247,7 @@ def run_experts(pool: torch.Tensor, decision: RoutingDecision, experts: GroupedE
     else:
         out = experts.forward_grouped(dispatched, decision.tokens_per_expert)  # (N, D)
     if gather:
-        return GatherCombine.apply(out, decision.weight, decision.token_index, inv, bias)  # (S, D)
+        return GatherCombine.apply(out, decision.weight, decision.token_index, inv, bias, options)  # (S, D)
     weighted = out * decision.weight.to(out.dtype).unsqueeze(1)
     # in place into fresh zeros: the out-of-place index_add would clone them first
     return torch.zeros(S, D, dtype=out.dtype, device=pool.device).index_add_(0, decision.token_index, weighted)

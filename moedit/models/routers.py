@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moedit.models.config import MoEConfig
-from moedit.models.fused_predictor import gate_and_predictor, predictor_usable
-from moedit.models.fused_router import DiffMoETail, fused_tail_usable
+from moedit.models.kernels import KernelOptions
+from moedit.models.kernels.predictor import gate_and_predictor, predictor_usable
+from moedit.models.kernels.router_tail import DiffMoETail, fused_tail_usable
 
 
 @dataclass
@@ -82,11 +83,13 @@ def _stable_sort_by_expert(expert: torch.Tensor, num_experts: int) -> tuple[torc
 
 
 class Router(nn.Module):
-    """Base: a bias-free gate Linear(D, E) (`gate.weight` (E, D))."""
+    """Base: a bias-free gate Linear(D, E) (`gate.weight` (E, D)); `kernel_options` (default
+    `KernelOptions()`) chooses fused or reference paths where a router has them (DiffMoE)."""
 
-    def __init__(self, cfg: MoEConfig, hidden_size: int):
+    def __init__(self, cfg: MoEConfig, hidden_size: int, kernel_options: KernelOptions | None = None):
         super().__init__()
         self.cfg = cfg
+        self.kernel_options = kernel_options or KernelOptions()
         self.num_experts = cfg.num_experts
         self.gate = _gate(hidden_size, cfg.num_experts, cfg.gate_init_std)
 
@@ -106,26 +109,26 @@ class DiffMoERouter(Router):
     K-th largest predictor probability by EMA. Eval: `dynamic` gives expert e the top-k_e tokens
     by score with k_e = #{sigmoid(pred_e) > tau_e}; `global_threshold` uses one gamma;
     `static` uses K at `inference_capacity`.
+
+    `kernel_options.fused_router_tail`: the training tail in four Triton kernels
+    (kernels/router_tail.py) where they run (CUDA, z-loss off); False: the PyTorch ops below (the
+    reference; benchmarks/moe_layer.py --unfused-router). `kernel_options.fused_predictor`: the gate
+    in the predictor's first GEMM and the predictor's SiLU inside its Triton kernels
+    (kernels/predictor.py) where they run; False: the gate and the three modules apart (the
+    reference; benchmarks/moe_layer.py --unfused-predictor).
     """
 
-    def __init__(self, cfg: MoEConfig, hidden_size: int):
-        super().__init__(cfg, hidden_size)
+    def __init__(self, cfg: MoEConfig, hidden_size: int, kernel_options: KernelOptions | None = None):
+        super().__init__(cfg, hidden_size, kernel_options)
         E, D = cfg.num_experts, hidden_size
         self.capacity_predictor = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, E))
         self.register_buffer("expert_threshold", torch.zeros(E))
-        # the training tail in four Triton kernels (fused_router.py) where they run (CUDA, z-loss off);
-        # False: the PyTorch ops below (the reference; benchmarks/moe_layer.py --unfused-router)
-        self.fused_tail = True
-        # the gate in the predictor's first GEMM and the predictor's SiLU inside its Triton kernels
-        # (fused_predictor.py) where they run; False: the gate and the three modules apart (the
-        # reference; benchmarks/moe_layer.py --unfused-predictor)
-        self.fused_predictor = True
 
     def forward(self, x: torch.Tensor, batch_size: int) -> RoutingDecision:
         S, E = x.shape[0], self.num_experts
         logits, pred_logits = self.logits(x)
-        if (self.training and self.fused_tail and self.cfg.z_loss_coef == 0 and fused_tail_usable(logits)
-                and fused_tail_usable(pred_logits)):
+        if (self.training and self.kernel_options.fused_router_tail and self.cfg.z_loss_coef == 0
+                and fused_tail_usable(logits) and fused_tail_usable(pred_logits)):
             return self._fused_training_decision(logits, pred_logits, batch_size)
         logits, pred_logits = router_float(logits), router_float(pred_logits)
         probs = logits.softmax(dim=-1)
@@ -151,8 +154,8 @@ class DiffMoERouter(Router):
     def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate logits, capacity-predictor logits), each (S, E), of a pool x (S, D). The predictor
         reads x detached: it must not shape the backbone's features."""
-        if self.fused_predictor and predictor_usable(x):
-            return gate_and_predictor(self.gate, self.capacity_predictor, x)  # one GEMM for both (fused_predictor.py)
+        if self.kernel_options.fused_predictor and predictor_usable(x):  # one GEMM for both (kernels/predictor.py)
+            return gate_and_predictor(self.gate, self.capacity_predictor, x, self.kernel_options)
         return self.gate(x), self.capacity_predictor(x.detach())
 
     def _tokens_per_expert(self, S: int, capacity: float) -> int:
@@ -178,12 +181,12 @@ class DiffMoERouter(Router):
         self.expert_threshold.mul_(d).add_(kth.to(self.expert_threshold.dtype), alpha=1 - d)
 
     def _fused_training_decision(self, logits, pred_logits, batch_size: int) -> RoutingDecision:
-        """`_training_decision` through fused_router.py: the same decision, loss, statistics and
-        threshold update in four kernels, plus the inverse map the combine reads."""
+        """`_training_decision` through kernels/router_tail.py: the same decision, loss, statistics
+        and threshold update in four kernels, plus the inverse map the combine reads."""
         S, E = logits.shape
         K = self._tokens_per_expert(S, self.cfg.capacity)
         weight, loss, index, inverse, kth, stats, stacked = DiffMoETail.apply(
-            logits, pred_logits, self.expert_threshold, K)
+            logits, pred_logits, self.expert_threshold, K, self.kernel_options)
         with torch.no_grad():
             self._update_threshold(kth[E:])
             # each expert's tokens are in token order: per sample, the difference of the positions of
@@ -227,8 +230,8 @@ class DiffMoERouter(Router):
 class TokenChoiceRouter(Router):
     """Top-k experts per token (GShard/Switch/DiT-MoE), with optional capacity and aux-free bias."""
 
-    def __init__(self, cfg: MoEConfig, hidden_size: int):
-        super().__init__(cfg, hidden_size)
+    def __init__(self, cfg: MoEConfig, hidden_size: int, kernel_options: KernelOptions | None = None):
+        super().__init__(cfg, hidden_size, kernel_options)
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=cfg.aux_free_bias)
 
     def forward(self, x: torch.Tensor, batch_size: int) -> RoutingDecision:
@@ -319,7 +322,7 @@ def aux_terms(cfg: MoEConfig) -> tuple[str, ...]:
     return terms + (("z",) if cfg.z_loss_coef > 0 else ())
 
 
-def build_router(cfg: MoEConfig, hidden_size: int) -> Router:
+def build_router(cfg: MoEConfig, hidden_size: int, kernel_options: KernelOptions | None = None) -> Router:
     if cfg.router not in ROUTER_CLASSES:
         raise ValueError(f"moe.router = {cfg.router!r}: must be one of {', '.join(ROUTER_CLASSES)}")
-    return ROUTER_CLASSES[cfg.router](cfg, hidden_size)
+    return ROUTER_CLASSES[cfg.router](cfg, hidden_size, kernel_options)

@@ -1,4 +1,4 @@
-"""DiffMoE's training-time router tail in four Triton kernels (`DiffMoERouter.fused_tail`).
+"""DiffMoE's training-time router tail in four Triton kernels (`KernelOptions.fused_router_tail`).
 
 The unfused tail (routers.py, `DiffMoERouter._training_decision`) runs ~30 small kernels per
 forward over (S, E) tensors: casts, softmax, sigmoid, a stacked top-K, a materialised (E, S)
@@ -29,25 +29,21 @@ sum_{e,s} BCE(z, t) = sum softplus(z) - sum_{selected} z.
 Same values as the unfused tail up to float32 summation order, and the same selection but for
 ties at the K-th score (`torch.topk` leaves their order unspecified; here the lowest token index
 wins): tests/test_models_fused_router.py. Needs Triton; the kernels run on CUDA, or on CPU under
-TRITON_INTERPRET=1 (tests only).
+Triton's interpreter (tests only). Block sizes and the select kernel's warps come from a
+`KernelOptions` (`router_tail_block`, `router_select_chunk`, `router_select_warps`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from moedit.models.fused import triton_usable
+from moedit.models.kernels import DEFAULT, KernelOptions, triton_usable
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
-
-_BLOCK_S = 64  # tokens per program of the forward and backward kernels
-_SELECT_BLOCK = 16384  # elements per chunk of the select kernel (a row up to this size stays in registers)
-SELECT_WARPS = 0  # warps per select program; 0: by chunk size (benchmarks/moe_kernels.py sweeps it)
-
 
 def fused_tail_usable(logits: torch.Tensor) -> bool:
     """Triton present, a float dtype the kernels read, and CUDA (or the Triton interpreter)."""
@@ -220,33 +216,37 @@ class DiffMoETail(torch.autograd.Function):
     - stats: entropy sum of the scores, true positives, predicted positives (thresholds as given);
     - stacked: rows [0, E) the scores, [E, 2E) the predictor probabilities.
     Gradients flow to the gate logits through `weight` and to the predictor logits through `loss`.
+    `options`: the kernels' block sizes and the select kernel's warps.
     """
 
     @staticmethod
-    def forward(ctx, logits, pred_logits, thresholds, K: int):
+    def forward(ctx, logits, pred_logits, thresholds, K: int, options: KernelOptions = DEFAULT):
         S, E = logits.shape
         device = logits.device
+        block_s = options.router_tail_block
         thresholds = thresholds.float().contiguous()
         stacked = torch.empty(2 * E, S, dtype=torch.float32, device=device)
-        blocks = triton.cdiv(S, _BLOCK_S)
+        blocks = triton.cdiv(S, block_s)
         partial = torch.empty(blocks, 3, dtype=torch.float32, device=device)
         _tail_forward_kernel[(blocks,)](logits, pred_logits, thresholds, stacked, partial, S,
                                         logits.stride(0), logits.stride(1), pred_logits.stride(0),
-                                        pred_logits.stride(1), E=E, E_P=triton.next_power_of_2(E), BLOCK_S=_BLOCK_S)
+                                        pred_logits.stride(1), E=E, E_P=triton.next_power_of_2(E), BLOCK_S=block_s)
         weight = torch.empty(E, K, dtype=torch.float32, device=device)
         index = torch.empty(E, K, dtype=torch.long, device=device)
         inverse = torch.empty(E, S, dtype=torch.int32, device=device)
         kth = torch.empty(2 * E, dtype=torch.float32, device=device)
         row_stats = torch.empty(E, 2, dtype=torch.float32, device=device)
-        block = min(triton.next_power_of_2(S), _SELECT_BLOCK)
+        block = min(triton.next_power_of_2(S), options.router_select_chunk)
         _select_kernel[(2 * E,)](stacked, pred_logits, thresholds, weight, index, inverse, kth, row_stats, S, K,
                                  pred_logits.stride(0), pred_logits.stride(1), E=E, BLOCK=block,
-                                 ONE_CHUNK=S <= block, num_warps=SELECT_WARPS or min(16, max(4, block // 1024)))
+                                 ONE_CHUNK=S <= block,
+                                 num_warps=options.router_select_warps or min(16, max(4, block // 1024)))
         loss = torch.empty((), dtype=torch.float32, device=device)
         stats = torch.empty(3, dtype=torch.float64, device=device)
         _tail_finalize_kernel[(1,)](partial, row_stats, loss, stats, blocks, E * S, E=E,
                                     E_P=triton.next_power_of_2(E), BLOCK_B=128)
         ctx.save_for_backward(stacked, inverse)
+        ctx.block_s = block_s
         ctx.dtypes = (logits.dtype, pred_logits.dtype)
         ctx.mark_non_differentiable(index, inverse, kth, stats, stacked)
         return weight, loss, index, inverse, kth, stats, stacked
@@ -260,11 +260,11 @@ class DiffMoETail(torch.autograd.Function):
         grad_weight, grad_loss = grad_weight.float().contiguous(), grad_loss.float()
         grad_logits = torch.empty(S, E, dtype=ctx.dtypes[0], device=device)
         grad_pred = torch.empty(S, E, dtype=ctx.dtypes[1], device=device)
-        _tail_backward_kernel[(triton.cdiv(S, _BLOCK_S),)](
+        _tail_backward_kernel[(triton.cdiv(S, ctx.block_s),)](
             stacked, inverse, grad_weight, grad_loss, grad_logits, grad_pred, S, grad_logits.stride(0),
             grad_logits.stride(1), grad_pred.stride(0), grad_pred.stride(1), 1.0 / (E * S),
-            E=E, E_P=triton.next_power_of_2(E), BLOCK_S=_BLOCK_S)
-        return grad_logits, grad_pred, None, None
+            E=E, E_P=triton.next_power_of_2(E), BLOCK_S=ctx.block_s)
+        return grad_logits, grad_pred, None, None, None
 
 
 __all__ = ["DiffMoETail", "fused_tail_usable"]

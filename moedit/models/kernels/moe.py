@@ -14,17 +14,19 @@ bias epilogue, and baddbmm's broadcast copy of an (E, K, F) bias cost ~60 us per
 On CUDA with Triton these run as Triton kernels; elsewhere as plain PyTorch with the same math
 (the reference the tests compare against, and the CPU path). BiasGelu's kernel computes in float32,
 so float64 tensors take the PyTorch version. `sum_slices` adds up the float32 partial sums that
-kernels here and in fused_predictor.py write per block. Under TRITON_INTERPRET=1 the kernels also
-run on CPU tensors (the tests' interpreter runs).
+kernels here and in predictor.py write per block. Under Triton's interpreter the kernels also
+run on CPU tensors (the tests' interpreter runs). Tiles come from a `KernelOptions` (the last
+argument of each function here; default `KernelOptions()`).
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
+
+from moedit.models.kernels import DEFAULT, KernelOptions, triton_usable
 
 try:  # Triton ships with CUDA builds of PyTorch; CPU-only installs run the PyTorch versions below
     import triton
@@ -33,16 +35,6 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 _GELU_C = math.sqrt(2.0 / math.pi)
-
-
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as Triton reads it at import
-
-
-def triton_usable(t: torch.Tensor, float64: bool = True) -> bool:
-    """Whether the Triton kernels run for this tensor (CUDA, Triton installed, a dtype they take)."""
-    dtypes = (torch.bfloat16, torch.float16, torch.float32) + ((torch.float64,) if float64 else ())
-    device_ok = t.is_cuda or _INTERPRETED  # the interpreter: kernel tests on CPU
-    return triton is not None and device_ok and t.dtype in dtypes
 
 
 def inverse_map(token_index: torch.Tensor, row_expert: torch.Tensor, valid: torch.Tensor | None,
@@ -216,19 +208,15 @@ if triton is not None:
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
-# the gather-sum's tile (tokens, columns, warps); benchmarks/moe_kernels.py sweeps it
-GATHER_SUM = {"tile": (2, 1024, 4)}
-
-
 def gather_sum(rows: torch.Tensor, inv: torch.Tensor, weight: torch.Tensor | None = None,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
+               bias: torch.Tensor | None = None, options: KernelOptions = DEFAULT) -> torch.Tensor:
     """(N, D) rows, (E, S) inverse map, optional (N,) weights and (E, D) bias of uniform rows -> (S, D)."""
     if not triton_usable(rows):
         return gather_sum_reference(rows, inv, weight, bias)
     rows, inv = rows.contiguous(), inv.contiguous()
     (E, S), D = inv.shape, rows.shape[1]
     out = rows.new_empty(S, D)
-    block_s, block_d, warps = GATHER_SUM["tile"]
+    block_s, block_d, warps = options.gather_sum_tile
     block_d = min(block_d, triton.next_power_of_2(D))
     grid = (triton.cdiv(S, block_s), triton.cdiv(D, block_d))
     args = (rows, inv, weight if weight is not None else rows, bias.contiguous() if bias is not None else rows, out,
@@ -244,12 +232,13 @@ class GatherCombine(torch.autograd.Function):
 
     `bias` (E, D) or None: the experts' output bias, added here instead of in their last GEMM (a
     baddbmm would first copy the broadcast bias into its (E, K, D) output); rows must then be
-    uniform, expert e owning rows [e K, (e + 1) K)."""
+    uniform, expert e owning rows [e K, (e + 1) K). `options`: the tiles."""
 
     @staticmethod
-    def forward(ctx, rows, weight, token_index, inv, bias=None):
+    def forward(ctx, rows, weight, token_index, inv, bias=None, options: KernelOptions = DEFAULT):
         ctx.save_for_backward(rows, weight, token_index, bias)
-        return gather_sum(rows, inv, weight, bias)
+        ctx.options = options
+        return gather_sum(rows, inv, weight, bias, options)
 
     @staticmethod
     def backward(ctx, grad):
@@ -265,52 +254,54 @@ class GatherCombine(torch.autograd.Function):
             grad_weight = (g.to(acc) * x).sum(1).to(weight.dtype)
         else:
             grad_rows, grad_weight = torch.empty_like(rows), torch.empty_like(weight)
-            _combine_backward_kernel[(triton.cdiv(N, 8),)](
+            block_r, block_d, warps = ctx.options.combine_backward_tile
+            _combine_backward_kernel[(triton.cdiv(N, block_r),)](
                 grad, rows.contiguous(), token_index, weight.contiguous(),
                 bias.contiguous() if bias is not None else rows, grad_rows, grad_weight, N, D, N // E,
-                HAS_BIAS=bias is not None, ACC_F64=rows.dtype == torch.float64, BLOCK_R=8, BLOCK_D=256,
-                num_warps=4)
+                HAS_BIAS=bias is not None, ACC_F64=rows.dtype == torch.float64, BLOCK_R=block_r, BLOCK_D=block_d,
+                num_warps=warps)
         grad_bias = expert_row_sum(grad_rows, E) if bias is not None and ctx.needs_input_grad[4] else None
-        return grad_rows, grad_weight, None, None, grad_bias
+        return grad_rows, grad_weight, None, None, grad_bias, None
 
 
 class GatherDispatch(torch.autograd.Function):
     """pool[token_index] (N, D); its backward is the gather-sum over the inverse map, not index_add."""
 
     @staticmethod
-    def forward(ctx, pool, token_index, inv):
+    def forward(ctx, pool, token_index, inv, options: KernelOptions = DEFAULT):
         ctx.save_for_backward(inv)
+        ctx.options = options
         return pool.index_select(0, token_index)
 
     @staticmethod
     def backward(ctx, grad):
         (inv,) = ctx.saved_tensors
-        return gather_sum(grad, inv), None, None
+        return gather_sum(grad, inv, options=ctx.options), None, None, None
 
 
 class BiasGelu(torch.autograd.Function):
-    """gelu_tanh(h + bias[:, None]) for h (E, K, F), bias (E, F); bias grad = sum over K."""
-
-    # (rows, columns, warps) per program: forward, backward (`benchmarks/expert_gemm_variants.py`
-    # times the alternatives; H100, E=16: forward 50.5 us, backward 78.5 us against 82.2 at 64 x 128)
-    TILES = {False: (32, 128, 4), True: (64, 64, 4)}
+    """gelu_tanh(h + bias[:, None]) for h (E, K, F), bias (E, F); bias grad = sum over K. Tiles:
+    `options.bias_gelu_tile` forward, `options.bias_gelu_backward_tile` backward."""
 
     @staticmethod
-    def _launch(h, bias, out, grad, partial, backward: bool) -> None:
+    def launch(h, bias, out, grad, partial, backward: bool, options: KernelOptions = DEFAULT) -> None:
+        """The kernel alone (benchmarks time it): out = gelu_tanh(h + bias), or in the backward
+        out = grad * gelu_tanh'(h + bias) and partial (E, K-blocks, F) its float32 sums per block."""
         E, K, F_ = h.shape
-        block_k, block_f, warps = BiasGelu.TILES[backward]
+        block_k, block_f, warps = options.bias_gelu_backward_tile if backward else options.bias_gelu_tile
         grid = (E * triton.cdiv(K, block_k), triton.cdiv(F_, block_f))
         _bias_gelu_kernel[grid](h, bias, out, grad, partial, K, F_, BACKWARD=backward,
                                 BLOCK_K=block_k, BLOCK_F=block_f, num_warps=warps)
 
     @staticmethod
-    def forward(ctx, h, bias):
+    def forward(ctx, h, bias, options: KernelOptions = DEFAULT):
         ctx.save_for_backward(h, bias)
+        ctx.options = options
         if not triton_usable(h, float64=False):
             return F.gelu(h + bias.unsqueeze(1), approximate="tanh")
         h, bias = h.contiguous(), bias.contiguous()
         out = torch.empty_like(h)
-        BiasGelu._launch(h, bias, out, h, out, backward=False)
+        BiasGelu.launch(h, bias, out, h, out, False, options)
         return out
 
     @staticmethod
@@ -318,12 +309,13 @@ class BiasGelu(torch.autograd.Function):
         h, bias = ctx.saved_tensors
         if not triton_usable(h, float64=False):
             grad_h = grad * _gelu_tanh_grad(h + bias.unsqueeze(1))
-            return grad_h, grad_h.sum(1) if ctx.needs_input_grad[1] else None
+            return grad_h, grad_h.sum(1) if ctx.needs_input_grad[1] else None, None
         h, bias, grad = h.contiguous(), bias.contiguous(), grad.contiguous()
         E, K, F_ = h.shape
         grad_h = torch.empty_like(h)
-        partial = torch.empty(E, triton.cdiv(K, BiasGelu.TILES[True][0]), F_, dtype=torch.float32, device=h.device)
-        BiasGelu._launch(h, bias, grad_h, grad, partial, backward=True)
+        blocks = triton.cdiv(K, ctx.options.bias_gelu_backward_tile[0])
+        partial = torch.empty(E, blocks, F_, dtype=torch.float32, device=h.device)
+        BiasGelu.launch(h, bias, grad_h, grad, partial, True, ctx.options)
         if not ctx.needs_input_grad[1]:
-            return grad_h, None
-        return grad_h, expert_row_sum(partial.view(-1, F_), E).to(bias.dtype)
+            return grad_h, None, None
+        return grad_h, expert_row_sum(partial.view(-1, F_), E).to(bias.dtype), None

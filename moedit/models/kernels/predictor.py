@@ -21,7 +21,8 @@ forward + backward against 150 us for its modules; the merged GEMMs take 31 + 34
 
 Matmuls take the compute dtype's tensor cores with float32 accumulation, as nn.Linear does
 (float32 inputs use exact float32 products). Where Triton does not run (CPU, float64), the
-router uses the modules themselves: `predictor_usable`.
+router uses the modules themselves: `predictor_usable`. Tiles come from a `KernelOptions`
+(`predictor_head_tile`, `predictor_backward_tile`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moedit.models.fused import sum_slices, triton_usable
+from moedit.models.kernels import DEFAULT, KernelOptions, triton_usable
+from moedit.models.kernels.moe import sum_slices
 
 try:
     import triton
@@ -37,12 +39,12 @@ try:
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-# Tiles, swept by benchmarks/moe_kernels.py (H100, DiffMoE-L E=16: head 11 us, backward 24 us; a
-# program per 32-row block looping over all of D took 33 us, 64-row steps over 32 slices 37 us: too
-# few programs in flight). Forward: (rows per program, columns per step of its loop over D, column
-# splits (grid dim 1; each writes partial logits), warps, pipeline stages). Backward: (rows per step,
-# columns per program, row slices (grid dim 1; each writes partial sums of dW2 and db1), warps).
-TILES = {"head": (64, 128, 8, 4, 3), "backward": (32, 64, 64, 4)}
+# Tiles (KernelOptions.predictor_head_tile, .predictor_backward_tile), swept by
+# benchmarks/moe_kernels.py (H100, DiffMoE-L E=16: head 11 us, backward 24 us; a program per
+# 32-row block looping over all of D took 33 us, 64-row steps over 32 slices 37 us: too few
+# programs in flight). Forward: (rows per program, columns per step of its loop over D, column
+# splits (grid dim 1; each writes partial logits), warps, pipeline stages). Backward: (rows per
+# step, columns per program, row slices (grid dim 1; each writes partial sums of dW2 and db1), warps).
 
 
 def predictor_usable(x: torch.Tensor) -> bool:
@@ -115,11 +117,11 @@ if triton is not None:
             tl.store(row + E_P * D + D + e, acc_b2)
 
 
-def _head(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+def _head(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, options: KernelOptions) -> torch.Tensor:
     """(S, E) float32 z = silu(h) W2^T + b2 for h (S, D) with unit column stride (any row stride)."""
     S, D = h.shape
     E = w2.shape[0]
-    block_s, block_d, splits, warps, stages = TILES["head"]
+    block_s, block_d, splits, warps, stages = options.predictor_head_tile
     cols = triton.cdiv(triton.cdiv(D, splits), block_d) * block_d  # whole steps per split
     splits = triton.cdiv(D, cols)
     part = torch.empty(splits, S, E, dtype=torch.float32, device=h.device)
@@ -130,11 +132,12 @@ def _head(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
     return part[0] if splits == 1 else sum_slices(part)
 
 
-def _head_backward(h: torch.Tensor, grad_z: torch.Tensor, w2: torch.Tensor, dh: torch.Tensor):
+def _head_backward(h: torch.Tensor, grad_z: torch.Tensor, w2: torch.Tensor, dh: torch.Tensor,
+                   options: KernelOptions):
     """Writes dh (h's shape and strides) = (dz W2) * silu'(h); returns (dW2, db1, db2)."""
     S, D = h.shape
     E, E_P = w2.shape[0], _padded_experts(w2.shape[0])
-    block_s, block_d, slices, warps = TILES["backward"]
+    block_s, block_d, slices, warps = options.predictor_backward_tile
     rows = triton.cdiv(triton.cdiv(S, slices), block_s) * block_s  # whole steps per slice
     slices = triton.cdiv(S, rows)
     part = torch.empty(slices, E_P * D + D + E_P, dtype=torch.float32, device=h.device)
@@ -148,27 +151,30 @@ def _head_backward(h: torch.Tensor, grad_z: torch.Tensor, w2: torch.Tensor, dh: 
 
 class GatePredictorFunction(torch.autograd.Function):
     """forward(x (S, D), wg (E, D), w1, b1, w2, b2) -> (gate logits (S, E) in x's dtype, predictor
-    logits z (S, E) float32), all inputs in one dtype; x's gradient is the gate's alone (see above)."""
+    logits z (S, E) float32), all inputs in one dtype; x's gradient is the gate's alone (see above).
+    `options`: the tiles."""
 
     @staticmethod
-    def forward(ctx, x, wg, w1, b1, w2, b2):
+    def forward(ctx, x, wg, w1, b1, w2, b2, options: KernelOptions = DEFAULT):
         D, E = x.shape[1], wg.shape[0]
         x, w2 = x.contiguous(), w2.contiguous()
         out = torch.addmm(torch.cat([b1, b1.new_zeros(E)]), x, torch.cat([w1, wg]).t())  # (S, D + E)
         ctx.save_for_backward(x, out, wg, w2)
         ctx.set_materialize_grads(False)
-        return out[:, D:], _head(out[:, :D], w2, b2)
+        ctx.options = options
+        return out[:, D:], _head(out[:, :D], w2, b2, options)
 
     @staticmethod
     def backward(ctx, grad_logits, grad_z):
         x, out, wg, w2 = ctx.saved_tensors
         D = x.shape[1]
-        grads = [None] * 6  # an unused output's parameters get None, as autograd gives them
+        grads = [None] * 7  # an unused output's parameters get None, as autograd gives them (and options)
         if grad_z is None and grad_logits is None:
             return tuple(grads)
         grad_out = torch.empty_like(out)  # [dh, dlogits]: one weight-gradient GEMM for both
         if grad_z is not None:
-            grads[4], grads[3], grads[5] = _head_backward(out[:, :D], grad_z, w2, grad_out[:, :D])  # w2, b1, b2
+            grads[4], grads[3], grads[5] = _head_backward(out[:, :D], grad_z, w2, grad_out[:, :D],
+                                                            ctx.options)  # w2, b1, b2
         else:
             grad_out[:, :D].zero_()
         if grad_logits is not None:
@@ -186,15 +192,16 @@ def _padded_experts(E: int) -> int:
     return max(16, triton.next_power_of_2(E))  # tl.dot takes dimensions of at least 16
 
 
-def gate_and_predictor(gate: nn.Linear, predictor: nn.Sequential, x: torch.Tensor):
+def gate_and_predictor(gate: nn.Linear, predictor: nn.Sequential, x: torch.Tensor,
+                       options: KernelOptions = DEFAULT):
     """(gate logits (S, E), predictor logits (S, E) float32) for a pool x (S, D), through
-    `GatePredictorFunction`. Under autocast the weights and x are cast to the autocast dtype, as
+    `GatePredictorFunction` with `options`' tiles. Under autocast the weights and x are cast to the autocast dtype, as
     nn.Linear's would be."""
     fc1, fc2 = predictor[0], predictor[2]
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     params = [p.to(dtype) for p in (gate.weight, fc1.weight, fc1.bias, fc2.weight, fc2.bias)]
     with torch.autocast(x.device.type, enabled=False):
-        return GatePredictorFunction.apply(x.to(dtype), *params)
+        return GatePredictorFunction.apply(x.to(dtype), *params, options)
 
 
 __all__ = ["GatePredictorFunction", "gate_and_predictor", "predictor_usable"]
