@@ -43,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     probe.add_argument("--trajectory", action="store_true",
                        help="probe full sampling trajectories instead of fixed noise levels")
     probe.add_argument("--sampling-steps", type=int, default=50, help="steps per trajectory")
-    probe.add_argument("--num-samples", type=int, default=256, help="samples to probe")
+    probe.add_argument("--num-samples", type=int, default=256,
+                       help="samples to probe (default 256): held-out latents, each at every noise level, or "
+                       "trajectories; the time grows linearly with it (the plan and an estimate are printed first)")
     probe.add_argument("--batch-size", type=int, default=32)
     probe.add_argument("--noise-bins", type=int, default=10,
                        help="noise-level bins when the run logged none")
@@ -98,7 +100,64 @@ def _probe_run(args: argparse.Namespace, run) -> dict | None:
         batch_size=args.batch_size, predictor_threshold=args.predictor_threshold,
         device=args.device, seed=args.seed, shards=args.shards, trace=args.trace,
         trace_scores=args.trace_scores, cfg_scale=args.cfg_scale, sampler=args.sampler)
-    return routing_probe.probe(args.checkpoint or run.path, edges, options)
+    source = args.checkpoint or run.path
+    device = routing_probe._device(args.device)
+    model, cfg = routing_probe.load_model(source, device)
+    print(probe_plan(options, cfg, model, device), flush=True)
+    return routing_probe.probe(source, edges, options, loaded=(model, cfg))
+
+
+# model calls per sampler step (Heun evaluates the velocity twice per step)
+CALLS_PER_STEP = {"heun": 2}
+
+
+def probe_plan(options, cfg, model, device) -> str:
+    """What the probe will do and about how long it takes: the forwards it makes, times one timed
+    forward of a batch on `device` (after a warm-up one). Printed before the probe starts."""
+    import math
+    import time
+
+    import torch
+
+    batches = math.ceil(options.num_samples / options.batch_size)
+    guided = options.trajectory and options.cfg_scale != 1.0 and cfg.model.num_classes > 0
+    rows = options.batch_size * (2 if guided else 1)  # guidance: a conditional and a null-class half
+    if options.trajectory:
+        sampler = options.sampler or cfg.diffusion.default_sampler
+        calls = options.sampling_steps * CALLS_PER_STEP.get(sampler, 1)
+        forwards = batches * calls
+        what = (f"{options.num_samples} sampling trajectories of {options.sampling_steps} {sampler} steps "
+                f"({calls} model calls each" + (", guided: batches of 2 x " if guided else ", batches of ")
+                + f"{options.batch_size})")
+    else:
+        forwards = batches * len(options.noise_levels)
+        what = (f"{options.num_samples} held-out samples at {len(options.noise_levels)} noise levels "
+                f"(batches of {options.batch_size})")
+    m = cfg.model
+    x = torch.zeros(min(rows, options.num_samples * (2 if guided else 1)), m.in_channels, m.input_size, m.input_size,
+                    device=device)
+    t = torch.full((x.shape[0],), 0.5 if cfg.diffusion.objective == "flow" else cfg.diffusion.num_timesteps / 2,
+                   device=device)
+    y = torch.zeros(x.shape[0], dtype=torch.long, device=device) if m.num_classes > 0 else None
+    from moedit.models.stats import routing_stat_tensors
+
+    saved = [(buf, buf.clone()) for buf in routing_stat_tensors(model)]  # the timing leaves no trace
+    with torch.no_grad():
+        model(x, t, y)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model(x, t, y)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        per_forward = time.perf_counter() - start
+        for buf, value in saved:
+            buf.copy_(value)
+    total = per_forward * forwards
+    estimate = f"{total / 60:.1f} min" if total >= 90 else f"{total:.0f} s"
+    return (f"routing probe: {what} = {forwards} forwards on {device}; about {estimate} "
+            f"({per_forward * 1000:.0f} ms per forward). --num-samples"
+            + (", --sampling-steps" if options.trajectory else ", --noise-levels") + " and --batch-size change it")
 
 
 def main(args: argparse.Namespace) -> int:

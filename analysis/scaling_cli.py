@@ -42,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expert-saturation", type=float, default=None, metavar="E_MAX",
                         help="use Clark et al.'s saturating expert transform with this E_max")
     parser.add_argument("--loss-key", default="auto",
-                        help="metrics.jsonl key of the training loss (default: loss/diffusion if logged, else loss)")
+                        help="metrics.jsonl key of the training loss (default auto: the objective's own terms, "
+                        "loss/mse, + loss/vb for DDPM, if logged, else loss, which also holds the MoE "
+                        "auxiliary terms)")
     parser.add_argument("--loss-ema", type=float, default=0.9, help="EMA decay per log line for the training loss")
     parser.add_argument("--column", action="append", default=[], metavar="NAME=COLUMN",
                         help="CSV column mapping, e.g. --column 'params=Model Size' (repeatable)")

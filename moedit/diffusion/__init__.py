@@ -11,13 +11,27 @@ in `moedit.diffusion.losses.total_loss`. See docs/diffusion.md.
 from __future__ import annotations
 
 from moedit.diffusion.config import DDPM_SAMPLERS, FLOW_SAMPLERS, DiffusionConfig
-from moedit.diffusion.ddpm import GaussianDiffusion
-from moedit.diffusion.flow import RectifiedFlow
-from moedit.diffusion.losses import total_loss
+
+# torch-backed parts load on first use, so that `moedit.diffusion.config` (configs, `--help`) stays light
+_LAZY = {"GaussianDiffusion": "moedit.diffusion.ddpm", "RectifiedFlow": "moedit.diffusion.flow",
+         "total_loss": "moedit.diffusion.losses"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_diffusion(cfg: DiffusionConfig) -> RectifiedFlow | GaussianDiffusion:
     """The objective named by `cfg.objective`, with `training_losses` and `sample`."""
+    from moedit.diffusion.ddpm import GaussianDiffusion
+    from moedit.diffusion.flow import RectifiedFlow
+
     if cfg.objective == "flow":
         return RectifiedFlow(cfg)
     if cfg.objective == "ddpm":

@@ -14,7 +14,9 @@ import json
 import math
 from pathlib import Path
 
-import torch
+from moedit.cli import LazyModule
+
+torch = LazyModule("torch")  # imported when used: `--help` needs no torch
 
 from moedit.diffusion.config import DDPM_SAMPLERS, FLOW_SAMPLERS
 from moedit.errors import MoeditError

@@ -19,12 +19,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+from moedit.cli import LazyModule
+
+np = LazyModule("numpy")  # imported when used: `--help` needs neither
+torch = LazyModule("torch")
 
 from moedit.diffusion.config import DDPM_SAMPLERS, FLOW_SAMPLERS
 from moedit.errors import MoeditError
-from moedit.eval.features import INCEPTION_WEIGHTS_FILE, WEIGHTS_ENV
+
+# moedit.eval.features loads torch; tests/test_hardening_cli.py checks these equal its constants
+INCEPTION_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_ENV = "MOEDIT_INCEPTION_WEIGHTS"
 
 PR_K = 3  # neighbourhood size of the precision/recall manifolds (ADM)
 IS_SPLIT_SIZE = 5000  # images per Inception Score split (ADM)

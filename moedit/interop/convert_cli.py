@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-from moedit.interop.convert import SOURCES
-from moedit.interop.sources import WEIGHT_CHOICES
+# Spelled out so that `--help` needs no torch (moedit.interop.convert loads it); tests/test_hardening_cli.py
+# checks them against moedit.interop.convert.SOURCES and moedit.interop.sources.WEIGHT_CHOICES.
+SOURCES = ("dit", "diffmoe", "ditmoe", "diffusers")
+WEIGHT_CHOICES = ("both", "ema", "raw")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 
-from moedit.interop.export import FORMATS
-from moedit.interop.layouts import LAYOUTS
+# Spelled out so that `--help` needs no torch (moedit.interop.export loads it); tests/test_hardening_cli.py
+# checks them against moedit.interop.export.FORMATS and moedit.interop.layouts.LAYOUTS.
+FORMATS = ("diffusers", "official", "safetensors")
+LAYOUTS = ("dit", "diffmoe", "ditmoe")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

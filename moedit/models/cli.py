@@ -10,10 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from moedit.models.config import override
-from moedit.models.flavors import FLAVORS, get_flavor
-from moedit.models.flops import model_info
-
 COLUMNS = [  # (header, key or function of the info dict, format)
     ("flavor", "flavor", "{}"),
     ("blocks x D", lambda i: f"{i['depth']} x {i['hidden_size']}", "{}"),
@@ -63,6 +59,11 @@ def format_table(infos: list[dict]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    # imported here: the model zoo loads torch, which `moedit models --help` does not need
+    from moedit.models.config import override
+    from moedit.models.flavors import FLAVORS, get_flavor
+    from moedit.models.flops import model_info
+
     if args.overrides and not args.flavor:
         raise ValueError("overrides need --flavor NAME (e.g. moedit models --flavor DiT-XL/2 input_size=64)")
     if args.flavor:
