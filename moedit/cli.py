@@ -14,7 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("moedit.models.cli", "list the model registry with parameter and FLOP counts"),
     "prepare": ("moedit.data.prepare", "encode a dataset into WebDataset latent shards"),
     "train": ("moedit.train.cli", "train a model from a config"),
-    "sample": ("moedit.diffusion.sample_cli", "sample images from a checkpoint"),
+    "sample": ("moedit.eval.sample_cli", "sample images from a checkpoint"),
     "analyze": ("moedit.analysis.cli", "routing reports and scaling-law fits"),
     "launch": ("moedit.launch.cli", "launch training on SLURM or locally with torchrun"),
     "sweep": ("moedit.launch.sweep_cli", "expand, submit and track sweeps"),

@@ -63,6 +63,69 @@ def test_guided_channel_subset_and_one_batched_forward():
     assert torch.equal(out[:, 3:], cond[:, 3:])
 
 
+class PoolModel(torch.nn.Module):
+    """Rows see each other, as in DiffMoE's batch-level token pool: each output row is shifted by
+    the mean label of the whole batch, so the batch's composition changes every row's output."""
+
+    num_classes = NUM_CLASSES
+
+    def __init__(self):
+        super().__init__()
+        self.inner = LabelModel()
+        self.batches = []
+
+    def forward(self, x, t, y):
+        self.batches.append((x.shape[0], y.tolist()))
+        return self.inner(x, t, y) + y.float().mean()
+
+
+def guide_batched(model, scale, batching, channels=C):
+    return guided(model, cfg_scale=scale, null_label=NUM_CLASSES, guidance_channels=channels,
+                  interval=None, noise_level=lambda t: 1 - t, batching=batching)
+
+
+def test_separate_batching_is_two_explicit_forwards_bit_for_bit():
+    model = PoolModel()
+    x, t, y = inputs()
+    null = torch.full_like(y, NUM_CLASSES)
+    cond, uncond = model(x, t, y), model(x, t, null)  # the official DiffMoE flow sampler's two calls
+    expected = uncond + 2.5 * (cond - uncond)
+    model.batches.clear()
+    out = guide_batched(model, 2.5, "separate")(x, t, y)
+    assert torch.equal(out, expected)
+    assert model.batches == [(6, y.tolist()), (6, null.tolist())]  # conditional first, then the null pool
+
+
+def test_joint_batching_is_one_2b_forward_bit_for_bit():
+    model = PoolModel()
+    x, t, y = inputs()
+    null = torch.full_like(y, NUM_CLASSES)
+    cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+    model.batches.clear()
+    out = guide_batched(model, 2.5, "joint", channels=3)(x, t, y)
+    assert model.batches == [(12, y.tolist() + null.tolist())]
+    assert torch.equal(out[:, :3], uncond[:, :3] + 2.5 * (cond[:, :3] - uncond[:, :3]))
+    assert torch.equal(out[:, 3:], cond[:, 3:])
+    # with a pooled model the two batchings really differ (a per-row model gives the same result)
+    separate = guide_batched(model, 2.5, "separate", channels=3)(x, t, y)
+    assert (separate - out).abs().max() > 1e-3
+    row_model = LabelModel()
+    torch.testing.assert_close(guide_batched(row_model, 2.5, "separate")(x, t, y),
+                               guide_batched(row_model, 2.5, "joint")(x, t, y), rtol=0, atol=1e-6)
+
+
+def test_config_batching_drives_sampling_and_a_call_argument_overrides_it():
+    x, _, y = inputs()
+    model = PoolModel()
+    out = build_diffusion(DiffusionConfig(sample_steps=2, cfg_scale=2.0, cfg_batching="separate")).sample(model, x, y)
+    assert [rows for rows, _ in model.batches] == [6, 6, 6, 6]  # 2 Euler steps x 2 forwards
+    explicit = build_diffusion(DiffusionConfig()).sample(PoolModel(), x, y, steps=2, cfg_scale=2.0,
+                                                         cfg_batching="separate")
+    assert torch.equal(out, explicit)
+    with pytest.raises(ValueError, match="cfg_batching = 'both'"):
+        build_diffusion(DiffusionConfig()).sample(model, x, y, steps=2, cfg_scale=2.0, cfg_batching="both")
+
+
 def test_guidance_interval_in_noise_level():
     model = LabelModel()
     x, _, y = inputs()
@@ -146,6 +209,7 @@ def test_output_channel_mismatch_is_named():
     ({"guidance_channels": 0}, "guidance_channels"),
     ({"guidance_interval": (0.2, 1.5)}, "guidance_interval"),
     ({"noise_schedule": "quadratic"}, "noise_schedule"),
+    ({"cfg_batching": "split"}, "cfg_batching"),
 ])
 def test_config_validation_names_the_field(kwargs, name):
     with pytest.raises(ValueError, match=f"diffusion.{name}"):

@@ -56,6 +56,8 @@ def test_evaluate_writes_json_statistics_and_tensorboard_scalars(tiny_run, basel
     assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
     info = json.loads((tiny_run / "model_info.json").read_text())
     assert (result["step"], result["images_seen"], result["num_samples"]) == (20, 20 * 64, 64)
+    # the batch and guidance batching decide a DiffMoE layer's routing pool: both are part of the result
+    assert (result["batch_size"], result["cfg_batching"], result["cfg_scale"]) == (8, "joint", 3.0)
     assert result["train_flops"] == pytest.approx(info["train_gflops_per_image"] * 1e9 * 20 * 64)
     assert result["reference"]["num_samples"] == 200 and result["reference"]["kind"] == "shards"
     stats = load_npz(baseline.with_suffix(".npz"))

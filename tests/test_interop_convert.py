@@ -22,7 +22,7 @@ OFFICIAL = json.loads(gzip.open(Path(__file__).parent / "data" / "models_officia
 LAYOUT_OF = {"DiT-XL/2": "dit", "DiT-S/2": "dit", "DiffMoE-S-E16": "diffmoe", "DiT-MoE-S/2-8E2A": "ditmoe"}
 COMMANDS = {"convert": ("moedit.interop.convert_cli", "convert"), "export": ("moedit.interop.export_cli", "export"),
             "upcycle": ("moedit.interop.upcycle_cli", "upcycle"),
-            "sample": ("moedit.diffusion.sample_cli", "sample"), "train": ("moedit.train.cli", "train")}
+            "sample": ("moedit.eval.sample_cli", "sample"), "train": ("moedit.train.cli", "train")}
 
 
 @pytest.fixture
@@ -244,3 +244,109 @@ def test_converted_checkpoint_samples_and_trains_on(tmp_path, moedit_cli, digits
     before = load_file(str(tmp_path / "c" / "model.safetensors"))
     after = load_file(str(tmp_path / "run" / "checkpoints" / "step_0000001" / "model.safetensors"))
     assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+
+
+# ----- the architecture a source saved, and its authors' sampling defaults ----------------------
+
+def diffmoe_yaml(**params) -> str:
+    """The model part of an official DiffMoE training YAML (train.py copies it into the experiment
+    directory as config_<time>.yaml; the checkpoint's args only name the file)."""
+    moe = params.pop("MoE_config")
+    lines = ["basic:", "  rf: True", "model:", "  target: models.models_DiffMoE.DiT", "  params:"]
+    lines += [f"    {k}: {v}" for k, v in params.items()] + ["    MoE_config:"]
+    lines += [f"      {k}: {v}" for k, v in moe.items()]
+    return "\n".join(lines) + "\n"
+
+
+S_E16 = dict(input_size=32, num_classes=1000, patch_size=2, depth=12, hidden_size=384, num_heads=16, mlp_ratio=4,
+             use_swiglu="false", MoE_config=dict(n_shared_experts=0, num_experts=16, capacity=1, interleave="true"))
+TINY = dict(input_size=16, num_classes=10, patch_size=2, depth=2, hidden_size=32, num_heads=2, mlp_ratio=4,
+            use_swiglu="false", MoE_config=dict(n_shared_experts=0, num_experts=4, capacity=1, interleave="true"))
+
+
+def official_experiment(tmp_path, state, params) -> Path:
+    """<exp>/config_<time>.yaml and <exp>/checkpoints/0700000.pt as the official DiffMoE train.py leaves them."""
+    exp = tmp_path / "0000-000_DiffMoE_S_E16_Flow"
+    (exp / "checkpoints").mkdir(parents=True)
+    (exp / "config_2025-03-20T10-00-00.yaml").write_text(diffmoe_yaml(**params))
+    ckpt = exp / "checkpoints" / "0700000.pt"
+    torch.save({"model": state, "ema": state, "opt": {},
+                "args": argparse.Namespace(config="./config/000_DiffMoE_S_E16_Flow.yaml")}, ckpt)
+    return ckpt
+
+
+def test_saved_config_with_16_heads_refuses_a_model_with_6(tmp_path, moedit_cli, capsys):
+    """DiffMoE-S-E16: the official config has 16 heads; a 6-head model must not convert silently."""
+    assert get_flavor("DiffMoE-S-E16").num_heads == 16
+    ckpt = official_experiment(tmp_path, random_official("DiffMoE-S-E16"), dict(S_E16))
+    code = moedit_cli(["convert", "--from", "diffmoe", str(ckpt), "--flavor", "DiffMoE-S-E16",
+                       "--set", "model.num_heads=6", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
+    assert err.startswith(f"moedit convert: error: {ckpt}: its training config (saved args config -> ")
+    assert "says model.num_heads = 16, but --flavor DiffMoE-S-E16 with your --set gives 6." in err
+    assert err.endswith("Pass --set model.num_heads=16")
+
+
+def test_dit_train_args_name_the_matching_flavor(tmp_path):
+    """DiT's train.py saves args.model = "DiT-S/2" (6 heads); Dense-DiT-S has DiT-S/2's tensors but 16 heads."""
+    torch.save({"model": random_official("DiT-S/2"), "ema": random_official("DiT-S/2"), "opt": {},
+                "args": argparse.Namespace(model="DiT-S/2", image_size=256, num_classes=1000)}, tmp_path / "s.pt")
+    with pytest.raises(MoeditError) as info:
+        convert_checkpoint(tmp_path / "s.pt", "dit", tmp_path / "o", flavor="Dense-DiT-S")
+    message = str(info.value)
+    assert "(saved args model='DiT-S/2') says model.num_heads = 6, but --flavor Dense-DiT-S" in message
+    assert message.endswith("Pass --set model.num_heads=6, or --flavor DiT-S/2 (it matches the saved config)")
+    with pytest.raises(MoeditError, match=r"says model.input_size = 64, .* gives 32"):
+        torch.save({"model": {}, "ema": {}, "args": argparse.Namespace(model="DiT-S/2", image_size=512)},
+                   tmp_path / "512.pt")
+        convert_checkpoint(tmp_path / "512.pt", "dit", tmp_path / "p", flavor="DiT-S/2")
+
+
+def test_convert_prints_the_architecture_and_checks_it_against_the_saved_config(tmp_path, moedit_cli, capsys):
+    source_cfg = _tiny("tiny-diffmoe", learn_sigma=True)
+    state = to_official(random_model_state(source_cfg, 5), source_cfg, "diffmoe")
+    ckpt = official_experiment(tmp_path, state, dict(TINY, num_heads=4))
+    out = tmp_path / "c"
+    assert moedit_cli(["convert", "--from", "diffmoe", str(ckpt), "--flavor", "tiny-diffmoe", "--out", str(out)]) == 2
+    assert "says model.num_heads = 4, but --flavor tiny-diffmoe with your --set gives 2." in capsys.readouterr().err
+    assert moedit_cli(["convert", "--from", "diffmoe", str(ckpt), "--flavor", "tiny-diffmoe", "--out", str(out),
+                       "--set", "model.num_heads=4"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("architecture assumed: tiny-diffmoe: 2 blocks x 32 wide, 4 heads (head dim 8), "
+                                 "patch 2 on 16x16x4 latents (64 tokens)")
+    assert "MoE in blocks 1 (1): 4 experts of hidden 128, expert choice over the batch pool" in printed[0]
+    assert printed[1] == f"  heads and shape: agrees with saved args config -> {ckpt.parent.parent / 'config_2025-03-20T10-00-00.yaml'}"
+    model, cfg = load_for_inference(out)
+    assert cfg.model.num_heads == 4 and model.blocks[0].attn.num_heads == 4
+
+
+@pytest.mark.parametrize("layout,flavor,objective,expected", [
+    ("dit", "tiny-dense", "ddpm", {"sampler": "ddpm", "steps": 250, "cfg_scale": 1.5, "guidance_channels": 3,
+                                   "cfg_batching": "joint"}),
+    ("diffmoe", "tiny-diffmoe", "flow", {"sampler": "euler", "steps": 250, "cfg_scale": 1.5,
+                                         "guidance_channels": None, "cfg_batching": "separate"}),
+    ("diffmoe", "tiny-diffmoe", "ddpm", {"sampler": "ddpm", "steps": 250, "cfg_scale": 1.5, "guidance_channels": 3,
+                                         "cfg_batching": "joint"}),
+])
+def test_converted_checkpoints_carry_the_authors_sampling_defaults(tmp_path, moedit_cli, capsys, layout, flavor,
+                                                                   objective, expected):
+    """`moedit sample --print-config` on a converted checkpoint shows how the source's authors sampled."""
+    source_cfg = _tiny(flavor, learn_sigma=True)
+    torch.save(to_official(random_model_state(source_cfg, 6), source_cfg, layout), tmp_path / "w.pt")
+    extra = [] if layout == "dit" else ["--set", f"diffusion.objective={objective}"]
+    assert moedit_cli(["convert", "--from", layout, str(tmp_path / "w.pt"), "--flavor", flavor,
+                       "--out", str(tmp_path / "c"), *extra]) == 0
+    assert "heads and shape: from the flavor (the checkpoint holds no training arguments: not checked)" in \
+        capsys.readouterr().out
+    assert moedit_cli(["sample", str(tmp_path / "c"), "--print-config", "--batch-size", "5"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["sampling"] == {"objective": objective, "guidance_interval": None, "batch_size": 5, **expected}
+    assert shown["source"]["from"] == layout and shown["source"]["sampling_defaults_from"].split()[0] in (
+        "facebookresearch/DiT", "KwaiVGI/DiffMoE")
+    # an explicit --set wins over the authors' default
+    assert moedit_cli(["convert", "--from", layout, str(tmp_path / "w.pt"), "--flavor", flavor, "--out",
+                       str(tmp_path / "d"), "--set", "diffusion.cfg_batching=joint", "diffusion.cfg_scale=4",
+                       *extra[1:]]) == 0
+    _, cfg = load_for_inference(tmp_path / "d")
+    assert (cfg.diffusion.cfg_batching, cfg.diffusion.cfg_scale) == ("joint", 4.0)

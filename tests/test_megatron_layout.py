@@ -13,7 +13,8 @@ from moedit.engines.megatron.layout import Layout, resolve_layout
 from moedit.models import get_flavor
 from moedit.train.config import ParallelConfig, config_from_dict
 
-DIFFMOE_S = get_flavor("DiffMoE-S-E16")  # D 384, 6 heads, depth 12, FFN 1536, T 256, E 16, MoE blocks 1, 3, ...
+# DiffMoE-S-E16 with DiT-S's 6 heads (the flavor has the official 16): the cases below need a count TP=4 splits badly
+DIFFMOE_S = dataclasses.replace(get_flavor("DiffMoE-S-E16"), num_heads=6)  # D 384, depth 12, FFN 1536, T 256, E 16
 DENSE_S = get_flavor("DiT-S/2")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import math
@@ -97,3 +98,51 @@ def test_ditmoe_g_size():
     cfg = get_flavor("DiT-MoE-G/2-16E2A")
     assert (cfg.depth, cfg.hidden_size, cfg.num_heads, cfg.moe.num_experts) == (40, 1408, 16, 16)
     assert 16.4e9 < count_params(cfg) < 16.6e9
+
+
+def shape_table() -> dict[str, dict[str, str]]:
+    """docs/models.md's "DiffMoE family shapes" table: flavor -> {column: cell}."""
+    lines = (Path(__file__).parent.parent / "docs" / "models.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| flavor | depth | hidden | heads |"))
+    header = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
+FAMILY = [name for name in FLAVORS if name.startswith(("DiffMoE-", "TC-DiT-", "EC-DiT-", "Dense-DiT-"))]
+
+
+def test_shape_table_covers_the_whole_diffmoe_family():
+    assert sorted(shape_table()) == sorted(FAMILY) and len(FAMILY) == 16
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_flavor_heads_and_shape_match_the_documented_table(name):
+    row, cfg = shape_table()[name], get_flavor(name)
+    assert (cfg.depth, cfg.hidden_size, cfg.num_heads) == (int(row["depth"]), int(row["hidden"]), int(row["heads"]))
+    assert (cfg.patch_size, cfg.input_size, cfg.ffn_type, cfg.mlp_ratio) == (2, 32, "gelu", 4.0)
+    assert row["source"]
+    if row["router"] == "dense":
+        assert cfg.moe is None and row["experts"] == row["MoE blocks"] == "-" and row["capacity predictor"] == "no"
+        return
+    first, second, _, last = row["MoE blocks"].split(",")  # "1,3,...,11"
+    blocks = cfg.moe_blocks()
+    assert (blocks[0], blocks[1] - blocks[0], blocks[-1]) == (int(first), int(second) - int(first), int(last))
+    assert (cfg.moe.router, cfg.moe.num_experts) == (row["router"], int(row["experts"]))
+    assert (row["capacity predictor"] == "yes") == (cfg.moe.router == "diffmoe")
+    assert cfg.moe.granularity == 1 and cfg.moe.num_shared_experts == 0
+
+
+def test_diffmoe_s_e16_has_the_official_16_heads_and_heads_change_no_count():
+    """config/000_DiffMoE_S_E16_Flow.yaml: num_heads 16 (DiT-S has 6); heads change neither parameters nor FLOPs."""
+    s_e16, dit_s = get_flavor("DiffMoE-S-E16"), get_flavor("DiT-S/2")
+    assert (s_e16.num_heads, dit_s.num_heads, get_flavor("Dense-DiT-S").num_heads) == (16, 6, 16)
+    six = dataclasses.replace(s_e16, num_heads=6)
+    assert count_params(s_e16) == count_params(six) == official_param_count("DiffMoE-S-E16") == 140_265_344
+    assert forward_gflops(s_e16) == forward_gflops(six)
+    assert count_params(get_flavor("Dense-DiT-S")) == count_params(dit_s)

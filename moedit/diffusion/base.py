@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from moedit.diffusion.config import DiffusionConfig, check_interval, check_sampler
+from moedit.diffusion.config import DiffusionConfig, check_cfg_batching, check_interval, check_sampler
 from moedit.diffusion.guidance import ModelFn, check_guidance_channels, guided
 from moedit.diffusion.losses import combine_losses
 
@@ -61,10 +61,11 @@ class DiffusionObjective:
     def sample(self, model: ModelFn, noise: Tensor, y: Tensor | None, steps: int | None = None,
                sampler: str | None = None, cfg_scale: float | None = None, *,
                guidance_channels: int | None = None, guidance_interval: tuple[float, float] | None = None,
-               null_label: int | None = None, generator: torch.Generator | None = None,
-               progress: bool = False) -> Tensor:
+               cfg_batching: str | None = None, null_label: int | None = None,
+               generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
         """Samples (B, C, H, W) from `noise` (B, C, H, W); arguments left None take the config's value.
 
+        `cfg_batching` "joint" | "separate": how guidance batches its two forwards (docs/diffusion.md).
         `null_label` is the unconditional label for guidance (default: `model.num_classes`, else
         `model.cfg.num_classes`).
         `generator` drives the noise of stochastic samplers (euler_maruyama, ddpm, ddim with eta > 0).
@@ -84,6 +85,8 @@ class DiffusionObjective:
         interval = cfg.guidance_interval if guidance_interval is None else tuple(guidance_interval)
         if interval is not None:
             check_interval(interval)
+        batching = cfg.cfg_batching if cfg_batching is None else cfg_batching
+        check_cfg_batching(batching)
         if scale != 1.0:
             if y is None:
                 raise ValueError(f"cfg_scale = {scale} needs class labels y (guidance contrasts them with the null label)")
@@ -92,7 +95,7 @@ class DiffusionObjective:
             if null_label is None:
                 raise ValueError(f"cfg_scale = {scale} needs null_label (the model's num_classes)")
         fn = guided(model, cfg_scale=scale, null_label=null_label, guidance_channels=channels,
-                    interval=interval, noise_level=self.noise_level)
+                    interval=interval, noise_level=self.noise_level, batching=batching)
         return self.samplers()[sampler](fn, noise, y, steps, generator, progress)
 
     def check_steps(self, steps: int) -> None:

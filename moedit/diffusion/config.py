@@ -13,6 +13,7 @@ from typing import Literal
 FLOW_SAMPLERS = ("euler", "heun", "euler_maruyama")
 DDPM_SAMPLERS = ("ddpm", "ddim")
 DEFAULT_SAMPLER = {"flow": "euler", "ddpm": "ddpm"}
+CFG_BATCHING = ("joint", "separate")
 
 
 @dataclass
@@ -49,6 +50,11 @@ class DiffusionConfig:
     guidance_interval: tuple[float, float] | None = None
     """Apply guidance only while the noise level is in [low, high] (noise level = 1 - t for flow,
     step / num_timesteps for DDPM); outside it the conditional model alone is used. None = always."""
+    cfg_batching: Literal["joint", "separate"] = "joint"
+    """How guidance calls the model: `joint` = conditional and unconditional inputs as one batch of
+    2B (DiT's forward_with_cfg); `separate` = two forwards of B, conditional first (the official
+    DiffMoE flow sampler). Same result for per-token models; a router that picks tokens from the
+    whole batch pool (DiffMoE) routes differently (docs/diffusion.md)."""
 
     def __post_init__(self):
         if self.objective not in ("flow", "ddpm"):
@@ -77,6 +83,7 @@ class DiffusionConfig:
             raise ValueError(f"diffusion.guidance_channels = {self.guidance_channels}: must be >= 1 or null (all)")
         if self.guidance_interval is not None:
             check_interval(self.guidance_interval, where="diffusion.guidance_interval")
+        check_cfg_batching(self.cfg_batching, where="diffusion.cfg_batching")
 
     @property
     def default_sampler(self) -> str:
@@ -96,3 +103,10 @@ def check_interval(interval, where: str = "guidance_interval") -> None:
     """ValueError unless `interval` is (low, high) with 0 <= low <= high <= 1."""
     if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
         raise ValueError(f"{where} = {tuple(interval)}: must be (low, high) noise levels with 0 <= low <= high <= 1")
+
+
+def check_cfg_batching(batching, where: str = "cfg_batching") -> None:
+    """ValueError unless `batching` is 'joint' or 'separate'."""
+    if batching not in CFG_BATCHING:
+        raise ValueError(f"{where} = {batching!r}: use 'joint' (one forward of 2B) or 'separate' "
+                         "(conditional and unconditional forwards of B each)")

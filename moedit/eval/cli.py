@@ -24,7 +24,7 @@ from moedit.cli import LazyModule
 np = LazyModule("numpy")  # imported when used: `--help` needs neither
 torch = LazyModule("torch")
 
-from moedit.diffusion.config import DDPM_SAMPLERS, FLOW_SAMPLERS
+from moedit.diffusion.config import CFG_BATCHING, DDPM_SAMPLERS, FLOW_SAMPLERS
 from moedit.errors import MoeditError
 
 # moedit.eval.features loads torch; tests/test_hardening_cli.py checks these equal its constants
@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sampler steps (default: the run's diffusion.sample_steps)")
     parser.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the run's; 1 = none)")
     parser.add_argument("--guidance-channels", type=int, default=None, help="guide only the first N latent channels")
+    parser.add_argument("--cfg-batching", default=None, choices=CFG_BATCHING,
+                        help="guidance as one forward of 2B (joint) or two of B (separate); default: the run's "
+                        "diffusion.cfg_batching. With --batch-size it decides DiffMoE's routing pool")
     parser.add_argument("--seed", type=int, default=0, help="seeds every chunk's noise (default 0)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per sampler batch per process (default 64)")
     parser.add_argument("--chunk-size", type=int, default=512,
@@ -111,6 +114,8 @@ def compute_budget(run: Path | None, step: int | None, cfg) -> dict:
 
 def default_name(args, plan) -> str:
     name = f"{args.features}-n{plan.num_samples}-{plan.sampler}{plan.steps}-cfg{plan.cfg_scale:g}-seed{plan.seed}"
+    if plan.cfg_scale != 1.0 and plan.cfg_batching != "joint":
+        name += f"-{plan.cfg_batching}"
     return name + ("-raw" if args.raw else "")
 
 
@@ -125,6 +130,7 @@ def build_plan(args, cfg):
         sampler=args.sampler or d.default_sampler, steps=args.steps or d.sample_steps,
         cfg_scale=d.cfg_scale if args.cfg_scale is None else float(args.cfg_scale),
         guidance_channels=d.guidance_channels if args.guidance_channels is None else args.guidance_channels,
+        cfg_batching=args.cfg_batching or d.cfg_batching,
     )
 
 
@@ -155,7 +161,7 @@ def main(args: argparse.Namespace) -> int:
 
 def evaluate(args, engine, out_dir: Path, run: Path | None, step: int | None) -> int:
     from moedit.data import build_decoder, load_manifest
-    from moedit.data.manifest import default_manifest_path
+    from moedit.data.manifest import manifest_path
     from moedit.diffusion import build_diffusion
     from moedit.eval.features import build_features
     from moedit.eval.metrics import compare
@@ -184,7 +190,7 @@ def evaluate(args, engine, out_dir: Path, run: Path | None, step: int | None) ->
     keep = args.pr_num_samples
     reference = build_reference(source, extractor, engine, cache_dir=Path(args.ref_cache or out_dir / "reference"),
                                 keep=keep, batch_size=args.batch_size, progress=progress)
-    manifest = load_manifest(cfg.data.manifest or default_manifest_path(cfg.data.path))
+    manifest = load_manifest(manifest_path(cfg.data))
     decoder = build_decoder(manifest, vae_path=args.vae_path)
     settings = {"checkpoint": str(Path(args.checkpoint).resolve()), "step": step,
                 "weights": "raw" if args.raw else "ema",

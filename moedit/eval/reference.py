@@ -61,9 +61,9 @@ def iter_shard_images(data_cfg, batch_size: int, limit: int, vae_path: str | Non
                       device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Decoded images of the first `limit` samples of a shard set, with their global indices."""
     from moedit.data import build_decoder, build_loader
-    from moedit.data.manifest import default_manifest_path, load_manifest
+    from moedit.data.manifest import load_manifest, manifest_path
 
-    manifest = load_manifest(data_cfg.manifest or default_manifest_path(data_cfg.path))
+    manifest = load_manifest(manifest_path(data_cfg))
     decoder = build_decoder(manifest, vae_path=vae_path)
     loader = build_loader(data_cfg, batch_size=batch_size, rank=0, world_size=1, seed=0)
     seen = 0
@@ -111,13 +111,13 @@ class ReferenceSource:
             self.available = _npz_count(self.npz) if "arr_0" in self.stored else 0
             self.identity = {"npz": str(self.npz.resolve()), "bytes": self.npz.stat().st_size}
             return
-        from moedit.data.manifest import default_manifest_path, load_manifest
+        from moedit.data.manifest import load_manifest, manifest_path
 
         # A fixed, seeded order over the whole epoch: no workers, every shard, no resampling.
         base = run_data_cfg if spec is None else replace(run_data_cfg, path=spec, manifest=None)
         self.data_cfg = replace(base, num_workers=0, resampled=False, split="shard", drop_last=False,
                                 shuffle=True, prepare=None)
-        manifest = load_manifest(self.data_cfg.manifest or default_manifest_path(self.data_cfg.path))
+        manifest = load_manifest(manifest_path(self.data_cfg))
         self.available = manifest.num_samples
         self.identity = {"shards": self.data_cfg.path, "manifest": manifest.to_json()}
 

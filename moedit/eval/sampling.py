@@ -3,8 +3,8 @@
 The N global sample indices are cut into chunks of `chunk_size`; chunk c goes to rank
 c mod world_size. Everything random about chunk c comes from a generator seeded by (seed, c)
 alone, and image i has label i mod num_classes (class-balanced, DiT's protocol), so an image
-does not depend on how many ranks share the work (given the same chunk and batch sizes: a
-DiffMoE layer's dynamic capacity depends on the batch it sees).
+does not depend on how many ranks share the work (given the same chunk and batch sizes and
+guidance batching: a DiffMoE layer's dynamic capacity depends on the batch it sees).
 
 After each chunk a rank writes its running sums and the list of its finished chunks to
 `state_rank<r>.pt` in the work directory (atomically); a restarted evaluation loads it and
@@ -41,11 +41,16 @@ class SamplingPlan:
     steps: int
     cfg_scale: float
     guidance_channels: int | None
+    cfg_batching: str = "joint"
+    """Guidance as one forward of 2B or two of B: with `batch_size`, what a DiffMoE layer's token pool holds."""
 
     def __post_init__(self):
+        from moedit.diffusion.config import check_cfg_batching
+
         for name in ("num_samples", "chunk_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        check_cfg_batching(self.cfg_batching, where="--cfg-batching")
 
     @property
     def num_chunks(self) -> int:
@@ -78,7 +83,8 @@ def sample_chunk(plan: SamplingPlan, chunk: int, model, diffusion, decoder: Call
         y = None if labels is None else labels[start:stop].to(device)
         latents = diffusion.sample(model, noise[start:stop].to(device), y, steps=plan.steps, sampler=plan.sampler,
                                    cfg_scale=plan.cfg_scale, guidance_channels=plan.guidance_channels,
-                                   null_label=plan.num_classes or None, generator=generator)
+                                   cfg_batching=plan.cfg_batching, null_label=plan.num_classes or None,
+                                   generator=generator)
         yield decoder(latents).float(), torch.arange(lo + start, lo + stop)
 
 

@@ -23,8 +23,10 @@ import torch
 
 from moedit.errors import MoeditError
 from moedit.interop import layouts
-from moedit.interop.sources import read_diffusers_dir, read_state_dicts, select_weights
+from moedit.interop.source_config import check_architecture, sampling_defaults, saved_architecture
+from moedit.interop.sources import read_checkpoint, read_diffusers_dir, select_weights
 from moedit.models import ModelConfig, get_flavor
+from moedit.models.flavors import describe
 from moedit.models.convert import convert_official_state_dict
 
 SOURCES = layouts.LAYOUTS + ("diffusers",)
@@ -35,9 +37,11 @@ SHAPE_HINT = ("choose the --flavor the checkpoint was trained as, or override fi
 
 # ----- config ----------------------------------------------------------------------------------
 
-def build_config(flavor: str | None, config_path: str | None, overrides: list[str], default_objective: str):
+def build_config(flavor: str | None, config_path: str | None, overrides: list[str], default_objective: str,
+                 layout: str | None = None):
     """The full resolved Config of the converted model: a config file (optional) or the flavor,
-    then dotted overrides. A flow model's output is velocity only, so learn_sigma defaults to false."""
+    then dotted overrides. A flow model's output is velocity only, so learn_sigma defaults to false.
+    Sampling fields not set take the `layout` authors' published defaults (`sampling_defaults`)."""
     from moedit.configtools import apply_overrides, load_yaml
     from moedit.train.config import config_from_dict
 
@@ -53,7 +57,16 @@ def build_config(flavor: str | None, config_path: str | None, overrides: list[st
     diffusion.setdefault("objective", default_objective)
     if diffusion["objective"] == "flow":
         data["model"].setdefault("learn_sigma", False)
-    return config_from_dict(data)
+    defaulted = []
+    if layout is not None:
+        for key, value in sampling_defaults(layout, diffusion["objective"])[0].items():
+            if key not in diffusion:
+                diffusion[key] = value
+                defaulted.append(key)
+    cfg = config_from_dict(data)
+    if "guidance_channels" in defaulted and (cfg.diffusion.guidance_channels or 0) > cfg.model.in_channels:
+        cfg.diffusion.guidance_channels = None  # DiT's 3 of 4 channels: all channels of a smaller latent
+    return cfg
 
 
 def match_flavor(model: ModelConfig) -> str | None:
@@ -198,14 +211,19 @@ def convert_checkpoint(source: str | Path, layout: str, out: str | Path, *, flav
                 raise MoeditError(f"{source}: no registry flavor has this DiT's shape; pass --flavor (any dense "
                                   "flavor: the diffusers config.json sets the fields)")
         states = {"weights": state}
+        saved, saved_objective, checked = {}, None, "config.json (heads included)"
     else:
-        states = read_state_dicts(source, trust_pickle)
+        states, args = read_checkpoint(source, trust_pickle)
+        saved, saved_objective, checked = saved_architecture(args, source)
     raw, ema, picked = select_weights(states, weights, str(source))
-    cfg = build_config(flavor, config, overrides, DEFAULT_OBJECTIVE[layout])
+    cfg = build_config(flavor, config, overrides, saved_objective or DEFAULT_OBJECTIVE[layout], layout)
     if layout == "diffusers":
         cfg.model = layouts.diffusers_model_config(dconfig, cfg.model)
         validate(cfg)
         layouts.check_diffusers_compatible(cfg.model)
+    else:
+        check_architecture(cfg.model, cfg.flavor, saved, checked, str(source))
+        checked = f"agrees with {checked}" if saved else f"from the flavor ({checked}: not checked)"
 
     mapped, decays = {}, []
     for name, state in {"model": raw, "ema": ema}.items():
@@ -221,6 +239,8 @@ def convert_checkpoint(source: str | Path, layout: str, out: str | Path, *, flav
     if decays and decays[-1] is not None and abs(decays[-1] - cfg.model.moe.threshold_decay) > 1e-6:
         # DiffMoE's ema_decay buffer is the threshold EMA decay: keep the checkpoint's value
         cfg.model.moe = dataclasses.replace(cfg.model.moe, threshold_decay=round(decays[-1], 6))
+    _, sampling_from = sampling_defaults(layout, cfg.diffusion.objective)
     info = {"tool": "moedit convert", "from": layout, "path": str(source), "weights": picked,
-            "objective": cfg.diffusion.objective}
+            "objective": cfg.diffusion.objective, "architecture": describe(cfg.model), "architecture_check": checked,
+            "sampling_defaults_from": sampling_from}
     return write_checkpoint(out, cfg, mapped["model"], mapped["ema"], info)

@@ -33,9 +33,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import json
+
+    import yaml
+
     from moedit.interop.convert import convert_checkpoint
 
     out = convert_checkpoint(args.source, args.layout, args.out, flavor=args.flavor, config=args.config,
                              overrides=args.overrides, weights=args.weights, trust_pickle=args.trust_pickle)
+    source = json.loads((out / "meta.json").read_text())["source"]
+    diffusion = yaml.safe_load((out / "config.yaml").read_text())["diffusion"]
+    sampling = {k: diffusion.get(k) for k in ("sampler", "sample_steps", "cfg_scale", "guidance_channels",
+                                               "cfg_batching")}
+    print(f"architecture assumed: {source['architecture']}")
+    print(f"  heads and shape: {source['architecture_check']}")
+    print(f"sampling defaults: objective {source['objective']}, "
+          + ", ".join(f"{k} {v}" for k, v in sampling.items()) + f" ({source['sampling_defaults_from']})")
     print(f"wrote {out} (moedit checkpoint; `moedit sample {out}` reads it)")
     return 0

@@ -58,18 +58,23 @@ def read_state_dicts(path: str | Path, trust_pickle: bool = False) -> dict[str, 
 
     A file holding one flat state dict is returned as {"weights": state}.
     """
+    return read_checkpoint(path, trust_pickle)[0]
+
+
+def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> tuple[dict[str, dict[str, torch.Tensor]], Any]:
+    """(the state dicts as `read_state_dicts` returns them, the training `args` saved beside them or None)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return {"weights": load_file(str(path))}
+        return {"weights": load_file(str(path))}, None
     obj = load_torch_file(path, trust_pickle)
     if not isinstance(obj, dict):
         raise MoeditError(f"{path}: holds a {type(obj).__name__}, expected a state dict or a dict with 'model'/'ema'")
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return {"weights": dict(obj)}
+        return {"weights": dict(obj)}, None
     found = {name: obj[key] for key, name in (("model", "raw"), ("ema", "ema")) if isinstance(obj.get(key), dict)}
     if not found:
         keys = ", ".join(map(str, list(obj)[:10]))
@@ -79,7 +84,7 @@ def read_state_dicts(path: str | Path, trust_pickle: bool = False) -> dict[str, 
         bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise MoeditError(f"{path}: '{name}' entries that are not tensors: {', '.join(bad[:5])}")
-    return found
+    return found, obj.get("args")
 
 
 def select_weights(states: dict[str, dict], choice: str, where: str) -> tuple[dict, dict, str]:

@@ -2,7 +2,8 @@
 
 - DiT-{S,B,L,XL}/{2,4,8}: the DiT paper's dense models (256px, 32x32x4 latents, learned sigma).
 - DiffMoE-{S-E16,B-E16,L-E8,L-E16}: MoE FFN in every second block (1, 3, ...), full-width experts,
-  expert choice over the batch pool, capacity predictor (the official code's shapes).
+  expert choice over the batch pool, capacity predictor. Shapes in `DIFFMOE_SHAPES`, each number's
+  source in docs/models.md (S-E16 has 16 heads as in the official config, not DiT-S's 6).
 - Dense-DiT-{S,B,L,XL}, TC-DiT-*, EC-DiT-*: the DiffMoE paper's baselines with the same shapes
   (TC: top-1 token choice + balance loss 0.01; EC: per-sample expert choice at capacity 1).
 - DiT-MoE-{S,B,L,XL}/2-8E2A, DiT-MoE-S/2-16E2A, DiT-MoE-G/2-16E2A: MoE in every block, top-2
@@ -17,7 +18,7 @@ import dataclasses
 
 from moedit.models.config import ModelConfig, MoEConfig
 
-SIZES = {  # name -> (depth, hidden, heads)
+SIZES = {  # DiT paper sizes: name -> (depth, hidden, heads)
     "S": (12, 384, 6),
     "B": (12, 768, 12),
     "L": (24, 1024, 16),
@@ -25,25 +26,37 @@ SIZES = {  # name -> (depth, hidden, heads)
     "G": (40, 1408, 16),
 }
 
+# The DiffMoE paper's family (and its Dense-/TC-/EC- baselines): size -> (depth, hidden, heads).
+# S differs from DiT-S: the official config/000_DiffMoE_S_E16_Flow.yaml has 16 heads (head dim 24).
+# Heads leave no trace in a state dict, so this table is the only place they come from; the source
+# of each number is in docs/models.md ("DiffMoE family shapes"), which a test parses.
+DIFFMOE_SIZES = {
+    "S": (12, 384, 16),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+DIFFMOE_SHAPES = {"S-E16": ("S", 16), "B-E16": ("B", 16), "L-E8": ("L", 8), "L-E16": ("L", 16)}
+"""DiffMoE tag -> (size in DIFFMOE_SIZES, experts). MoE in blocks 1, 3, 5, ... (official `interleave: true`)."""
 
-def _dit(size: str, patch: int, name: str, **kw) -> ModelConfig:
-    depth, hidden, heads = SIZES[size]
+
+def _dit(size: str, patch: int, name: str, sizes: dict = SIZES, **kw) -> ModelConfig:
+    depth, hidden, heads = sizes[size]
     return ModelConfig(name=name, depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch, **kw)
 
 
 def _diffmoe_family() -> dict[str, ModelConfig]:
     out = {}
-    for size, experts in (("S", 16), ("B", 16), ("L", 8), ("L", 16)):
-        tag = f"{size}-E{experts}"
+    for tag, (size, experts) in DIFFMOE_SHAPES.items():
         diffmoe = MoEConfig(router="diffmoe", num_experts=experts, every=2, first=1)
         tc = MoEConfig(router="token_choice", num_experts=experts, every=2, first=1, top_k=1, balance_coef=0.01,
                        gate_init_std=0.006)
         ec = MoEConfig(router="expert_choice", num_experts=experts, every=2, first=1)
-        out[f"DiffMoE-{tag}"] = _dit(size, 2, f"DiffMoE-{tag}", moe=diffmoe)
-        out[f"TC-DiT-{tag}"] = _dit(size, 2, f"TC-DiT-{tag}", moe=tc)
-        out[f"EC-DiT-{tag}"] = _dit(size, 2, f"EC-DiT-{tag}", moe=ec)
-    for size in ("S", "B", "L", "XL"):
-        out[f"Dense-DiT-{size}"] = _dit(size, 2, f"Dense-DiT-{size}")
+        out[f"DiffMoE-{tag}"] = _dit(size, 2, f"DiffMoE-{tag}", DIFFMOE_SIZES, moe=diffmoe)
+        out[f"TC-DiT-{tag}"] = _dit(size, 2, f"TC-DiT-{tag}", DIFFMOE_SIZES, moe=tc)
+        out[f"EC-DiT-{tag}"] = _dit(size, 2, f"EC-DiT-{tag}", DIFFMOE_SIZES, moe=ec)
+    for size in DIFFMOE_SIZES:
+        out[f"Dense-DiT-{size}"] = _dit(size, 2, f"Dense-DiT-{size}", DIFFMOE_SIZES)
     return out
 
 
@@ -94,3 +107,23 @@ def get_flavor(name: str) -> ModelConfig:
         raise ValueError(f"model flavor {name!r} is not in the registry{hint}")
     cfg = FLAVORS[name]
     return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe) if cfg.moe else None)
+
+
+def describe(cfg: ModelConfig) -> str:
+    """One line naming every architecture choice, heads included (what `moedit convert` assumed)."""
+    head_dim = cfg.hidden_size // cfg.num_heads
+    text = (f"{cfg.name}: {cfg.depth} blocks x {cfg.hidden_size} wide, {cfg.num_heads} heads (head dim {head_dim}), "
+            f"patch {cfg.patch_size} on {cfg.input_size}x{cfg.input_size}x{cfg.in_channels} latents "
+            f"({cfg.num_tokens} tokens), {cfg.ffn_type} FFN {cfg.ffn_hidden}, {cfg.num_classes} classes, "
+            f"{cfg.out_channels} output channels" + (", qk-norm" if cfg.qk_norm else ""))
+    m = cfg.moe
+    if m is None:
+        return text + "; dense"
+    blocks = cfg.moe_blocks()
+    shown = ",".join(map(str, blocks[:4])) + (",..." if len(blocks) > 4 else "")
+    route = {"diffmoe": f"expert choice over the batch pool at capacity {m.capacity:g}, capacity predictor, "
+                        f"inference {m.inference_mode}",
+             "expert_choice": f"per-sample expert choice at capacity {m.capacity:g}",
+             "token_choice": f"top-{m.top_k} token choice"}[m.router]
+    shared = f", {m.num_shared_experts} shared" if m.num_shared_experts else ""
+    return text + f"; MoE in blocks {shown} ({len(blocks)}): {m.num_experts} experts of hidden {cfg.expert_hidden}{shared}, {route}"

@@ -1,4 +1,5 @@
-"""`moedit sample` on a tiny DiffMoE model (checkpoint loading and decoding stubbed to their contracts)."""
+"""`moedit sample` on a tiny DiffMoE model (checkpoint loading and decoding stubbed to their contracts):
+determinism, the capacity record per model call, guidance batching, --print-config, the manifest."""
 
 from __future__ import annotations
 
@@ -30,17 +31,17 @@ def checkpoint(monkeypatch, tmp_path):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     cfg = SimpleNamespace(model=mcfg, diffusion=DiffusionConfig(objective="flow", sample_steps=3),
-                          data=SimpleNamespace(path=str(tmp_path / "shards")))
-    calls = []
+                          data=SimpleNamespace(path=str(tmp_path / "shards"), manifest=None))
+    calls, manifests = [], []
 
     def load_for_inference(path, use_ema=True, device="cpu"):
         calls.append((path, use_ema))
         return model.to(device).eval(), cfg
 
     monkeypatch.setattr("moedit.train.checkpoint.load_for_inference", load_for_inference)
-    monkeypatch.setattr("moedit.data.load_manifest", lambda path: path)
+    monkeypatch.setattr("moedit.data.load_manifest", lambda path: manifests.append(path) or path)
     monkeypatch.setattr("moedit.data.build_decoder", lambda manifest, vae_path=None: lambda z: ((z + 1) / 2).clamp(0, 1))
-    return SimpleNamespace(calls=calls, dir=tmp_path)
+    return SimpleNamespace(calls=calls, dir=tmp_path, cfg=cfg, manifests=manifests, model=model)
 
 
 def run(tmp_path, *extra):
@@ -75,6 +76,49 @@ def test_raw_weights_and_bad_classes(checkpoint, tmp_path, capsys):
     assert "--classes" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
     assert run(tmp_path, "--steps", "0", "--out", str(tmp_path / "y.png")) == 2
     assert "steps" in capsys.readouterr().err
+
+
+def test_guidance_batching_is_recorded_and_changes_the_pool(checkpoint, tmp_path):
+    """separate: two calls of B per step (conditional, then all-null); joint: one call of 2B."""
+    for threshold in checkpoint.model.threshold_buffers():  # trained-like thresholds: not every token passes
+        threshold.fill_(0.5)
+    infos = {}
+    for batching in ("joint", "separate"):
+        out = tmp_path / f"{batching}.png"
+        assert run(tmp_path, "--cfg-scale", "2.0", "--classes", "1,3", "--cfg-batching", batching, "--out", str(out)) == 0
+        infos[batching] = json.loads(out.with_suffix(".json").read_text())
+    joint, separate = infos["joint"], infos["separate"]
+    assert (joint["cfg_batching"], separate["cfg_batching"], joint["batch_size"]) == ("joint", "separate", 3)
+    # batch 0 (3 images) x 3 Euler steps: joint 3 calls of 6 rows, half null; separate 6 calls of 3 rows
+    assert [(r["rows"], r["null_rows"]) for r in joint["capacity_per_call"] if r["batch"] == 0] == [(6, 3)] * 3
+    assert [(r["rows"], r["null_rows"]) for r in separate["capacity_per_call"] if r["batch"] == 0] == \
+        [(3, 0), (3, 3)] * 3
+    # the pool decides which tokens each expert takes: capacities and images change
+    assert [r["capacity"] for r in joint["capacity_per_call"]] != [r["capacity"] for r in separate["capacity_per_call"]]
+    assert (tmp_path / "joint.png").read_bytes() != (tmp_path / "separate.png").read_bytes()
+    checkpoint.cfg.diffusion.cfg_batching = "separate"  # the checkpoint's default applies without the flag
+    assert run(tmp_path, "--cfg-scale", "2.0", "--classes", "1,3", "--out", str(tmp_path / "d.png")) == 0
+    assert (tmp_path / "d.png").read_bytes() == (tmp_path / "separate.png").read_bytes()
+
+
+def test_print_config_shows_the_checkpoints_sampling_settings(checkpoint, tmp_path, capsys):
+    checkpoint.cfg.diffusion = DiffusionConfig(objective="flow", sampler="heun", sample_steps=7, cfg_scale=1.5,
+                                               guidance_channels=2, cfg_batching="separate")
+    assert run(tmp_path, "--print-config", "--out", str(tmp_path / "p.png")) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["sampling"] == {"objective": "flow", "sampler": "heun", "steps": 3, "cfg_scale": 1.5,
+                                 "guidance_channels": 2, "guidance_interval": None, "cfg_batching": "separate",
+                                 "batch_size": 3}  # run() passes --steps 3 and --batch-size 3
+    assert "2 heads (head dim 16)" in shown["architecture"] and not (tmp_path / "p.png").exists()
+
+
+def test_sample_reads_the_manifest_named_by_data_manifest(checkpoint, tmp_path):
+    (tmp_path / "shards").mkdir()
+    assert run(tmp_path, "--out", str(tmp_path / "a.png")) == 0
+    assert checkpoint.manifests[-1] == str(tmp_path / "shards" / "dataset.json")  # beside data.path by default
+    checkpoint.cfg.data.manifest = str(tmp_path / "elsewhere" / "dataset.json")
+    assert run(tmp_path, "--out", str(tmp_path / "b.png")) == 0
+    assert checkpoint.manifests[-1] == str(tmp_path / "elsewhere" / "dataset.json")
 
 
 def test_grid_layout_and_grayscale():

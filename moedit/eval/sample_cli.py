@@ -1,9 +1,13 @@
 """`moedit sample`: images from a checkpoint, as a PNG grid plus a JSON of the MoE capacity used.
 
     moedit sample runs/quickstart --num-samples 16 --classes 1,2,3 --steps 50 --cfg-scale 1.5
+    moedit sample ckpts/dit_xl2 --print-config      # the sampling settings it would use, as JSON
 
-The JSON (next to the PNG, same name) records the settings, the labels and, for every model call,
-the capacity each DiffMoE layer used (tokens processed / (S / E); 1.0 = the training capacity).
+The JSON (next to the PNG, same name) records the settings (sampler, steps, guidance, how guidance
+batches its forwards, batch size), the labels and, for every model call, the capacity each
+DiffMoE layer used (tokens processed / (S / E); 1.0 = the training capacity). Settings not given
+on the command line come from the checkpoint's `diffusion` section, which for a converted
+checkpoint holds the source authors' sampling defaults (docs/interop.md).
 The same seed gives the same images and JSON.
 """
 
@@ -18,7 +22,7 @@ from moedit.cli import LazyModule
 
 torch = LazyModule("torch")  # imported when used: `--help` needs no torch
 
-from moedit.diffusion.config import DDPM_SAMPLERS, FLOW_SAMPLERS
+from moedit.diffusion.config import CFG_BATCHING, DDPM_SAMPLERS, FLOW_SAMPLERS
 from moedit.errors import MoeditError
 
 
@@ -34,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1 = none)")
     parser.add_argument("--guidance-channels", type=int, default=None,
                         help="guide only the first N channels (DiT: 3 of 4); default: the run's setting")
+    parser.add_argument("--cfg-batching", default=None, choices=CFG_BATCHING,
+                        help="guidance as one forward of 2B (joint) or two of B (separate); default: the run's "
+                        "diffusion.cfg_batching. Changes DiffMoE's routing (docs/diffusion.md)")
     parser.add_argument("--seed", type=int, default=0, help="seeds labels, initial noise and sampler noise")
     parser.add_argument("--out", default="samples.png", help="PNG grid path; the JSON goes next to it")
     parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
@@ -41,13 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per sampler batch (default 64)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = CUDA when available")
     parser.add_argument("--nrow", type=int, default=0, help="images per grid row (default: about sqrt(N))")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the architecture and the resolved sampling settings as JSON and exit")
 
 
 class CapacityRecorder:
     """Calls the model and records the capacity each MoE layer used in that call."""
 
-    def __init__(self, model, noise_level):
-        self.model, self.noise_level = model, noise_level
+    def __init__(self, model, noise_level, null_label: int | None = None):
+        self.model, self.noise_level, self.null_label = model, noise_level, null_label
         self.records: list[dict] = []
         self.batch = 0
 
@@ -57,7 +66,9 @@ class CapacityRecorder:
         out = self.model(x, t, y)
         capacity = last_capacity(self.model)
         if capacity:
+            null = None if y is None or self.null_label is None else int((y == self.null_label).sum())
             self.records.append({"batch": self.batch, "call": sum(r["batch"] == self.batch for r in self.records),
+                                 "rows": int(x.shape[0]), "null_rows": null,
                                  "t": float(t[0]), "noise_level": float(self.noise_level(t[:1])[0]),
                                  "capacity": {str(block): value for block, value in sorted(capacity.items())}})
         return out
@@ -86,7 +97,7 @@ def generate(model, diffusion, *, noise: torch.Tensor, labels: torch.Tensor | No
     """Sample in batches; returns (latents (N, C, H, W), capacity records)."""
     from tqdm.auto import tqdm
 
-    recorder = CapacityRecorder(model, diffusion.noise_level)
+    recorder = CapacityRecorder(model, diffusion.noise_level, null_label)
     device = next(model.parameters()).device
     chunks = []
     starts = range(0, noise.shape[0], batch_size)
@@ -99,6 +110,32 @@ def generate(model, diffusion, *, noise: torch.Tensor, labels: torch.Tensor | No
     return torch.cat(chunks), recorder.records
 
 
+def sampling_settings(args: argparse.Namespace, cfg) -> dict:
+    """Every setting that decides the samples: the command line over the checkpoint's `diffusion` section."""
+    d = cfg.diffusion
+    return {"objective": d.objective,
+            "sampler": args.sampler or d.default_sampler,
+            "steps": args.steps if args.steps is not None else d.sample_steps,
+            "cfg_scale": d.cfg_scale if args.cfg_scale is None else float(args.cfg_scale),
+            "guidance_channels": d.guidance_channels if args.guidance_channels is None else args.guidance_channels,
+            "guidance_interval": None if d.guidance_interval is None else list(d.guidance_interval),
+            "cfg_batching": args.cfg_batching or d.cfg_batching,
+            "batch_size": args.batch_size}
+
+
+def checkpoint_source(path: str | Path) -> dict | None:
+    """`meta.json`'s `source` (written by `moedit convert`) of a checkpoint or run directory, if any."""
+    from moedit.train.checkpoint import latest_checkpoint
+
+    path = Path(path)
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        path = latest_checkpoint(path / "checkpoints") or path
+    meta = path / "meta.json" if path.is_dir() else None
+    if meta is None or not meta.is_file():
+        return None
+    return json.loads(meta.read_text()).get("source")
+
+
 def _device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise MoeditError("--device cuda: CUDA is not available here; use --device cpu")
@@ -107,8 +144,10 @@ def _device(name: str) -> torch.device:
 
 def main(args: argparse.Namespace) -> int:
     from moedit.data import build_decoder, load_manifest
+    from moedit.data.manifest import manifest_path
     from moedit.diffusion import build_diffusion
     from moedit.diffusion.grid import save_grid
+    from moedit.models.flavors import describe
     from moedit.train.checkpoint import load_for_inference
 
     if args.num_samples < 1:
@@ -119,28 +158,30 @@ def main(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # label dropout is off in eval mode; this pins anything else random
     model, cfg = load_for_inference(args.checkpoint, use_ema=not args.raw, device=device)
     model.eval()
+    settings = sampling_settings(args, cfg)
+    if args.print_config:
+        print(json.dumps({"checkpoint": str(args.checkpoint), "architecture": describe(cfg.model),
+                          "sampling": settings, "source": checkpoint_source(args.checkpoint)}, indent=1))
+        return 0
     diffusion = build_diffusion(cfg.diffusion)
     generator = torch.Generator().manual_seed(args.seed)  # CPU: same numbers on any device
     num_classes = cfg.model.num_classes
     labels = parse_classes(args.classes, args.num_samples, num_classes, generator)
     shape = (args.num_samples, cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
     noise = torch.randn(shape, generator=generator)
-    settings = {"steps": args.steps, "sampler": args.sampler, "cfg_scale": args.cfg_scale,
-                "guidance_channels": args.guidance_channels}
     latents, records = generate(model, diffusion, noise=noise, labels=labels, batch_size=args.batch_size,
-                                generator=generator, null_label=num_classes or None, **settings)
-    decoder = build_decoder(load_manifest(cfg.data.path), vae_path=args.vae_path)
+                                generator=generator, null_label=num_classes or None, steps=settings["steps"],
+                                sampler=settings["sampler"], cfg_scale=settings["cfg_scale"],
+                                guidance_channels=settings["guidance_channels"],
+                                cfg_batching=settings["cfg_batching"])
+    decoder = build_decoder(load_manifest(manifest_path(cfg.data)), vae_path=args.vae_path)
     images = decoder(latents.to(device)).float().cpu()
     out = Path(args.out)
     nrow = args.nrow or max(1, math.ceil(math.sqrt(args.num_samples)))
     save_grid(images, out, nrow=nrow)
     summary = {
         "checkpoint": str(args.checkpoint), "weights": "raw" if args.raw else "ema", "seed": args.seed,
-        "objective": cfg.diffusion.objective,
-        "sampler": args.sampler or cfg.diffusion.default_sampler,
-        "steps": args.steps or cfg.diffusion.sample_steps,
-        "cfg_scale": cfg.diffusion.cfg_scale if args.cfg_scale is None else args.cfg_scale,
-        "num_samples": args.num_samples, "batch_size": args.batch_size,
+        **settings, "num_samples": args.num_samples,
         "classes": None if labels is None else labels.tolist(),
         "mean_capacity": _mean_capacity(records), "capacity_per_call": records,
     }
