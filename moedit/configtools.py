@@ -135,7 +135,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}': empty key")
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:  # safe_load refuses tags such as !!python/object: nothing is constructed
+        raise ConfigError(f"override '{text}': the value is not plain YAML ({str(exc).splitlines()[0]}); "
+                          "quote it if it is meant as a string") from None
     if isinstance(value, str):
         try:
             value = float(value) if any(c in value for c in "eE.") and value[0] in "+-.0123456789" else value
@@ -176,4 +180,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def dump_yaml(data: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(data), sort_keys=False))
+    """Write atomically (temp file + rename); a full disk is a named error, the old file stays whole."""
+    from moedit.train.rundir import write_text
+
+    write_text(path, yaml.safe_dump(to_dict(data), sort_keys=False), what="the config")

@@ -29,16 +29,11 @@ DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def load_weights(path: str | Path, use_ema: bool = True):
-    """(state dict, resolved Config) from a run directory, checkpoint directory or exported file."""
-    from safetensors.torch import load_file
+    """(state dict, resolved Config) from a run directory, checkpoint directory or exported file
+    (damaged or foreign files are named errors: `moedit.train.checkpoint.load_weights`)."""
+    from moedit.train.checkpoint import load_weights as _load
 
-    from moedit.train.checkpoint import _find_weights
-    from moedit.train.config import config_from_dict
-
-    location, cfg_dict = _find_weights(Path(path))
-    if location.is_file():
-        return load_file(str(location)), config_from_dict(cfg_dict)
-    return load_file(str(location / ("ema.safetensors" if use_ema else "model.safetensors"))), config_from_dict(cfg_dict)
+    return _load(path, use_ema)
 
 
 def _independent(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

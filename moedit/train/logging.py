@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from moedit.train.rundir import append_line, write_text
+
 
 class RunLogger:
     """Only rank 0 makes one; every method is cheap and safe to call each log interval."""
@@ -43,8 +45,7 @@ class RunLogger:
 
     def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, **metrics}
-        with self.metrics_path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        append_line(self.metrics_path, json.dumps(row), what="metrics")
         if self.writer is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
@@ -52,8 +53,7 @@ class RunLogger:
         self._show(step, metrics)
 
     def log_routing(self, step: int, stats: dict[str, Any]) -> None:
-        with self.routing_path.open("a") as fh:
-            fh.write(json.dumps({"step": step, "stats": stats}) + "\n")
+        append_line(self.routing_path, json.dumps({"step": step, "stats": stats}), what="routing statistics")
         if self.writer is None:
             return
         for layer in stats["layers"]:
@@ -102,10 +102,19 @@ class RunLogger:
 
 
 def _truncate_after(path: Path, step: int) -> None:
+    """Keep the lines of steps <= `step`. A line that does not parse (the half line of a process
+    killed mid-write) is dropped. The file is replaced atomically; a full disk is a named error."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] <= step:
+            kept.append(line)
+    write_text(path, "".join(line + "\n" for line in kept), what="log")
 
 
 def routing_heatmaps(stats: dict[str, Any]) -> dict[str, np.ndarray]:
