@@ -11,7 +11,8 @@ import pytest
 from moedit.configtools import ConfigError
 from moedit.engines.megatron.layout import Layout, resolve_layout
 from moedit.models import get_flavor
-from moedit.train.config import ParallelConfig, config_from_dict
+from moedit.engines.config import ParallelConfig
+from moedit.train.config import config_from_dict
 
 # DiffMoE-S-E16 with DiT-S's 6 heads (the flavor has the official 16): the cases below need a count TP=4 splits badly
 DIFFMOE_S = dataclasses.replace(get_flavor("DiffMoE-S-E16"), num_heads=6)  # D 384, depth 12, FFN 1536, T 256, E 16

@@ -170,7 +170,7 @@ def test_skipped_nonfinite_steps_discard_deepspeed_gradients(tmp_path, digits_di
 
 def test_generated_deepspeed_config_maps_moedit_fields():
     from moedit.engines.deepspeed import build_deepspeed_config
-    from moedit.train.config import DeepSpeedConfig
+    from moedit.engines.config import DeepSpeedConfig
 
     ds = DeepSpeedConfig(zero_stage=1, offload_optimizer=True, bf16=True,
                          extra={"zero_optimization": {"reduce_bucket_size": 1000}, "prescale_gradients": True})

@@ -27,30 +27,80 @@ def make_trainer(tmp_path, digits_dir, *overrides) -> Trainer:
 
 
 def poison(trainer: Trainer, at_steps: set[int]) -> None:
-    """Make the 'mse' term NaN at the given steps (0-based)."""
-    original = trainer.diffusion.training_losses
+    """Make the 'mse' term NaN at the given steps (0-based: `trainer.step` before the step)."""
+    original = trainer.diffusion.loss_from_output
 
-    def losses(model, x, y, generator=None):
-        terms = original(model, x, y, generator=generator)
+    def loss_from_output(out, *args):
+        terms = original(out, *args)
         if trainer.step in at_steps:
             terms["mse"] = terms["mse"] * float("nan")
-            terms["loss"] = terms["loss"] * float("nan")
         return terms
 
-    trainer.diffusion.training_losses = losses
+    trainer.diffusion.loss_from_output = loss_from_output
+
+
+def poison_batch(trainer: Trainer, at_steps: set[int]) -> None:
+    """Make the latents of the batch at the given steps (0-based) NaN: the forward itself sees NaN."""
+    original = trainer._next_batch
+
+    def next_batch():
+        x, y = original()
+        return (x * float("nan"), y) if trainer.step in at_steps else (x, y)
+
+    trainer._next_batch = next_batch
 
 
 def test_nonfinite_loss_stops_naming_step_and_term_after_debug_checkpoint(tmp_path, digits_dir):
     trainer = make_trainer(tmp_path, digits_dir)
     poison(trainer, {2})
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step 2 \(first bad term: 'mse'\)"):
+    # The third step (0-based 2) is "step 3", as the progress log counts.
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step 3 \(first bad term: 'mse'\)"):
         trainer.fit()
-    debug = tmp_path / "run" / "checkpoints" / "debug_step_0000002"
+    debug = tmp_path / "run" / "checkpoints" / "debug_step_0000003"
     assert (debug / "meta.json").is_file()
     # The debug checkpoint is never picked up by auto-resume.
     assert [p.name for _, p in list_checkpoints(tmp_path / "run" / "checkpoints")] == []
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def _buffers(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.named_buffers()}
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_nan_batch_leaves_thresholds_and_statistics_as_before_the_step(policy, tmp_path, digits_dir):
+    """A NaN batch updates the DiffMoE thresholds and routing statistics inside the forward; the
+    trainer must restore them when the step is skipped, and the debug checkpoint must hold the
+    state before the bad step."""
+    from safetensors.torch import load_file
+
+    trainer = make_trainer(tmp_path, digits_dir, f"train.on_nonfinite={policy}", "train.steps=4")
+    assert trainer.model.threshold_buffers()
+    poison_batch(trainer, {2})
+    seen = {}
+    step_fn = trainer.train_step
+
+    def recording_step():
+        seen[trainer.step] = _buffers(trainer)
+        return step_fn()
+
+    trainer.train_step = recording_step
+    if policy == "stop":
+        with pytest.raises(NonFiniteLoss, match="step 3"):
+            trainer.fit()
+        state = load_file(tmp_path / "run" / "checkpoints" / "debug_step_0000003" / "model.safetensors")
+        thresholds = {k: v for k, v in state.items() if k.endswith("expert_threshold")}
+        assert thresholds and all(torch.equal(v, seen[2][k]) for k, v in thresholds.items())
+        return
+    assert trainer.fit() == 0 and trainer.skipped_steps == 1
+    after_skip = seen[3]
+    for name, value in seen[2].items():
+        assert torch.equal(after_skip[name], value), name  # statistics included: the log skips the step too
+    for name, value in _buffers(trainer).items():
+        assert torch.isfinite(value.double()).all(), name
+    ema = load_file(tmp_path / "run" / "checkpoints" / "step_0000004" / "ema.safetensors")
+    assert all(torch.isfinite(v.double()).all() for v in ema.values())
 
 
 def test_skip_policy_skips_and_counts_without_touching_weights(tmp_path, digits_dir):

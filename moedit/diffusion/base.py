@@ -37,9 +37,24 @@ class DiffusionObjective:
     def draw_t(self, batch: int, generator: torch.Generator | None, like: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def loss_terms(self, model: ModelFn, x: Tensor, y: Tensor | None, t: Tensor, noise: Tensor) -> dict[str, Tensor]:
-        """Per-sample objective terms, each (B,), for given t and noise."""
+    def model_inputs(self, x: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_t, t as the model receives it) for data x, noise and t (B,)."""
         raise NotImplementedError
+
+    def loss_from_output(self, out: Tensor, x: Tensor, noise: Tensor, t: Tensor, x_t: Tensor) -> dict[str, Tensor]:
+        """Per-sample objective terms, each (B,), from the model's output on `model_inputs`."""
+        raise NotImplementedError
+
+    def term_names(self, learn_sigma: bool) -> tuple[str, ...]:
+        """Names of the terms `loss_from_output` returns (learn_sigma: the model predicts a variance)."""
+        raise NotImplementedError
+
+    def loss_terms(self, model: ModelFn, x: Tensor, y: Tensor | None, t: Tensor, noise: Tensor) -> dict[str, Tensor]:
+        """Per-sample objective terms, each (B,), for given t and noise: `model_inputs`, the model,
+        then `loss_from_output`. Engines that run the model themselves (a pipeline schedule) call
+        the two halves."""
+        x_t, t_model = self.model_inputs(x, noise, t)
+        return self.loss_from_output(model(x_t, t_model, y), x, noise, t, x_t)
 
     def noise_level(self, t: Tensor) -> Tensor:
         """Model time -> noise level in [0, 1], 1 = pure noise."""

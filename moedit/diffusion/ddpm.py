@@ -184,9 +184,13 @@ class GaussianDiffusion(DiffusionObjective):
         nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)) / math.log(2.0)
         return torch.where(k.to(x0.device) == 0, nll, kl)
 
-    def loss_terms(self, model: ModelFn, x: Tensor, y: Tensor | None, t: Tensor, noise: Tensor) -> dict[str, Tensor]:
-        x_t = self.q_sample(x, t, noise)
-        out = model(x_t, t.to(x.dtype), y)
+    def model_inputs(self, x: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return self.q_sample(x, t, noise), t.to(x.dtype)
+
+    def term_names(self, learn_sigma: bool) -> tuple[str, ...]:
+        return ("mse", "vb") if learn_sigma else ("mse",)
+
+    def loss_from_output(self, out: Tensor, x: Tensor, noise: Tensor, t: Tensor, x_t: Tensor) -> dict[str, Tensor]:
         eps, v = self.split_output(out, x)
         terms = {"mse": mean_flat((noise - eps) ** 2)}  # (B,)
         if v is not None:

@@ -49,10 +49,17 @@ class RectifiedFlow(DiffusionObjective):
                              "rectified flow predicts a velocity with the data's channels (model.learn_sigma = false)")
         return out
 
-    def loss_terms(self, model: ModelFn, x: Tensor, y: Tensor | None, t: Tensor, noise: Tensor) -> dict[str, Tensor]:
-        x_t = self.interpolate(x, noise, t)
-        v = self.velocity(model, x_t, t, y)
-        return {"mse": mean_flat((v - (x - noise)) ** 2)}  # (B,)
+    def model_inputs(self, x: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return self.interpolate(x, noise, t), t
+
+    def loss_from_output(self, out: Tensor, x: Tensor, noise: Tensor, t: Tensor, x_t: Tensor) -> dict[str, Tensor]:
+        if out.shape != x.shape:
+            raise ValueError(f"flow model output has shape {tuple(out.shape)}, the input {tuple(x.shape)}: "
+                             "rectified flow predicts a velocity with the data's channels (model.learn_sigma = false)")
+        return {"mse": mean_flat((out - (x - noise)) ** 2)}  # (B,)
+
+    def term_names(self, learn_sigma: bool) -> tuple[str, ...]:
+        return ("mse",)
 
     def samplers(self):
         return {"euler": self._euler, "heun": self._heun, "euler_maruyama": self._euler_maruyama}

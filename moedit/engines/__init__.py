@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from moedit.engines.base import DistEnv, Engine
+from moedit.engines.base import DistEnv, Engine, reduce_routing_stats
 from moedit.errors import MoeditError
 
 
@@ -74,7 +74,7 @@ def build_engine(parallel_cfg, device_preference: str = "auto", environ=None, de
         from moedit.engines.deepspeed import DeepSpeedEngine
 
         if deepspeed_cfg is None:
-            from moedit.train.config import DeepSpeedConfig
+            from moedit.engines.config import DeepSpeedConfig
 
             deepspeed_cfg = DeepSpeedConfig()
         return DeepSpeedEngine(env, device, _backend(parallel_cfg.backend, device), deepspeed_cfg)
@@ -83,7 +83,7 @@ def build_engine(parallel_cfg, device_preference: str = "auto", environ=None, de
             from moedit.engines.megatron.engine import MegatronEngine
         except ImportError as exc:
             raise MoeditError(f"parallel.engine = megatron needs megatron-core ({exc}); install moedit[megatron]")
-        return MegatronEngine(env, device, _backend(parallel_cfg.backend, device))
+        return MegatronEngine(env, device, _backend(parallel_cfg.backend, device), parallel_cfg)
     raise MoeditError(f"parallel.engine = {name}: not available (choose auto, local, ddp, deepspeed or megatron)")
 
 
@@ -93,17 +93,6 @@ def _backend(backend: str, device: torch.device) -> str:
     if backend == "nccl" and device.type != "cuda":
         raise MoeditError("parallel.backend = nccl needs CUDA; use gloo on CPU")
     return backend
-
-
-def reduce_routing_stats(model, engine: Engine) -> None:
-    """Sum every routing-statistics buffer over all ranks, in place: the one reduction point.
-
-    Call it on every rank at the same step. Afterwards each rank holds the global sums and
-    `moedit.models.stats.snapshot_routing_stats` reports them.
-    """
-    from moedit.models.stats import routing_stat_tensors
-
-    engine.all_reduce_sum_(list(routing_stat_tensors(model)))
 
 
 __all__ = ["DistEnv", "Engine", "build_engine", "read_dist_env", "reduce_routing_stats"]

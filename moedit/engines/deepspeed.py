@@ -171,24 +171,28 @@ class DeepSpeedEngine(DDPEngine):
         return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
     # --- checkpoints --------------------------------------------------------------------------
-    def save_training_state(self, directory: Path, wrapped, optimizer):
+    def save_training_state(self, directory: Path):
         # Collective: rank 0 writes the module states, every rank its optimizer shard.
-        wrapped.save_checkpoint(str(directory / CHECKPOINT_DIR), tag=CHECKPOINT_TAG, save_latest=False)
+        self.wrapped.save_checkpoint(str(directory / CHECKPOINT_DIR), tag=CHECKPOINT_TAG, save_latest=False)
         return {}, [CHECKPOINT_DIR]
 
-    def load_training_state(self, ckpt: Path, blob, model, wrapped, optimizer):
+    def load_training_state(self, ckpt: Path, blob):
+        if blob["meta"].get("imported"):
+            return super().load_training_state(ckpt, blob)  # weights only
+        self.check_world(ckpt, blob)
         if not (ckpt / CHECKPOINT_DIR / CHECKPOINT_TAG).is_dir():
             engine = blob["meta"].get("engine", "another")
             raise MoeditError(
                 f"{ckpt}: written by the {engine} engine, without DeepSpeed's sharded optimizer state; resume it "
                 f"with parallel.engine={engine} (or train.resume=never to start fresh)"
             )
-        path, _ = wrapped.load_checkpoint(
+        path, _ = self.wrapped.load_checkpoint(
             str(ckpt / CHECKPOINT_DIR), tag=CHECKPOINT_TAG, load_optimizer_states=True,
             load_lr_scheduler_states=False,
         )
         if path is None:
             raise MoeditError(f"{ckpt}: DeepSpeed could not load its checkpoint under {CHECKPOINT_DIR}/")
+        self.ema.load_state_dict(blob["ema"])
 
     def shutdown(self):
         self.ds_engine = None

@@ -148,7 +148,7 @@ def check_args(args) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from moedit.engines import build_engine
-    from moedit.train.config import ParallelConfig
+    from moedit.engines.config import ParallelConfig
 
     check_args(args)
     out_dir, run, step = locate(args.checkpoint, args.out_dir)

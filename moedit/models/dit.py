@@ -55,7 +55,7 @@ class DiT(nn.Module):
         self.grid = cfg.input_size // p
         self.x_embedder = PatchEmbed(p, cfg.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
-        self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob) if cfg.num_classes else None
+        self.y_embedder = LabelEmbedder(cfg.num_classes, D) if cfg.num_classes else None
         # A frozen parameter (not a buffer), as in DiT: it is part of the published parameter count.
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, D), requires_grad=False)
         edges = cfg.moe.noise_bin_edges() if cfg.moe else [0.0, 1.0]
@@ -124,7 +124,7 @@ class DiT(nn.Module):
             if y is None:
                 raise ValueError("model: class labels y are required (num_classes > 0); pass num_classes "
                                  "for the null class")
-            labels = self.y_embedder.drop_labels(y)
+            labels = y  # label dropout for guidance is drawn by the trainer (the null class num_classes)
             c = c + self.y_embedder(labels)
         ctx = None
         if self.cfg.moe is not None:

@@ -72,19 +72,13 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class label -> D; row `num_classes` is the null class used for CFG and label dropout."""
+    """Class label -> D; row `num_classes` is the null class used for CFG and label dropout (the
+    trainer draws the dropout: moedit.train.trainer)."""
 
-    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+    def __init__(self, num_classes: int, hidden_size: int):
         super().__init__()
         self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
-
-    def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.dropout_prob > 0):
-            return y
-        drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
-        return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.embedding_table(y)  # (B, D)

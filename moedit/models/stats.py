@@ -24,6 +24,16 @@ def routing_stat_tensors(model: nn.Module) -> list[torch.Tensor]:
     return [b for layer in _moe_layers(model) for b in layer.stat_buffers()]
 
 
+def mutable_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """Buffers a training forward updates in place: routing statistics, DiffMoE thresholds and
+    aux-loss-free biases (the trainer restores them when it skips a non-finite step)."""
+    owned = {id(t): t for t in routing_stat_tensors(model)}
+    for name, buffer in model.named_buffers():
+        if name.rsplit(".", 1)[-1] in ("expert_threshold", "expert_bias"):
+            owned.setdefault(id(buffer), buffer)
+    return list(owned.values())
+
+
 def reset_routing_stats(model: nn.Module) -> None:
     for layer in _moe_layers(model):
         layer.reset_stats()

@@ -25,10 +25,7 @@ def main(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
-    if cfg.parallel.engine == "megatron":
-        from moedit.engines.megatron.trainer import MegatronTrainer as Trainer
-    else:
-        from moedit.train.trainer import Trainer
+    from moedit.train.trainer import Trainer
 
     # Checks of the data against the config, on every rank and before anything is written
     # (the run directory included): a mistyped data.path or shards of other shapes are one line.

@@ -1,14 +1,24 @@
-"""The trainer: a class of small methods around one `forward_backward_step`.
+"""The training loop, the one every engine runs (local, ddp, deepspeed, megatron).
 
-Determinism: every micro-batch seeds its own noise and label dropout from
-(seed, step, global micro-batch index), where the global index of micro-batch `a` on rank `r`
-is `a * world_size + r`. So a run resumed from a checkpoint, or a run on N ranks against one
-rank accumulating N micro-batches, sees the same noise for the same samples.
+A step: the micro-batches with their noise, t and label dropout; `engine.forward_backward` over
+them with the objective split in two (`diffusion.model_inputs` before the model,
+`diffusion.loss_from_output` after it, so a pipeline schedule can run the model itself);
+`engine.optimizer_step`, the DiffMoE thresholds averaged over replicas, `engine.update_ema`.
+The engine interface is moedit/engines/base.py.
+
+Logged loss terms mean the same on every engine: `loss/<term>` is each objective and auxiliary
+term unweighted, `loss` their weighted sum (objective terms weight 1, auxiliary terms their
+`moe.*_coef`), both averaged over the interval's accepted steps and the data-parallel replicas.
+
+Determinism: every micro-batch seeds its noise, t and label dropout from (seed, step, global
+micro-batch index), where the global index of micro-batch `a` on data-parallel rank `r` is
+`a * replicas + r`. So a run resumed from a checkpoint, a run on N ranks, one rank accumulating N
+micro-batches, and every tensor-parallel or pipeline peer of a replica draw the same numbers for
+the same samples.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -20,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from moedit.engines import build_engine, reduce_routing_stats
+from moedit.engines import build_engine
 from moedit.errors import MoeditError
 from moedit.train.checkpoint import CheckpointWriter, load_checkpoint, resolve_resume
 from moedit.train.config import Config
@@ -33,6 +43,9 @@ class NonFiniteLoss(MoeditError):
 
 
 class Trainer:
+    """The training loop of every engine: the engine builds and steps the model, the trainer owns
+    the data, the objective, the schedule, logging, samples, checkpoints and signals."""
+
     def __init__(self, cfg: Config, engine=None):
         self.cfg = cfg
         self.engine = engine or build_engine(cfg.parallel, cfg.train.device, deepspeed_cfg=cfg.deepspeed)
@@ -40,49 +53,37 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.step = 0
         self.skipped_steps = 0
+        self.logger = None
         self._stop_signal: int | None = None
-        self._interval: dict[str, torch.Tensor] = {}  # loss-term sums on the device: no sync per step
+        self._interval_sum: torch.Tensor | None = None  # loss terms, loss, grad norm: summed on the device
         self._interval_steps = 0
         self._data_wait = 0.0
         self._last_log_time = time.time()
 
     # --- setup ----------------------------------------------------------------------------
     def setup(self) -> "Trainer":
-        cfg = self.cfg
+        cfg, engine = self.cfg, self.engine
         self._check_run_dir()
-        self.world = self.engine.world_size
-        micro = cfg.train.micro_batch_size or cfg.train.global_batch_size // self.world
-        if micro < 1 or cfg.train.global_batch_size % (micro * self.world):
-            raise MoeditError(
-                f"train.global_batch_size = {cfg.train.global_batch_size} is not a multiple of "
-                f"micro_batch_size ({micro}) x world size ({self.world})"
-            )
-        self.micro_batch = micro
-        self.accum_steps = cfg.train.global_batch_size // (micro * self.world)
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.model = self.build_model().to(self.device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.wrapped, self.optimizer = self.engine.prepare(
-            self.model, self.build_optimizer(), micro_batch_size=micro, accum_steps=self.accum_steps,
-            grad_clip=cfg.optim.grad_clip, autocast_bf16=self._uses_bf16_autocast(),
-        )
-        if cfg.train.compile:
-            self.wrapped = torch.compile(self.wrapped)
+        self.micro_batch, self.accum_steps = engine.plan(cfg.model, cfg.train.global_batch_size,
+                                                         cfg.train.micro_batch_size, cfg.train.seed)
+        self.world = engine.data_world  # data-parallel replicas: what the loader and the loss means count
         self.diffusion = self.build_diffusion()
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and in every layout
+        engine.build(self.build_model, cfg.model, cfg.optim, micro_batch_size=self.micro_batch,
+                     accum_steps=self.accum_steps, autocast_bf16=self._uses_bf16_autocast(),
+                     precision=cfg.train.precision, compile=cfg.train.compile)
+        self.model = engine.model
         self.data = self.build_data()
-        self._ema_pairs = self._ema_tensor_pairs()
-        return self._finish_setup()
+        self._init_terms()
+        self._generator = torch.Generator(device=self.device)
+        from moedit.models.stats import mutable_buffers
 
-    def _finish_setup(self) -> "Trainer":
-        """The end of every engine's setup: checkpoint writer, resume, and on the main rank the
-        resolved config, model info and the run logger."""
-        cfg = self.cfg
+        self._mutable = mutable_buffers(self.model)
         self.writer = CheckpointWriter(
-            self.run_dir / "checkpoints", self.engine, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every
+            self.run_dir / "checkpoints", engine, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every
         )
         self.resume()
-        self.logger = None
-        if self.engine.is_main:
+        if engine.is_main:
             from moedit.train.config import dump_config
             from moedit.train.logging import RunLogger
 
@@ -92,6 +93,17 @@ class Trainer:
                 self.run_dir, cfg.train.steps, self.step, cfg.logging.tensorboard, cfg.logging.progress
             )
         return self
+
+    def _init_terms(self) -> None:
+        """The loss terms every rank logs, in a fixed order, and their weights in `loss`: the
+        objective's (weight 1) then the MoE layers' auxiliary terms (their coefficients)."""
+        from moedit.models.routers import AUX_COEF_FIELDS, aux_terms
+
+        m = self.cfg.model
+        self.term_coefs = {name: 1.0 for name in self.diffusion.term_names(m.learn_sigma)}
+        for name in aux_terms(m.moe) if m.moe is not None else ():
+            self.term_coefs[name] = float(getattr(m.moe, AUX_COEF_FIELDS[name]))
+        self.term_names = list(self.term_coefs)
 
     def _check_run_dir(self) -> None:
         try:
@@ -103,17 +115,12 @@ class Trainer:
             raise MoeditError(f"train.run_dir = {self.run_dir}: not writable ({exc.strerror}); choose another directory")
 
     def build_model(self) -> torch.nn.Module:
+        """The single-device model (engines shard or wrap it)."""
         from moedit.models import build_model
 
         model = build_model(self.cfg.model)
         model.set_time_convention(self.cfg.diffusion.objective, self.cfg.diffusion.num_timesteps)
         return model
-
-    def build_optimizer(self) -> torch.optim.Optimizer:
-        o = self.cfg.optim
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        fused = self.device.type == "cuda"
-        return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, fused=fused)
 
     def build_diffusion(self):
         from moedit.diffusion import build_diffusion
@@ -127,51 +134,31 @@ class Trainer:
         return build_loader(
             self.cfg.data,
             batch_size=self.micro_batch * self.accum_steps,
-            rank=self.engine.rank,
+            rank=self.engine.data_rank,
             world_size=self.world,
             seed=self.cfg.train.seed,
         )
 
-    def _ema_tensor_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(ema, live) pairs: every parameter and every floating state buffer except statistics."""
-        from moedit.models.stats import routing_stat_tensors
-
-        stats = {id(t) for t in routing_stat_tensors(self.model)}
-        pairs = list(zip(self.ema.parameters(), self.model.parameters()))
-        for (name, eb), (_, mb) in zip(self.ema.named_buffers(), self.model.named_buffers()):
-            if mb.is_floating_point() and id(mb) not in stats:
-                pairs.append((eb, mb))
-        return pairs
-
     # --- resume and checkpoints ---------------------------------------------------------------
     def resume(self) -> None:
+        self._data_iter = None
         ckpt = resolve_resume(self.cfg.train.resume, self.run_dir)
         if ckpt is None:
-            self._data_iter = None
             return
         blob = load_checkpoint(ckpt, self.engine.rank)
+        self.engine.load_training_state(ckpt, blob)
         if blob["meta"].get("imported"):
             # A converted or upcycled checkpoint (moedit convert / upcycle): weights only. Training
             # starts at step 0 with a fresh optimizer and data order.
-            self.model.load_state_dict(blob["model"])
-            self.ema.load_state_dict(blob["ema"])
-            self._data_iter = None
             if self.engine.is_main:
                 print(f"initialised from imported weights {ckpt}", flush=True)
             return
-        if blob["meta"]["world_size"] != self.world:
-            raise MoeditError(
-                f"{ckpt}: saved with {blob['meta']['world_size']} data-parallel ranks, resumed with {self.world}; "
-                "exact data resume needs the same world size"
-            )
-        self.engine.load_training_state(ckpt, blob, self.model, self.wrapped, self.optimizer)
-        self.ema.load_state_dict(blob["ema"])
         state = blob["state"]
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        if blob["rank"] is not None:
-            self.data.load_state_dict(blob["rank"]["data"])
-        self._data_iter = None
+        data_state = self.engine.data_state(ckpt, blob)
+        if data_state is not None:
+            self.data.load_state_dict(data_state)
         if self.engine.is_main:
             print(f"resumed from {ckpt} at step {self.step}", flush=True)
 
@@ -182,14 +169,10 @@ class Trainer:
 
         text = yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
         trainer_state = {"step": self.step, "skipped_steps": self.skipped_steps}
-        rank_state = {"data": self.data.state_dict()}
-
-        def engine_state(directory: Path):
-            return self.engine.save_training_state(directory, self.wrapped, self.optimizer)
-
-        with self.engine.gathered_parameters(self.model):  # collective under ZeRO-3; a no-op otherwise
-            return self.writer.save(self.step, self.model, self.ema, trainer_state, rank_state, text, name=name,
-                                    engine_state=engine_state)
+        rank_state = {"data": self.data.state_dict(), **self.engine.rank_state()}
+        with self.engine.canonical_modules() as (live, ema):  # collective (ZeRO-3, Megatron gathers)
+            return self.writer.save(self.step, live, ema, trainer_state, rank_state, text, name=name,
+                                    engine_state=self.engine.save_training_state)
 
     # --- the loop -------------------------------------------------------------------------
     def fit(self) -> int:
@@ -226,83 +209,91 @@ class Trainer:
     def train_step(self) -> bool:
         """One optimizer step over `accum_steps` micro-batches. Returns True if a signal asks to stop."""
         self._set_lr()
-        self.optimizer.zero_grad(set_to_none=True)
-        terms_sum: dict[str, torch.Tensor] = {}
+        self.engine.zero_grad()
+        batches = self._micro_batches()
+        # State a forward updates in place (DiffMoE thresholds, aux-free biases, routing statistics):
+        # restored if the step turns out non-finite, so a skipped step leaves no trace.
+        before = [b.clone() for b in self._mutable]
+        sums = self.engine.forward_backward(batches, self._forward, self._objective)
+        zero = torch.zeros((), device=self.device)
+        terms = {k: sums.get(k, zero) for k in self.term_names}  # absent: computed on another stage
+        terms["loss"] = sum(c * terms[k] for k, c in self.term_coefs.items() if c != 0.0)
+        return self._finish_step(terms, before)
+
+    def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the step, each with its noise, t and label dropout drawn from
+        (seed, step, global micro-batch index), the same numbers on every engine and layout."""
+        cfg = self.cfg
         x_all, y_all = self._next_batch()  # this rank's share of the step: micro_batch x accum_steps
+        drop = cfg.model.class_dropout_prob if cfg.model.num_classes else 0.0
+        gen, out = self._generator, []
         for a in range(self.accum_steps):
             # Micro-batch a takes samples a::accum_steps, just as rank r of a data-parallel run with
             # data.split=sample takes r::world_size: one rank accumulating N micro-batches then sees
-            # the same micro-batches (and, through global_micro, the same noise) as N ranks.
-            x, y = x_all[a :: self.accum_steps], y_all[a :: self.accum_steps]
-            last = a == self.accum_steps - 1
-            with self.engine.accumulation_context(self.wrapped, last):
-                terms = self.forward_backward_step(x, y, global_micro=a * self.world + self.engine.rank)
-            for k, v in terms.items():
-                terms_sum[k] = terms_sum.get(k, 0) + v / self.accum_steps
-        return self._finish_step(terms_sum)
+            # the same micro-batches (and, through the index, the same noise) as N ranks.
+            x = x_all[a :: self.accum_steps].to(self.device, non_blocking=True)
+            y = y_all[a :: self.accum_steps].to(self.device, non_blocking=True)
+            gen.manual_seed(_mix(cfg.train.seed, self.step, a * self.world + self.engine.data_rank) ^ 0x5EED)
+            t = self.diffusion.draw_t(x.shape[0], gen, x)
+            noise = torch.randn(x.shape, generator=gen, device=self.device, dtype=x.dtype)
+            if drop > 0:  # classifier-free guidance's label dropout: the null class num_classes
+                dropped = torch.rand(y.shape[0], generator=gen, device=self.device) < drop
+                y = torch.where(dropped, torch.full_like(y, cfg.model.num_classes), y)
+            out.append({"x": x, "y": y, "t": t, "noise": noise})
+        return out
 
-    def _finish_step(self, terms_sum: dict[str, torch.Tensor]) -> bool:
-        """After the step's backward (every engine): skip it on a non-finite loss term on any rank,
-        else step the optimizer; count the step and add its terms to the log interval. Returns
-        whether a stop signal arrived on any rank."""
+    def _forward(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x_t, t_model = self.diffusion.model_inputs(batch["x"], batch["noise"], batch["t"])
+        batch["x_t"] = x_t
+        with self._autocast(self.engine.forward_autocast):
+            return module(x_t, t=t_model, y=batch["y"])  # t, y by keyword: Megatron's bf16 wrapper casts positionals
+
+    def _objective(self, out: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        terms = self.diffusion.loss_from_output(out.float(), batch["x"], batch["noise"], batch["t"], batch["x_t"])
+        return {k: v.mean() for k, v in terms.items()}
+
+    def _finish_step(self, terms: dict[str, torch.Tensor], before: list[torch.Tensor]) -> bool:
+        """After the step's backward: skip it on a non-finite loss term on any rank, else step the
+        optimizer; count the step and add its terms to the log interval. Returns whether a stop
+        signal arrived on any rank."""
         # Name a component term before the total, which is non-finite whenever one of them is.
-        order = [k for k in terms_sum if k != "loss"] + ["loss"]
-        bad_term = next((k for k in order if not torch.isfinite(terms_sum[k])), None)
+        bad_term = next((k for k in [*self.term_names, "loss"] if not torch.isfinite(terms[k])), None)
         flags = torch.tensor([float(bad_term is not None), float(self._stop_signal is not None)], device=self.device)
         self.engine.all_reduce_max_([flags])  # one sync per step: every rank agrees to skip or stop
         nonfinite, stop = (bool(f) for f in flags.tolist())
-        if nonfinite:
-            self._handle_nonfinite(bad_term)
-        else:
-            terms_sum["grad_norm"] = self.optimizer_step()
         self.step += 1
-        if not nonfinite:
-            for k, v in terms_sum.items():
-                self._interval[k] = self._interval.get(k, 0.0) + v.double()
-            self._interval_steps += 1
+        if nonfinite:
+            torch._foreach_copy_(self._mutable, before)
+            self._handle_nonfinite(bad_term)
+            return stop
+        grad_norm = self.optimizer_step()
+        values = torch.stack([terms[k] for k in [*self.term_names, "loss"]] + [grad_norm.reshape(())]).double()
+        self._interval_sum = values if self._interval_sum is None else self._interval_sum + values
+        self._interval_steps += 1
         return stop
 
-    def forward_backward_step(self, x: torch.Tensor, y: torch.Tensor, global_micro: int) -> dict[str, torch.Tensor]:
-        """Loss terms of one micro-batch (detached), after backward of its share of the step's loss."""
-        seed = _mix(self.cfg.train.seed, self.step, global_micro)
-        torch.manual_seed(seed)  # label dropout inside the model
-        gen = torch.Generator(device=self.device).manual_seed(seed ^ 0x5EED)
-        x = x.to(self.device, non_blocking=True)
-        y = y.to(self.device, non_blocking=True)
-        with self._autocast():
-            terms = self.diffusion.training_losses(self.wrapped, x, y, generator=gen)
-        self.engine.backward(terms["loss"], self.wrapped, self.accum_steps)
-        return {k: v.detach().float() for k, v in terms.items()}
-
     def optimizer_step(self) -> torch.Tensor:
-        grad_norm = self.engine.step(self.wrapped, self.optimizer, self.model, self.cfg.optim.grad_clip)
+        grad_norm = self.engine.optimizer_step(self.cfg.optim.grad_clip)
         thresholds = self.model.threshold_buffers()
         if thresholds:
             self.engine.average_data_parallel_(thresholds)
-        self.update_ema()
-        return grad_norm.detach().float()
-
-    @torch.no_grad()
-    def update_ema(self) -> None:
-        decay = self.cfg.train.ema_decay
-        ema, live = zip(*self._ema_pairs)
-        # bf16 live weights (deepspeed.bf16) feed an fp32 EMA; ZeRO-3 shards are gathered first.
-        with self.engine.gathered_parameters(self.model):
-            live = [t if t.dtype == e.dtype else t.to(e.dtype) for e, t in zip(ema, live)]
-            torch._foreach_lerp_(list(ema), live, 1.0 - decay)
+        self.engine.update_ema(self.cfg.train.ema_decay)
+        return grad_norm.to(self.device)
 
     def _handle_nonfinite(self, bad_term: str | None) -> None:
-        self.engine.discard_gradients(self.wrapped, self.optimizer)
+        """Step `self.step` (counted from 1, as in the progress log) was non-finite on some rank. It
+        still counts as a step (its batch is consumed), but changed nothing."""
+        self.engine.discard_step()
+        where = bad_term or "on another rank"
         if self.cfg.train.on_nonfinite == "skip" and self.skipped_steps < self.cfg.train.max_skipped_steps:
             self.skipped_steps += 1
             if self.engine.is_main:
-                print(f"step {self.step}: non-finite loss term '{bad_term}', step skipped ({self.skipped_steps})", flush=True)
+                print(f"step {self.step}: non-finite loss term '{where}', step skipped "
+                      f"({self.skipped_steps} of at most {self.cfg.train.max_skipped_steps})", flush=True)
             return
         path = self.save_checkpoint(name=f"debug_step_{self.step:07d}")
-        raise NonFiniteLoss(
-            f"non-finite loss at step {self.step} (first bad term: '{bad_term or 'on another rank'}'); "
-            f"debug checkpoint at {path}"
-        )
+        raise NonFiniteLoss(f"non-finite loss at step {self.step} (first bad term: '{where}'); debug checkpoint "
+                            f"(the weights before that step) at {path}")
 
     def _set_lr(self) -> None:
         o = self.cfg.optim
@@ -316,15 +307,15 @@ class Trainer:
         else:
             scale = 1.0
         self.lr = o.lr * scale
-        for group in self.optimizer.param_groups:
+        for group in self.engine.optimizer.param_groups:
             group["lr"] = self.lr
 
     def _uses_bf16_autocast(self) -> bool:
         precision = self.cfg.train.precision
         return precision == "bf16" or (precision == "auto" and (self.device.type == "cuda" or self.engine.weights_bf16))
 
-    def _autocast(self):
-        if self._uses_bf16_autocast():
+    def _autocast(self, enabled: bool = True):
+        if enabled and self._uses_bf16_autocast():
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
@@ -342,22 +333,25 @@ class Trainer:
 
     # --- logging and samples --------------------------------------------------------------
     def log_interval(self) -> None:
-        steps = max(self._interval_steps, 1)
-        names = sorted(self._interval)
-        # One device-to-host copy per log interval for all loss terms.
-        sums = torch.stack([self._interval[k] for k in names]).cpu().tolist() if names else []
-        values = torch.tensor(sums + [self._data_wait], dtype=torch.float64)
-        self.engine.all_reduce_sum_([values])
-        means = {k: float(v) / (steps * self.world) for k, v in zip(names, values.tolist())}
-        has_stats = bool(self.model.moe_layers()) if hasattr(self.model, "moe_layers") else False
-        if has_stats:
-            reduce_routing_stats(self.model, self.engine)
-        from moedit.models.stats import snapshot_routing_stats
-
+        """Reduce the interval's loss terms, data wait, threshold spread and routing statistics over
+        the ranks (collective) and log them on the main rank."""
+        names = [*self.term_names, "loss"]
+        steps = self._interval_steps
+        sums = self._interval_sum if self._interval_sum is not None else torch.zeros(len(names) + 1, dtype=torch.float64,
+                                                                                   device=self.device)
+        # One collective and one device-to-host copy per log interval for every loss term. Each term
+        # is held by `loss_copies` ranks of each replica (zeros elsewhere); the grad norm is global.
+        values = torch.cat([sums[:-1], torch.tensor([self._data_wait], dtype=torch.float64, device=self.device)])
+        self.engine.all_reduce_sum_world_([values])
+        values, grad_norm = values.tolist(), float(sums[-1])
+        means = {}
+        if steps:  # an interval of skipped steps only has no loss to report
+            copies = steps * self.world * self.engine.loss_copies
+            means = {k: v / copies for k, v in zip(names, values)}
+            means["grad_norm"] = grad_norm / steps
         spread = self._threshold_spread()
-
-        stats = snapshot_routing_stats(self.model, reset=True) if has_stats else None
-        self._write_interval(means, float(values[-1]), spread, stats)
+        stats = self.engine.routing_stats() if self.cfg.model.moe is not None else None
+        self._write_interval(means, values[-1], spread, stats)
 
     def _write_interval(self, means: dict[str, float], data_wait: float, spread: float | None,
                         stats: dict | None) -> None:
@@ -383,19 +377,24 @@ class Trainer:
                 every = self.cfg.logging.heatmaps_every or 10 * self.cfg.logging.log_every
                 if self.step % every == 0 or self.step == self.cfg.train.steps:
                     self.logger.log_heatmaps(self.step, stats)
-        self._interval.clear()
+        self._interval_sum = None
         self._interval_steps = 0
         self._data_wait = 0.0
 
     def _threshold_spread(self) -> float | None:
-        """Largest difference of a DiffMoE threshold between data-parallel ranks (0 when in sync)."""
-        thresholds = self.model.threshold_buffers()
-        if not thresholds or self.world == 1:
+        """Largest difference of a DiffMoE threshold between data-parallel replicas (0 when in sync)."""
+        m = self.cfg.model
+        if self.world == 1 or m.moe is None or m.moe.router != "diffmoe":
             return None
-        flat = torch.cat([t.detach().reshape(-1).double() for t in thresholds])
-        high, neg_low = flat.clone(), -flat
-        self.engine.all_reduce_max_([high, neg_low])
-        return float((high + neg_low).max())
+        spread = torch.zeros(1, dtype=torch.float64, device=self.device)
+        thresholds = self.model.threshold_buffers()  # none on a pipeline stage without MoE layers
+        if thresholds:
+            flat = torch.cat([t.detach().reshape(-1).double() for t in thresholds])
+            high, neg_low = flat.clone(), -flat
+            self.engine.all_reduce_max_replicas_([high, neg_low])
+            spread = (high + neg_low).max().reshape(1)
+        self.engine.all_reduce_max_([spread])  # over stages
+        return float(spread)
 
     def _throughput(self, images: int, elapsed: float) -> dict[str, float]:
         out = {"images_per_s": images / max(elapsed, 1e-9)}
@@ -409,8 +408,13 @@ class Trainer:
 
     @torch.no_grad()
     def write_samples(self) -> None:
-        if not self.engine.is_main or not self.cfg.train.num_sample_images:
+        if not self.cfg.train.num_sample_images:
             return
+        with self.engine.sampling_model() as ema:  # collective: Megatron assembles it on the main rank
+            if ema is not None:
+                self._sample_grid(ema)
+
+    def _sample_grid(self, ema: torch.nn.Module) -> None:
         from moedit.data import build_decoder, load_manifest
         from moedit.diffusion.grid import save_grid
 
@@ -421,7 +425,7 @@ class Trainer:
         labels = torch.arange(n, device=self.device) % m.num_classes
         steps = self.cfg.train.sample_steps or None
         with self._autocast():
-            latents = self.diffusion.sample(self.ema, noise, labels, steps=steps, generator=gen, null_label=m.num_classes)
+            latents = self.diffusion.sample(ema, noise, labels, steps=steps, generator=gen, null_label=m.num_classes)
         decoder = build_decoder(load_manifest(self.cfg.data.manifest or self.cfg.data.path))
         images = decoder(latents.float().cpu())
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
@@ -449,12 +453,9 @@ class Trainer:
             "train_gflops_per_image": 3 * flops.forward_gflops(m, convention="dit"),
             "tokens_per_image": (m.input_size // m.patch_size) ** 2,
             "num_experts": m.moe.num_experts if m.moe else 0,
-            "instantiated_params": self._instantiated_params(),
+            "instantiated_params": self.engine.instantiated_params(),
+            **self.engine.describe(),
         }
-
-    def _instantiated_params(self) -> int:
-        # Counted on the EMA copy, which no engine shards (ZeRO-3 empties the live parameters).
-        return sum(p.numel() for p in self.ema.parameters())
 
     # --- signals --------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:

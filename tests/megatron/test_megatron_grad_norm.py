@@ -44,7 +44,7 @@ def _grad_norms(tp, pp, ep, seed):
 
     from moedit.engines.megatron.convert import load_canonical
     from moedit.engines.megatron.model import build_megatron_model, transformer_config
-    from moedit.engines.megatron.trainer import global_grad_norm, owned_params
+    from moedit.engines.megatron.engine import global_grad_norm, owned_params
 
     init_model_parallel(tp=tp, pp=pp, ep=ep)
     cfg = _config("tiny-diffmoe")
@@ -68,7 +68,7 @@ def _grad_norms(tp, pp, ep, seed):
                                 num_microbatches=NUM_MICRO, seq_length=cfg.num_tokens, micro_batch_size=MICRO_BATCH,
                                 forward_only=False)
     finalize_model_grads([ddp])
-    # as MegatronTrainer.optimizer_step: the reduced float32 main_grad is the gradient it norms
+    # as MegatronEngine.optimizer_step: the reduced float32 main_grad is the gradient it norms
     norm = global_grad_norm([p.main_grad for p in owned_params(model)], torch.device("cpu"))
 
     # single-device reference: mean over replicas and micro-batches of loss + weighted aux losses

@@ -60,20 +60,20 @@ def test_megatron_optimizer_is_a_megatron_only_key():
     ("distributed", "fp32", "cuda", "distributed"),
 ])
 def test_optimizer_kind_resolution(choice, precision, device, expected):
-    from moedit.engines.megatron.trainer import MegatronTrainer
+    from moedit.engines.megatron.engine import MegatronEngine
 
     cfg = _cfg(parallel={"megatron_optimizer": choice}, train={"precision": precision})
-    stub = SimpleNamespace(cfg=cfg, device=torch.device(device))
-    assert MegatronTrainer._resolve_optimizer_kind(stub) == expected
+    stub = SimpleNamespace(parallel_cfg=cfg.parallel, device=torch.device(device))
+    assert MegatronEngine._resolve_optimizer_kind(stub) == expected
 
 
 def test_distributed_optimizer_without_cuda_at_run_time_names_the_key():
-    from moedit.engines.megatron.trainer import MegatronTrainer
+    from moedit.engines.megatron.engine import MegatronEngine
     from moedit.errors import MoeditError
 
     cfg = _cfg(parallel={"megatron_optimizer": "distributed"})  # train.device auto, resolved to the CPU
     with pytest.raises(MoeditError, match=r"parallel\.megatron_optimizer = distributed on cpu.*=torch"):
-        MegatronTrainer._resolve_optimizer_kind(SimpleNamespace(cfg=cfg, device=torch.device("cpu")))
+        MegatronEngine._resolve_optimizer_kind(SimpleNamespace(parallel_cfg=cfg.parallel, device=torch.device("cpu")))
 
 
 class _Net(torch.nn.Module):
@@ -120,14 +120,15 @@ def test_bf16_module_casts_parameters_and_keeps_float_buffers_exactly():
 
 def _train(rank, world_size, digits_dir, run_dir, steps):
     os.environ["MOEDIT_MEGATRON_CPU"] = "1"
-    from moedit.engines.megatron.trainer import MegatronTrainer
+    from moedit.train.trainer import Trainer
     from test_megatron_train import _config
 
     cfg = _config(digits_dir, run_dir, steps, depth=2, batch=4)
-    trainer = MegatronTrainer(cfg).setup()
-    first = {"step": trainer.step, "kind": trainer.optimizer_kind,
-             "weights": {k: v.clone() for k, v in trainer.canonical_state().items()},
-             "ema": {k: v.clone() for k, v in trainer.canonical_state(ema=True).items()}}
+    trainer = Trainer(cfg).setup()
+    engine = trainer.engine
+    first = {"step": trainer.step, "kind": engine.optimizer_kind,
+             "weights": {k: v.clone() for k, v in engine.canonical_state().items()},
+             "ema": {k: v.clone() for k, v in engine.canonical_state(ema=True).items()}}
     trainer.fit()
     return first
 
@@ -170,12 +171,12 @@ def _hooked_bf16_model():
 
 
 def test_ema_view_of_the_parameters_keeps_their_gradient_hooks():
-    from moedit.engines.megatron.trainer import MegatronTrainer
+    from moedit.engines.megatron.engine import MegatronEngine
 
     model, fired, _accumulators = _hooked_bf16_model()
     params = list(model.parameters())
     pairs = [(p.detach().float() + 0.123456789, p) for p in params]  # fp32 EMA, not representable in bf16
-    with MegatronTrainer._parameters_as_ema(SimpleNamespace(model=model, _ema_pairs=pairs)):
+    with MegatronEngine._parameters_as_ema(SimpleNamespace(model=model, _ema_pairs=pairs)):
         state = model.state_dict(keep_vars=True)
         assert all(state[k] is e for k, (e, _) in zip(("0.weight", "0.bias"), pairs))  # the fp32 tensors themselves
     assert list(model.parameters()) == params and all(p.dtype == torch.bfloat16 for p in params)

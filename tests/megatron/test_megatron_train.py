@@ -39,9 +39,9 @@ def _config(digits_dir, run_dir, steps=4, depth=4, batch=8, **parallel):
 
 def _train(rank, world_size, digits_dir, run_dir, steps, parallel):
     os.environ["MOEDIT_MEGATRON_CPU"] = "1"  # the harness has stubbed Megatron's CUDA calls
-    from moedit.engines.megatron.trainer import MegatronTrainer
+    from moedit.train.trainer import Trainer
 
-    trainer = MegatronTrainer(_config(digits_dir, run_dir, steps, **parallel)).setup()
+    trainer = Trainer(_config(digits_dir, run_dir, steps, **parallel)).setup()
     code = trainer.fit()
     thresholds = [t.clone() for t in trainer.model.threshold_buffers()]
     return {"code": code, "thresholds": thresholds, "step": trainer.step}
@@ -54,11 +54,11 @@ def _metrics(run_dir):
 def _load_outputs(rank, world_size, digits_dir, run_dir, ckpt, parallel):
     """Build the layout `parallel`, resume from `ckpt`'s weights and run one fixed batch."""
     os.environ["MOEDIT_MEGATRON_CPU"] = "1"
-    from moedit.engines.megatron.trainer import MegatronTrainer
+    from moedit.train.trainer import Trainer
 
     cfg = _config(digits_dir, run_dir, 1, **parallel)
     cfg.train.resume = str(ckpt)
-    trainer = MegatronTrainer(cfg).setup()
+    trainer = Trainer(cfg).setup()
     model = trainer.model.eval()
     g = torch.Generator().manual_seed(3)
     x, t, y = torch.randn(2, 1, 8, 8, generator=g), torch.rand(2, generator=g), torch.tensor([1, 7])
@@ -163,7 +163,7 @@ def test_pp2_training_loss_is_finite_and_thresholds_agree(tmp_path, digits_dir):
 def test_megatron_engine_on_cpu_is_refused_with_the_reason(monkeypatch):
     from moedit.engines import build_engine
     from moedit.errors import MoeditError
-    from moedit.train.config import ParallelConfig
+    from moedit.engines.config import ParallelConfig
 
     monkeypatch.delenv("MOEDIT_MEGATRON_CPU", raising=False)
     with pytest.raises(MoeditError, match="parallel.engine = megatron needs CUDA"):

@@ -384,7 +384,7 @@ class MegatronDiT(MegatronModule):
             self.pos_embed = nn.Parameter(sincos_2d(D, self.grid, self.grid).unsqueeze(0).to(dtype), requires_grad=False)
         # Conditioning on every stage (each computes c for its own layers)
         self.t_embedder = TimestepEmbedder(D).to(dtype)
-        self.y_embedder = LabelEmbedder(cfg.num_classes, D, 0.0).to(dtype) if cfg.num_classes else None
+        self.y_embedder = LabelEmbedder(cfg.num_classes, D).to(dtype) if cfg.num_classes else None
         shared = [self.t_embedder] + ([self.y_embedder] if self.y_embedder is not None else [])
         for m in shared:
             _mark(m, pipeline_parallel=True, sequence_parallel=config.sequence_parallel)
@@ -414,6 +414,15 @@ class MegatronDiT(MegatronModule):
 
     def threshold_buffers(self) -> list[torch.Tensor]:
         return [r.impl.expert_threshold for r in self.moe_layers() if isinstance(r.impl, DiffMoERouter)]
+
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """This stage's unweighted auxiliary terms of the latest forward, summed over its MoE layers
+        (detached: the loss gets their gradient through MoEAuxLossAutoScaler)."""
+        total: dict[str, torch.Tensor] = {}
+        for router in self.moe_layers():
+            for name, value in (getattr(router, "last_aux", None) or {}).items():
+                total[name] = total[name] + value if name in total else value
+        return total
 
     def set_time_convention(self, convention: str, num_timesteps: int = 1000) -> None:
         self.time_convention, self.num_timesteps = convention, int(num_timesteps)
