@@ -117,7 +117,10 @@ def probe(path: str | Path, edges, options: ProbeOptions, loaded=None) -> dict:
     result["samples"] = samples
     result.update(mode="trajectory" if options.trajectory else "noise_levels",
                   source=str(path), noise_levels=None if options.trajectory else options.noise_levels,
-                  sampling_steps=options.sampling_steps if options.trajectory else None)
+                  sampling_steps=options.sampling_steps if options.trajectory else None,
+                  # the routing pool of a guided trajectory: one call of 2B or two of B (docs/diffusion.md)
+                  batch_size=options.batch_size, cfg_scale=options.cfg_scale if options.trajectory else None,
+                  cfg_batching=cfg.diffusion.cfg_batching if options.trajectory and options.cfg_scale != 1.0 else None)
     if writer is not None:
         result["trace"] = str(writer.save(options.trace))
     return result

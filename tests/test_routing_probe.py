@@ -170,6 +170,20 @@ def test_probe_noise_levels_on_held_out_shards(tmp_path, objective):
     assert by_noise.sum(axis=1).nonzero()[0].tolist() == [2, 8]
 
 
+@pytest.mark.parametrize("batching,calls_per_step", [("joint", 1), ("separate", 2)])
+def test_guided_trajectory_records_its_guidance_batching(tmp_path, batching, calls_per_step):
+    """A DiffMoE pool differs between one 2B call and two B calls: the report says which ran."""
+    path = _tiny_run(tmp_path)
+    model, cfg = routing_probe.load_model(path, torch.device("cpu"))
+    cfg.diffusion.cfg_batching = batching
+    options = routing_probe.ProbeOptions(noise_levels=[0.5], trajectory=True, sampling_steps=2, num_samples=3,
+                                         batch_size=3, device="cpu", cfg_scale=2.0)
+    result = routing_probe.probe(path, [0.0, 1.0], options, loaded=(model, cfg))
+    assert (result["cfg_batching"], result["cfg_scale"], result["batch_size"]) == (batching, 2.0, 3)
+    assert result["forwards"] == 2 * calls_per_step
+    assert result["layers"][0]["tokens"] == 2 * 2 * 3 * 64  # steps x (cond + null) x images x tokens
+
+
 def test_dense_checkpoint_is_a_clear_error(tmp_path):
     path = _tiny_run(tmp_path, flavor="tiny-dense")
     options = routing_probe.ProbeOptions(noise_levels=[0.5], trajectory=True, sampling_steps=1,
