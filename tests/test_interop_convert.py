@@ -284,7 +284,7 @@ def test_saved_config_with_16_heads_refuses_a_model_with_6(tmp_path, moedit_cli,
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
     assert err.startswith(f"moedit convert: error: {ckpt}: its training config (saved args config -> ")
-    assert "says model.num_heads = 16, but --flavor DiffMoE-S-E16 with your --set gives 6." in err
+    assert "says model.num_heads = 16, but the model from --flavor DiffMoE-S-E16 (after any --config/--set) has 6." in err
     assert err.endswith("Pass --set model.num_heads=16")
 
 
@@ -295,9 +295,9 @@ def test_dit_train_args_name_the_matching_flavor(tmp_path):
     with pytest.raises(MoeditError) as info:
         convert_checkpoint(tmp_path / "s.pt", "dit", tmp_path / "o", flavor="Dense-DiT-S")
     message = str(info.value)
-    assert "(saved args model='DiT-S/2') says model.num_heads = 6, but --flavor Dense-DiT-S" in message
+    assert "(saved args model='DiT-S/2') says model.num_heads = 6, but the model from --flavor Dense-DiT-S" in message
     assert message.endswith("Pass --set model.num_heads=6, or --flavor DiT-S/2 (it matches the saved config)")
-    with pytest.raises(MoeditError, match=r"says model.input_size = 64, .* gives 32"):
+    with pytest.raises(MoeditError, match=r"says model.input_size = 64, .* has 32\."):
         torch.save({"model": {}, "ema": {}, "args": argparse.Namespace(model="DiT-S/2", image_size=512)},
                    tmp_path / "512.pt")
         convert_checkpoint(tmp_path / "512.pt", "dit", tmp_path / "p", flavor="DiT-S/2")
@@ -309,7 +309,7 @@ def test_convert_prints_the_architecture_and_checks_it_against_the_saved_config(
     ckpt = official_experiment(tmp_path, state, dict(TINY, num_heads=4))
     out = tmp_path / "c"
     assert moedit_cli(["convert", "--from", "diffmoe", str(ckpt), "--flavor", "tiny-diffmoe", "--out", str(out)]) == 2
-    assert "says model.num_heads = 4, but --flavor tiny-diffmoe with your --set gives 2." in capsys.readouterr().err
+    assert "says model.num_heads = 4, but the model from --flavor tiny-diffmoe (after any --config/--set) has 2." in capsys.readouterr().err
     assert moedit_cli(["convert", "--from", "diffmoe", str(ckpt), "--flavor", "tiny-diffmoe", "--out", str(out),
                        "--set", "model.num_heads=4"]) == 0
     printed = capsys.readouterr().out.splitlines()
