@@ -159,5 +159,5 @@ def check_architecture(model: ModelConfig, flavor: str, saved: dict[str, Any], w
     hint = f", or --flavor {match} (it matches the saved config)" if match and match != flavor else ""
     heads = " Heads leave no trace in the weights, so this would convert silently into a different model." \
         if "num_heads" in wrong else ""
-    raise MoeditError(f"{source}: its training config ({where}) says {says}, but --flavor {flavor} with your --set "
-                      f"gives {has}.{heads} Pass --set {sets}{hint}")
+    raise MoeditError(f"{source}: its training config ({where}) says {says}, but the model from --flavor {flavor} "
+                      f"(after any --config/--set) has {has}.{heads} Pass --set {sets}{hint}")
