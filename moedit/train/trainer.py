@@ -404,6 +404,8 @@ class Trainer:
             # model_info counts multiply-adds (DiT convention): 2 FLOPs each, 3x forward for training.
             flops = out["images_per_s"] * self.model_info["train_gflops_per_image"] * 1e9 * 2
             out["mfu"] = flops / (peak * self.engine.world_size)  # per GPU
+        if self.device.type == "cuda":  # the allocator's own counter: no device sync
+            out["mem/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return out
 
     @torch.no_grad()
