@@ -630,3 +630,48 @@ def test_is_disk_full_recognises_what_libraries_raise():
     assert not is_disk_full(RuntimeError("unexpected pos 640 vs 534"))
     with pytest.raises(MoeditError):  # every rundir error is a user error for the CLI
         raise DiskFullError("x")
+
+
+def test_several_ranks_resume_from_rank_0s_choice(tmp_path, capsys, monkeypatch):
+    """With the engine passed, rank 0 verifies and broadcasts; the other ranks neither hash nor warn
+    and take rank 0's checkpoint (or its error) even where their own view differs."""
+    run = tmp_path / "run"
+    w = writer(run / "checkpoints")
+    save(w, 4)
+    newest = save(w, 8)
+
+    class Rank(LocalEngine):
+        def __init__(self, rank, from_rank_0=None):
+            super().__init__(DistEnv(rank=rank, world_size=2), torch.device("cpu"))
+            self.from_rank_0 = from_rank_0
+            self.sent = None
+
+        def broadcast_object(self, obj):
+            self.sent = obj
+            return obj if self.rank == 0 else self.from_rank_0
+
+    (newest / "state.pt").write_bytes(b"damaged")
+    rank0 = Rank(0)
+    assert resolve_resume("auto", run, engine=rank0).name == "step_0000004"
+    assert "step_0000008" in capsys.readouterr().err
+    rank1 = Rank(1, from_rank_0=rank0.sent)
+    monkeypatch.setattr(ckpt_mod, "verify_checkpoint", lambda *a, **k: pytest.fail("rank 1 verified"))
+    assert resolve_resume("auto", run, engine=rank1).name == "step_0000004"
+    assert capsys.readouterr().err == ""
+    with pytest.raises(CheckpointError, match="every checkpoint"):
+        resolve_resume("auto", run, engine=Rank(1, from_rank_0=("error", "every checkpoint in x is damaged")))
+
+
+def test_release_unlocks_even_while_a_forked_child_holds_the_descriptor(tmp_path):
+    run = tmp_path / "run"
+    lock = RunDirLock.acquire(run)
+    pid = os.fork()
+    if pid == 0:  # a data-loader worker: inherits the open lock file, outlives the release
+        time.sleep(5)
+        os._exit(0)
+    try:
+        lock.release()
+        RunDirLock.acquire(run).release()
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)

@@ -182,10 +182,13 @@ class RunDirLock:
         fd, self._fd = self._fd, None
         try:
             os.ftruncate(fd, 0)
+            # Unlock explicitly: forked children (data-loader workers) share this open file, and
+            # closing only our descriptor would leave the lock held until they exit.
+            fcntl.flock(fd, fcntl.LOCK_UN)
         except OSError:
             pass
         finally:
-            os.close(fd)  # closing the last descriptor of the open file releases the flock
+            os.close(fd)
 
     def __enter__(self) -> "RunDirLock":
         return self
