@@ -321,6 +321,25 @@ def test_convert_prints_the_architecture_and_checks_it_against_the_saved_config(
     assert cfg.model.num_heads == 4 and model.blocks[0].attn.num_heads == 4
 
 
+def test_saved_config_contradictions_are_listed_and_unusable_configs_are_not_checked(tmp_path):
+    source_cfg = _tiny("tiny-diffmoe", learn_sigma=True)
+    state = to_official(random_model_state(source_cfg, 7), source_cfg, "diffmoe")
+    moe = dict(TINY["MoE_config"], num_experts=8, interleave="false")
+    ckpt = official_experiment(tmp_path / "a", state, dict(TINY, num_heads=4, MoE_config=moe))
+    with pytest.raises(MoeditError) as info:
+        convert_checkpoint(ckpt, "diffmoe", tmp_path / "o", flavor="tiny-diffmoe")
+    assert ("says model.num_heads = 4, moe.num_experts = 8, moe.every = 1, moe.first = 0, but the model from "
+            "--flavor tiny-diffmoe (after any --config/--set) has model.num_heads = 2, moe.num_experts = 4, moe.every = 2, "
+            "moe.first = 1.") in str(info.value)
+    assert str(info.value).endswith("Pass --set model.num_heads=4 moe.num_experts=8 moe.every=1 moe.first=0")
+    broken = official_experiment(tmp_path / "b", state, TINY)
+    (broken.parent.parent / "config_2025-03-20T10-00-00.yaml").write_text("model: [unclosed\n")
+    convert_checkpoint(broken, "diffmoe", tmp_path / "p", flavor="tiny-diffmoe")  # nothing usable: not checked
+    check = json.loads((tmp_path / "p" / "meta.json").read_text())["source"]["architecture_check"]
+    assert check.startswith("from the flavor (saved args name config './config/000_DiffMoE_S_E16_Flow.yaml': "
+                            "unusable ") and check.endswith("config_2025-03-20T10-00-00.yaml (ParserError): not checked)")
+
+
 @pytest.mark.parametrize("layout,flavor,objective,expected", [
     ("dit", "tiny-dense", "ddpm", {"sampler": "ddpm", "steps": 250, "cfg_scale": 1.5, "guidance_channels": 3,
                                    "cfg_batching": "joint"}),

@@ -114,13 +114,21 @@ def saved_architecture(args: Any, checkpoint: str | Path) -> tuple[dict[str, Any
     if any(key in data for key in _PARAMS):
         return _from_model_params(data), None, "saved args"
     if isinstance(data.get("config"), str):
+        unreadable = []
         for path in _config_files(data["config"], checkpoint):
-            loaded = yaml.safe_load(path.read_text()) or {}
-            params = _as_dict((loaded.get("model") or {}).get("params"))
+            try:
+                loaded = yaml.safe_load(path.read_text())
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+                unreadable.append(f"{path} ({type(exc).__name__})")
+                continue
+            model_section = _as_dict(loaded.get("model")) if isinstance(loaded, dict) else None
+            params = _as_dict((model_section or {}).get("params"))
             if params:
                 return _from_model_params(params), _objective(loaded), f"saved args config -> {path}"
-        return {}, None, (f"saved args name config {data['config']!r}, found neither there nor as "
-                          "config*.yaml beside the checkpoints/ folder")
+            unreadable.append(f"{path} (no model.params)")
+        return {}, None, (f"saved args name config {data['config']!r}: "
+                          + (f"unusable {', '.join(unreadable)}" if unreadable else
+                             "found neither there nor as config*.yaml beside the checkpoints/ folder"))
     return {}, None, "the saved training arguments state no architecture"
 
 
@@ -149,9 +157,12 @@ def check_architecture(model: ModelConfig, flavor: str, saved: dict[str, Any], w
     wrong = {key: value for key, value in saved.items() if _value(model, key) != value}
     if not wrong:
         return
-    says = ", ".join(f"model.{k} = {v}" if "." not in k else f"{k} = {v}" for k, v in wrong.items())
-    has = ", ".join(f"{_value(model, k)}" for k in wrong)
-    sets = " ".join(f"{'model.' if '.' not in k else ''}{k}={v}" for k, v in wrong.items())
+    def key(k: str) -> str:
+        return k if "." in k else f"model.{k}"
+
+    says = ", ".join(f"{key(k)} = {v}" for k, v in wrong.items())
+    has = ", ".join(f"{key(k)} = {_value(model, k)}" for k in wrong) if len(wrong) > 1 else f"{_value(model, *wrong)}"
+    sets = " ".join(f"{key(k)}={v}" for k, v in wrong.items())
     try:
         match = _matching_flavor(override(model, saved))
     except ValueError:
