@@ -455,7 +455,8 @@ class CheckpointWriter:
         kept = (f"; the previous checkpoint {previous[-1]} is intact" if previous
                 else "; no earlier checkpoint exists")
         if isinstance(exc, DiskFullError) or is_disk_full(exc):
-            return _CheckpointDiskFull(disk_full_message(path, "checkpoint") + f"; the partial checkpoint was removed{kept}")
+            return _CheckpointDiskFull(disk_full_message(path, "checkpoint", where=self.root)
+                                       + f"; the partial checkpoint was removed{kept}")
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
         return CheckpointError(f"cannot write checkpoint file {path} ({detail}); the partial checkpoint was removed"
                                f"{kept}. Check that the run directory is writable, or set train.run_dir elsewhere")

@@ -231,11 +231,12 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
-def disk_full_message(path: str | Path, what: str) -> str:
+def disk_full_message(path: str | Path, what: str, where: str | Path | None = None) -> str:
+    """`where`: the directory to name for `df` (default: the file's directory)."""
     path = Path(path)
     return (f"no space left on the device (or quota exceeded) while writing {what} {path}; free space there "
-            f"(df -h {path.parent}) or set train.run_dir to a directory on another disk, then rerun the same "
-            "command (training resumes from the last complete checkpoint)")
+            f"(df -h {where or path.parent}) or set train.run_dir to a directory on another disk, then rerun the "
+            "same command (training resumes from the last complete checkpoint)")
 
 
 def _write_all(fd: int, data: bytes) -> None:
