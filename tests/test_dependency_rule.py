@@ -5,7 +5,8 @@
 
 A module may import its own package and the packages of lower layers, never a higher layer or a
 sibling of its own layer (data and diffusion know nothing of each other; the apps are
-independent). Imports inside functions count too: a lazy import is still a dependency."""
+independent). Imports inside functions count too: a lazy import is still a dependency. Only a
+module's `if __name__ == "__main__":` block (a script entry point) is exempt."""
 
 from __future__ import annotations
 
@@ -47,7 +48,10 @@ def imported_modules(name: str, path: Path) -> list[tuple[int, str]]:
     """(line, module) for every moedit module that `name` imports, relative imports resolved."""
     out = []
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    # `if __name__ == "__main__":` runs the module as a script (through the CLI): not a dependency
+    tree.body = [n for n in tree.body if not (isinstance(n, ast.If) and "__main__" in ast.unparse(n.test))]
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom):

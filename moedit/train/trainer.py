@@ -23,6 +23,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -36,6 +37,7 @@ from moedit.train.checkpoint import CheckpointWriter, load_checkpoint, resolve_r
 from moedit.train.config import Config
 
 PREEMPTED_EXIT_CODE = 143
+INTERRUPTED_EXIT_CODE = 130  # the shell's code for Ctrl-C
 
 
 class NonFiniteLoss(MoeditError):
@@ -176,7 +178,9 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------
     def fit(self) -> int:
-        """Train to cfg.train.steps. Returns 0, or PREEMPTED_EXIT_CODE after a signal."""
+        """Train to cfg.train.steps. Returns 0; after SIGTERM or SIGUSR1 (a scheduler's preemption
+        notice) PREEMPTED_EXIT_CODE, after a first Ctrl-C INTERRUPTED_EXIT_CODE, both once the step
+        in flight is finished and checkpointed."""
         self._install_signal_handlers()
         cfg = self.cfg
         try:
@@ -187,11 +191,7 @@ class Trainer:
                 if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
                     self.write_samples()
                 if stop:
-                    self.save_checkpoint()
-                    if self.engine.is_main:
-                        (self.run_dir / "PREEMPTED").write_text(f"signal {self._stop_signal} at step {self.step}\n")
-                        self.logger.message(f"stopped by signal at step {self.step}; checkpoint saved")
-                    return PREEMPTED_EXIT_CODE
+                    return self._stop()
                 if self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:
                     self.save_checkpoint()
             self.save_checkpoint()
@@ -205,6 +205,17 @@ class Trainer:
         finally:
             if self.logger is not None:
                 self.logger.close()
+
+    def _stop(self) -> int:
+        """A stop signal arrived (on some rank): checkpoint the finished step and leave."""
+        path = self.save_checkpoint()
+        interrupted = self._stop_signal == signal.SIGINT  # another rank may have had the signal: None here
+        if self.engine.is_main:
+            if not interrupted:  # a scheduler's notice: the job requeues itself (launch/render.py)
+                (self.run_dir / "PREEMPTED").write_text(f"signal {self._stop_signal} at step {self.step}\n")
+            why = "interrupted (Ctrl-C)" if interrupted else f"stopped by signal {self._stop_signal}"
+            self.logger.message(f"{why} at step {self.step}; checkpoint {path}; rerun the same command to resume")
+        return INTERRUPTED_EXIT_CODE if interrupted else PREEMPTED_EXIT_CODE
 
     def train_step(self) -> bool:
         """One optimizer step over `accum_steps` micro-batches. Returns True if a signal asks to stop."""
@@ -418,6 +429,7 @@ class Trainer:
 
     def _sample_grid(self, ema: torch.nn.Module) -> None:
         from moedit.data import build_decoder, load_manifest
+        from moedit.data.manifest import manifest_path
         from moedit.diffusion.grid import save_grid
 
         n = self.cfg.train.num_sample_images
@@ -426,15 +438,21 @@ class Trainer:
         noise = torch.randn(n, m.in_channels, m.input_size, m.input_size, generator=gen, device=self.device)
         labels = torch.arange(n, device=self.device) % m.num_classes
         steps = self.cfg.train.sample_steps or None
+        shown = steps or self.cfg.diffusion.sample_steps
+        self.logger.message(f"sampling {n} images ({shown} {self.cfg.diffusion.default_sampler} steps, "
+                            f"EMA weights) for {self.run_dir / 'samples'} ...")
+        t0 = time.time()
         with self._autocast():
-            latents = self.diffusion.sample(ema, noise, labels, steps=steps, generator=gen, null_label=m.num_classes)
-        decoder = build_decoder(load_manifest(self.cfg.data.manifest or self.cfg.data.path))
+            latents = self.diffusion.sample(ema, noise, labels, steps=steps, generator=gen, null_label=m.num_classes,
+                                            progress=self.logger.bar is not None)
+        decoder = build_decoder(load_manifest(manifest_path(self.cfg.data)))
         images = decoder(latents.float().cpu())
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         # Labels cycle through the classes, so with nrow = num_classes each column is one class.
         nrow = m.num_classes if 0 < m.num_classes <= 16 else int(math.ceil(math.sqrt(n)))
         grid = save_grid(images, path, nrow=nrow)
+        self.logger.message(f"samples written to {path} ({time.time() - t0:.0f} s)")
         if grid is not None:
             self.logger.log_image("samples", grid, self.step)
 
@@ -461,11 +479,22 @@ class Trainer:
 
     # --- signals --------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
+        """SIGTERM / SIGUSR1 (preemption notices) and a first Ctrl-C finish the step in flight and
+        checkpoint it (`fit` then returns); a second Ctrl-C aborts at once, saving nothing more."""
         def handler(signum, frame):
             self._stop_signal = signum
 
+        def interrupt(signum, frame):
+            if self._stop_signal == signal.SIGINT:
+                raise KeyboardInterrupt  # the second Ctrl-C
+            self._stop_signal = signum
+            if self.engine.is_main:
+                print(f"Ctrl-C: finishing step {self.step + 1} and saving a checkpoint (Ctrl-C again to abort "
+                      "at once)", file=sys.stderr, flush=True)
+
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, handler)
+        signal.signal(signal.SIGINT, interrupt)
 
 
 def _mix(*values: int) -> int:

@@ -1,0 +1,83 @@
+"""Ctrl-C and the end-of-run samples through the real CLI (issue 27, items 6 and 22).
+
+A first Ctrl-C (SIGINT) finishes the step in flight, checkpoints it and exits 130 saying how to
+resume; rerunning the same command continues bitwise as the uninterrupted run. A second Ctrl-C
+aborts at once. The sample grid at the end of a run is announced with its size and steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from test_train_e2e import losses, moedit, tiny_config
+
+
+def _start(cfg, run, *overrides):
+    return subprocess.Popen([sys.executable, "-m", "moedit.cli", "train", str(cfg), f"train.run_dir={run}",
+                             *overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _wait_for_step(proc, run, step: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    path = run / "metrics.jsonl"
+    while True:
+        rows = path.read_text().splitlines() if path.exists() else []
+        if rows and json.loads(rows[-1])["step"] >= step:
+            return
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the signal could be sent"
+        time.sleep(0.01)
+
+
+def test_first_ctrl_c_checkpoints_and_the_same_command_resumes_exactly(tmp_path, digits_dir):
+    cfg = tiny_config(tmp_path, digits_dir, train={"steps": 30, "num_sample_images": 0},
+                      checkpoint={"every": 100})  # no periodic checkpoint before the interrupt
+    full = tmp_path / "full"
+    moedit("train", cfg, f"train.run_dir={full}")
+    reference = losses(full)
+
+    run = tmp_path / "interrupted"
+    proc = _start(cfg, run)
+    _wait_for_step(proc, run, 3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    saved = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert len(saved) == 1 and not (run / "DONE").exists(), saved  # the step in flight, checkpointed
+    stopped_at = int(saved[0].split("_")[1])
+    assert 3 <= stopped_at < 30
+    assert "Ctrl-C again to abort" in err
+    assert f"interrupted (Ctrl-C) at step {stopped_at}" in out and "rerun the same command to resume" in out
+    assert not (run / "PREEMPTED").exists()  # not a preemption: nothing for the requeue logic
+
+    resumed = moedit("train", cfg, f"train.run_dir={run}")
+    assert f"resumed from {run / 'checkpoints' / saved[0]} at step {stopped_at}" in resumed.stdout
+    assert losses(run) == reference  # exact: same floats, every step once
+    assert (run / "DONE").exists()
+
+
+def test_second_ctrl_c_aborts_at_once(tmp_path, digits_dir):
+    # Large batches make a step last long enough that the second Ctrl-C lands inside it.
+    cfg = tiny_config(tmp_path, digits_dir, train={"steps": 100000, "num_sample_images": 0,
+                                                   "global_batch_size": 1024}, checkpoint={"every": 100000})
+    run = tmp_path / "run"
+    proc = _start(cfg, run)
+    _wait_for_step(proc, run, 1)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)  # separate deliveries (a pending signal is not queued twice)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    assert "moedit train: interrupted" in err
+    assert not list((run / "checkpoints").glob("step_*"))  # aborted: no checkpoint of the step in flight
+
+
+def test_end_of_run_samples_are_announced(tmp_path, digits_dir):
+    cfg = tiny_config(tmp_path, digits_dir, train={"steps": 2, "num_sample_images": 4})
+    out = moedit("train", cfg, f"train.run_dir={tmp_path / 'run'}").stdout
+    assert "sampling 4 images (4 euler steps, EMA weights)" in out  # diffusion.sample_steps = 4
+    assert f"samples written to {tmp_path / 'run' / 'samples' / 'step_0000002.png'}" in out
