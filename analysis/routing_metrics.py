@@ -1,6 +1,6 @@
 """Expert-routing metrics: pure functions on counts (numpy), no torch, no I/O.
 
-Definitions follow docs/routing_analysis.md (and FACTS.md section 2):
+Definitions follow docs/routing_analysis.md ("Metrics"):
 - load c_e: tokens processed by expert e; ideal load = tokens * k / E, with k = top_k for
   token choice and the configured capacity for capacity routers (DiffMoE, expert choice);
   utilisation u_e = c_e / ideal.

@@ -18,7 +18,7 @@ APPROACH3 = LseLaw(
     feature_names=("log_N", "log_D"),
     terms=((0, ((3, 0),)), (1, ((4, 1),)), (2, ())),  # A/N^alpha + B/D^beta + E
 )
-# FACTS.md section 3: 5 x 5 x 5 x 6 x 6 = 4,500 starts.
+# docs/scaling.md ("approach3"): 5 x 5 x 5 x 6 x 6 = 4,500 starts.
 APPROACH3_GRID_FULL = {
     "alpha": [0.0, 0.5, 1.0, 1.5, 2.0], "beta": [0.0, 0.5, 1.0, 1.5, 2.0],
     "e": [-1.0, -0.5, 0.0, 0.5, 1.0], "a": [0.0, 5.0, 10.0, 15.0, 20.0, 25.0], "b": [0.0, 5.0, 10.0, 15.0, 20.0, 25.0],

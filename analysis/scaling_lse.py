@@ -7,7 +7,7 @@ parameters, so the predicted log loss is a log-sum-exp (LSE) of linear forms:
     log L_hat = LSE_j( theta[coef_j] - sum_{(p, f) in term_j} theta[p] * x_f ),   x_f = log feature f
 
 The objective is the SUM over runs (weighted by bootstrap counts) of
-Huber_delta(log L_hat - log L) with delta = 1e-3 (FACTS.md section 3). Using the
+Huber_delta(log L_hat - log L) with delta = 1e-3 (docs/scaling.md, "approach3"). Using the
 mean instead makes every gradient n times smaller, so L-BFGS meets its
 gradient tolerance far from the optimum; we keep the sum on purpose.
 

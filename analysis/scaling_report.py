@@ -25,7 +25,7 @@ class ScalingOptions:
     data_unit: str = "tokens"
     """D in the laws: 'tokens' or 'images' seen."""
     grid: str = "full"
-    """Approach-3 initialisation grid: 'full' (4,500 starts, FACTS.md) or 'small' (108)."""
+    """Approach-3 initialisation grid: 'full' (4,500 starts, docs/scaling.md) or 'small' (108)."""
     resamples: int = 1000
     level: float = 0.95
     seed: int = 0

@@ -7,7 +7,7 @@ Megatron's experts interface, and routing statistics are the same `RoutingStats`
 Megatron supplies tensor-parallel attention and dense MLPs, the MoE token dispatcher (alltoall
 across expert-parallel ranks), the pipeline schedules and distributed checkpointing.
 
-Conventions (FACTS.md section 4, as NVIDIA's own diffusion code builds a DiT on Megatron):
+Conventions (as NVIDIA's own diffusion code builds a DiT on Megatron):
 - hidden states are [s, b, h]; with sequence parallelism each tensor-parallel rank holds s / TP;
 - the conditioning vector c (b, h) travels through the layers' `attention_mask` argument;
 - adaLN linears, embedders, routers and the final layer are replicated across tensor-parallel
