@@ -5,8 +5,9 @@ Layout of one checkpoint (a directory, renamed into place only when complete):
     checkpoints/step_0001000/
         model.safetensors   raw weights and buffers
         ema.safetensors     EMA weights and buffers
-        state.pt            optimizer, LR schedule, step, counters (plain containers only)
-        rank_00000.pt       per-rank data-loader and RNG state
+        state.pt            optimizer state, step, skipped-step count, engine entries (plain containers only)
+        rank_00000.pt       per-rank data-loader state (+ engine entries: Megatron's data rank and EMA shards)
+        megatron/, optim_*  Megatron's distributed checkpoint and per-rank optimizer (engine megatron only)
         config.yaml         the resolved config
         deepspeed/          DeepSpeed's own checkpoint (engine deepspeed only: sharded optimizer states)
         meta.json           {"step", "world_size", "engine", "engine_files", "complete": true,
@@ -15,6 +16,9 @@ Layout of one checkpoint (a directory, renamed into place only when complete):
 
 model.safetensors and ema.safetensors are the canonical single-device weights whatever the
 engine, so `load_for_inference`, `export_safetensors` and `moedit sample` read every checkpoint.
+No RNG or learning-rate state is saved because none is needed: the learning rate is a function of
+the step, and every random draw of training comes from a generator seeded by (seed, step,
+micro-batch) (moedit/train/trainer.py).
 
 Writing (`CheckpointWriter.save`): every file goes into `.tmp_<name>.<pid>.<random>` (one name per
 save, agreed by all ranks), rank 0 records sizes and SHA-256 of every file in meta.json, fsyncs, and
