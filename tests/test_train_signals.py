@@ -1,4 +1,4 @@
-"""Ctrl-C and the end-of-run samples through the real CLI (issue 27, items 6 and 22).
+"""Ctrl-C, the end-of-run samples and loss spikes through the real CLI (issue 27, items 6, 22, 12).
 
 A first Ctrl-C (SIGINT) finishes the step in flight, checkpoints it and exits 130 saying how to
 resume; rerunning the same command continues bitwise as the uninterrupted run. A second Ctrl-C
@@ -81,3 +81,17 @@ def test_end_of_run_samples_are_announced(tmp_path, digits_dir):
     out = moedit("train", cfg, f"train.run_dir={tmp_path / 'run'}").stdout
     assert "sampling 4 images (4 euler steps, EMA weights)" in out  # diffusion.sample_steps = 4
     assert f"samples written to {tmp_path / 'run' / 'samples' / 'step_0000002.png'}" in out
+
+
+def test_a_diverging_loss_is_reported_once_per_order_of_magnitude(tmp_path, digits_dir):
+    # lr 1e4 with clipping: the loss grows by 20 orders of magnitude yet stays finite (measured)
+    cfg = tiny_config(tmp_path, digits_dir, train={"steps": 12, "num_sample_images": 0},
+                      optim={"lr": 1e4, "grad_clip": 1.0})
+    out = moedit("train", cfg, f"train.run_dir={tmp_path / 'run'}").stdout
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["loss"] for r in rows) > 1e3 * min(r["loss"] for r in rows)  # it did diverge
+    warnings = [line for line in out.splitlines() if line.startswith("warning: loss")]
+    assert warnings and "check optim.lr (now 1e+04)" in warnings[0]
+    assert len(warnings) < len(rows)  # not once per log line
+    sane = moedit("train", cfg, f"train.run_dir={tmp_path / 'sane'}", "optim.lr=1e-3").stdout
+    assert "warning: loss" not in sane

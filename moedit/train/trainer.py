@@ -38,6 +38,7 @@ from moedit.train.config import Config
 
 PREEMPTED_EXIT_CODE = 143
 INTERRUPTED_EXIT_CODE = 130  # the shell's code for Ctrl-C
+SPIKE_FACTOR = 100.0  # a logged loss this many times the lowest so far is reported as a spike
 
 
 class NonFiniteLoss(MoeditError):
@@ -383,6 +384,8 @@ class Trainer:
                 metrics["dp/threshold_max_diff"] = spread
             metrics.update({f"data/{k}": v for k, v in self.data.stats().items() if isinstance(v, (int, float))})
             self.logger.log_metrics(self.step, metrics)
+            if "loss" in means:
+                self._check_spike(means["loss"])
             if stats is not None:
                 self.logger.log_routing(self.step, stats)
                 every = self.cfg.logging.heatmaps_every or 10 * self.cfg.logging.log_every
@@ -391,6 +394,21 @@ class Trainer:
         self._interval_sum = None
         self._interval_steps = 0
         self._data_wait = 0.0
+
+    def _check_spike(self, loss: float) -> None:
+        """Warn (main rank) when the logged loss is SPIKE_FACTOR times the lowest logged so far: a
+        diverging run stays finite for a long time (lr 1e9 took a quickstart loss from 5.6 to 2.7e22)
+        and would otherwise end with DONE and no word. Again only after another factor of 10."""
+        floor = getattr(self, "_loss_floor", None)
+        if floor is None or loss < floor[0]:
+            self._loss_floor = (loss, self.step)
+            return
+        if floor[0] > 0 and loss > SPIKE_FACTOR * floor[0] and loss > getattr(self, "_spike_warned", 0.0) * 10:
+            self._spike_warned = loss
+            self.logger.message(
+                f"warning: loss {loss:.4g} at step {self.step} is {loss / floor[0]:.3g}x the lowest logged "
+                f"({floor[0]:.4g} at step {floor[1]}): training may be diverging; check optim.lr "
+                f"(now {self.lr:.3g}), optim.warmup_steps and optim.grad_clip")
 
     def _threshold_spread(self) -> float | None:
         """Largest difference of a DiffMoE threshold between data-parallel replicas (0 when in sync)."""
