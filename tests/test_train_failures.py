@@ -178,22 +178,26 @@ def test_failed_rank_exits_without_tearing_down_the_group(world_size, tmp_path, 
         def setup(self):
             raise RuntimeError("boom in setup")
 
+        def close(self):
+            calls.append("close")
+
     def fake_exit(code):
         raise _Exited(code)
 
     monkeypatch.setattr(trainer_module, "Trainer", FailingTrainer)
     monkeypatch.setattr(os, "_exit", fake_exit)
-    cfg = {"model": {"flavor": "tiny-dense", "learn_sigma": False}, "data": {"path": str(digits_dir)},
+    cfg = {"model": {"flavor": "tiny-dense", "learn_sigma": False, "in_channels": 1, "input_size": 8},
+           "data": {"path": str(digits_dir)},
            "train": {"run_dir": str(tmp_path / "run")}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     args = argparse.Namespace(config=str(tmp_path / "c.yaml"), overrides=[], print_config=False)
     if world_size == 1:
         with pytest.raises(RuntimeError, match="boom in setup"):
             train_cli.main(args)
-        assert calls == ["shutdown"]
+        assert calls == ["close", "shutdown"]
     else:
         with pytest.raises(_Exited) as exited:
             train_cli.main(args)
-        assert exited.value.args == (1,) and calls == []
+        assert exited.value.args == (1,) and calls == ["close"]  # the lock goes, the group is left alone
         err = capsys.readouterr().err
         assert "[rank 1 of 2]" in err and "RuntimeError: boom in setup" in err

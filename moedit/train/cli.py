@@ -54,6 +54,7 @@ def main(args: argparse.Namespace) -> int:
         failed = exc
         raise
     finally:
+        trainer.close()  # the run directory's lock, also after a failed setup
         if failed is not None and trainer.engine.world_size > 1:
             _exit_without_teardown(failed, trainer.engine)
         trainer.engine.shutdown()

@@ -34,6 +34,7 @@ import torch
 from moedit.engines import build_engine
 from moedit.errors import MoeditError
 from moedit.train.checkpoint import CheckpointWriter, load_checkpoint, resolve_resume
+from moedit.train.rundir import write_text
 from moedit.train.config import Config
 
 PREEMPTED_EXIT_CODE = 143
@@ -57,6 +58,7 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.logger = None
+        self._lock = None  # the run directory's lock (main rank): one training job per directory
         self._stop_signal: int | None = None
         self._interval_sum: torch.Tensor | None = None  # loss terms, loss, grad norm: summed on the device
         self._interval_steps = 0
@@ -67,6 +69,10 @@ class Trainer:
     def setup(self) -> "Trainer":
         cfg, engine = self.cfg, self.engine
         self._check_run_dir()
+        if engine.is_main:  # before anything is written; a second job here is a named error
+            from moedit.train.rundir import RunDirLock
+
+            self._lock = RunDirLock.acquire(self.run_dir)
         self.micro_batch, self.accum_steps = engine.plan(cfg.model, cfg.train.global_batch_size,
                                                          cfg.train.micro_batch_size, cfg.train.seed)
         self.world = engine.data_world  # data-parallel replicas: what the loader and the loss means count
@@ -145,7 +151,7 @@ class Trainer:
     # --- resume and checkpoints ---------------------------------------------------------------
     def resume(self) -> None:
         self._data_iter = None
-        ckpt = resolve_resume(self.cfg.train.resume, self.run_dir)
+        ckpt = resolve_resume(self.cfg.train.resume, self.run_dir, engine=self.engine)  # rank 0 verifies
         if ckpt is None:
             return
         blob = load_checkpoint(ckpt, self.engine.rank)
@@ -200,12 +206,20 @@ class Trainer:
                 self.write_samples()
             if self.engine.is_main:
                 (self.run_dir / "PREEMPTED").unlink(missing_ok=True)
-                (self.run_dir / "DONE").write_text(f"step {self.step}\n")
+                write_text(self.run_dir / "DONE", f"step {self.step}\n", what="the DONE marker")
                 self.logger.message(f"done: {self.step} steps; run directory {self.run_dir}")
             return 0
         finally:
-            if self.logger is not None:
-                self.logger.close()
+            self.close()
+
+    def close(self) -> None:
+        """Close the logs and release the run directory (also after a failed setup)."""
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _stop(self) -> int:
         """A stop signal arrived (on some rank): checkpoint the finished step and leave."""
@@ -213,7 +227,8 @@ class Trainer:
         interrupted = self._stop_signal == signal.SIGINT  # another rank may have had the signal: None here
         if self.engine.is_main:
             if not interrupted:  # a scheduler's notice: the job requeues itself (launch/render.py)
-                (self.run_dir / "PREEMPTED").write_text(f"signal {self._stop_signal} at step {self.step}\n")
+                write_text(self.run_dir / "PREEMPTED", f"signal {self._stop_signal} at step {self.step}\n",
+                           what="the PREEMPTED marker")
             why = "interrupted (Ctrl-C)" if interrupted else f"stopped by signal {self._stop_signal}"
             self.logger.message(f"{why} at step {self.step}; checkpoint {path}; rerun the same command to resume")
         return INTERRUPTED_EXIT_CODE if interrupted else PREEMPTED_EXIT_CODE
@@ -476,7 +491,7 @@ class Trainer:
 
     def _write_model_info(self) -> None:
         self.model_info = info = self._model_info()
-        (self.run_dir / "model_info.json").write_text(json.dumps(info, indent=2))
+        write_text(self.run_dir / "model_info.json", json.dumps(info, indent=2), what="model_info.json")
 
     def _model_info(self) -> dict:
         from moedit.models import flops
