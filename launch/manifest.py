@@ -147,7 +147,7 @@ def run_states(manifest: dict, log_dir: str | None = None) -> list[dict]:
 
 
 def _cancelled_in_log(log_dir: str | None, job_id: str) -> bool:
-    """slurmstepd writes `*** JOB 12 ON node CANCELLED AT ... ***` into a cancelled job's stderr."""
+    """slurmstepd writes `*** JOB 12 ON node CANCELLED AT <time> ***` into a scancelled job's stderr."""
     if not log_dir:
         return False
     for path in Path(log_dir).glob(f"*-{job_id}.err"):
@@ -157,7 +157,8 @@ def _cancelled_in_log(log_dir: str | None, job_id: str) -> bool:
                 tail = f.read().decode(errors="replace")
         except OSError:
             continue
-        if re.search(r"\*\*\* (JOB|STEP) \S+ ON \S+ CANCELLED AT", tail):
+        # `... CANCELLED AT <time> DUE TO TIME LIMIT ***` (or PREEMPTION, NODE FAILURE) was not scancel
+        if re.search(r"\*\*\* JOB \S+ ON \S+ CANCELLED AT \S+ \*\*\*", tail):
             return True
     return False
 

@@ -187,21 +187,26 @@ def _submitted_record(tmp_path: Path, runs: int = 3) -> tuple[str, dict]:
 
 
 def test_scancelled_runs_are_cancelled_not_failed(tmp_path, monkeypatch):
-    sweep_dir, record = _submitted_record(tmp_path, runs=3)
+    sweep_dir, record = _submitted_record(tmp_path, runs=4)
     infos = {"55_0": {"JobState": "CANCELLED", "ExitCode": "0:15"}, "55_1": {"JobState": "FAILED", "ExitCode": "1:0"},
-             "55_2": {}}
+             "55_2": {}, "55_3": {}}
     monkeypatch.setattr(slurm, "queue_states", lambda ids: {})
     monkeypatch.setattr(slurm, "finished_job_info", lambda job: infos[job])
     # run 2: SLURM forgot the job; its log says it was cancelled
     logs = Path(sweep_dir) / "logs"
     logs.mkdir()
-    (logs / "moedit-s-55_2.err").write_text("step 3\nslurmstepd: error: *** JOB 57 ON localhost CANCELLED AT "
-                                            "2026-12-07T06:00:00 ***\n")
+    # (the lines slurmstepd writes, as seen on the local cluster); run 3 hit its time limit: failed
+    (logs / "moedit-s-55_2.err").write_text(
+        "step 3\nslurmstepd-localhost: error: *** JOB 57 ON localhost CANCELLED AT 2026-12-07T06:51:54 ***\n"
+        "slurmstepd-localhost: error: *** STEP 57.0 ON localhost CANCELLED AT 2026-12-07T06:51:54 ***\n")
+    (logs / "moedit-s-55_3.err").write_text(
+        "slurmstepd: error: *** JOB 58 ON localhost CANCELLED AT 2026-12-07T06:51:54 DUE TO TIME LIMIT ***\n")
     states = manifest.update_states(sweep_dir, record)
-    assert [s["state"] for s in states] == ["cancelled", "failed", "cancelled"]
+    assert [s["state"] for s in states] == ["cancelled", "failed", "cancelled", "failed"]
     assert states[0]["detail"] == "CANCELLED exit 0:15"
-    assert manifest.summary(states) == "3 runs: 1 failed, 2 cancelled"
-    assert [r["state"] for r in manifest.load_manifest(sweep_dir)["runs"]] == ["cancelled", "failed", "cancelled"]
+    assert manifest.summary(states) == "4 runs: 2 failed, 2 cancelled"
+    assert [r["state"] for r in manifest.load_manifest(sweep_dir)["runs"]] == ["cancelled", "failed", "cancelled",
+                                                                                "failed"]
     submitted = []
     monkeypatch.setattr(slurm, "require_slurm", lambda command="sbatch": command)
     monkeypatch.setattr(slurm, "query_partitions", lambda: {"debug": slurm.Partition("debug", 1, 4, 0, True)})
@@ -211,4 +216,4 @@ def test_scancelled_runs_are_cancelled_not_failed(tmp_path, monkeypatch):
     args = argparse.Namespace(sweep_dir=sweep_dir, failed=True, cancelled=False, dry_run=False,
                               **{name: None for name in common.SLURM_FLAGS})
     assert sweep_cli.resubmit(args) == 0
-    assert "#SBATCH --array=1" in submitted[-1]  # --failed leaves the cancelled runs alone
+    assert "#SBATCH --array=1,3\n" in submitted[-1]  # --failed leaves the cancelled runs alone
