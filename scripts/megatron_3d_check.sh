@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue 12 in one device call on a 4- or 8-GPU machine (carry .whl_mc):
-#   (a) parity with the single-device DiT (bf16, fp32; DiffMoE-L-E16 shapes at depth 4 and the tiny
-#       flavors): TP2xEP2, PP2xEP2, TP2xPP2 on 4 GPUs, TP2xPP2xEP2 on 8 (scripts/megatron_gpu_parity.py);
+#   (a) parity of `moedit train` on the megatron engine with the local engine (bf16, fp32; DiffMoE-L-E16
+#       widths at depth 4 and tiny-tc; every logged loss, loss/<term> and grad_norm of 5 steps):
+#       TP2xEP2, PP2xEP2, TP2xPP2 on 4 GPUs, TP2xPP2xEP2 on 8 (scripts/megatron_gpu_parity.py, which
+#       launches torchrun itself);
 #   (b) 200 steps of DiffMoE-L-E16 on synthetic 4x32x32 latents through `moedit train`
 #       (configs/megatron_diffmoe_l_e16_3d.yaml: TP=2 x EP=2 on 4 GPUs, + PP=2 on 8), checkpoint at 200;
 #   (c) that checkpoint resharded to 2 GPUs (EP=2) and resumed to step 220;
@@ -33,7 +35,7 @@ phase="${PHASE:-all}" layouts="${LAYOUTS:-$layouts}"
 # (a) parity, one invocation per layout
 [ "$phase" = train ] && layouts=""
 for layout in $layouts; do
-  step "parity_$layout" 180 torchrun --standalone --nproc_per_node "$world" scripts/megatron_gpu_parity.py \
+  step "parity_$layout" 300 python3 scripts/megatron_gpu_parity.py \
     --layouts "$layout" --flavors DiffMoE-L-E16 tiny-tc --dtypes bf16 fp32 --json "$out/parity_$layout.json"
 done
 # (b)-(d) training, resharding, checks

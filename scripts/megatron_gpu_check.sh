@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
-# The Megatron-Core GPU check of issue 6, in one device call on a 2-GPU machine:
-#   (a) parity with the single-device DiT: TP=2 (sequence parallel), EP=2, PP=2 (1F1B), DP=2 on
-#       two GPUs, then TP=EP=PP=1 on one (bf16, fp32, autocast; scripts/megatron_gpu_parity.py);
-#   (b) train-step throughput / MFU on one GPU (benchmarks/train_step.py);
-#   (c) the EP=2 throughput of DiffMoE-L-E16 on two GPUs against (b);
-#   (d) (b) for two models in the fp32-parameters + autocast recipe, for comparison.
+# The Megatron-Core GPU check of issue 6, in one device call on a 2-GPU machine. Everything runs
+# `moedit train` (the one training loop, moedit/train/trainer.py) and reads the runs' metrics.jsonl:
+#   (a) parity with the local engine: the Trainer on the megatron engine at TP=2 (sequence
+#       parallel), EP=2, PP=2 (1F1B), DP=2 on two GPUs, then TP=EP=PP=1 on one, each in fp32 and
+#       bf16, against the local engine's run of the same config (scripts/megatron_gpu_parity.py;
+#       the local reference runs are made once, in /tmp/moedit_parity_runs, and reused);
+#   (b) throughput of `moedit train` on one GPU: DiffMoE-L-E8 at global batch 32 on the local and
+#       megatron engines (torch AdamW + bf16 autocast, and Megatron's distributed optimizer over bf16
+#       parameters), DiffMoE-L-E16 at 64 (benchmarks/train.py);
+#   (c) the EP=2 throughput of DiffMoE-L-E16 on two GPUs at the same global batch, next to (b);
 #   (e) the 2-GPU training run through `moedit train` with Megatron's distributed optimizer (EP=2,
 #       resumed == uninterrupted, then PP=2 resharded);
 #   (f) fp32 parameters: torch AdamW vs the distributed optimizer.
-# PHASE=check runs (a), (e) and (f), PHASE=bench (b)-(d), PHASE=train (e) and (f), default all.
-# Every step runs even if an earlier one failed; outputs are tee'd into OUT_DIR, exit codes are
-# collected in OUT_DIR/summary.txt and the script exits 1 if any step failed.
+# (The old (b)-(d) timed benchmarks/train_step.py, a training step of its own; it is gone.)
+# PHASE=check runs (a), (e) and (f), PHASE=parity (a), PHASE=bench (b)-(c), PHASE=train (e) and (f),
+# default all. Every step runs even if an earlier one failed; outputs are tee'd into OUT_DIR, exit
+# codes are collected in OUT_DIR/summary.txt and the script exits 1 if any step failed.
 #
 # Usage (repo root; the device machine has Python 3.12 + torch but no megatron-core, so the
 # wheels in .whl_mc - megatron-core 0.16.1 cp312, psutil; fallback/ numpy, packaging - must be
 # carried along): bash scripts/megatron_gpu_check.sh [OUT_DIR]     (default $OUT)
-# Each step has a time limit (a hung collective cannot eat the device call); expected total
-# about 5-6 minutes, inside one 10-minute device call (the limits add up to ~11 minutes: a call
-# cut at 10 minutes still returns what is in OUT_DIR).
+# Each step has a time limit (a hung collective cannot eat the device call). The limits are
+# estimates (every parity layout is 2 `moedit train` runs of a few steps, plus the 2 local
+# reference runs the first time): split the call with PHASE if one does not fit in 10 minutes.
 set -uo pipefail
 out="${1:-${OUT:-/tmp/megatron_gpu_check}}"
 mkdir -p "$out"
@@ -35,29 +40,23 @@ source scripts/device_env.sh || exit 1
 
 failures=0
 
-phase="${PHASE:-all}"  # check = (a) + (e) + (f); bench = (b)-(d); train = (e) + (f); all = everything
+phase="${PHASE:-all}"  # check = (a) + (e) + (f); parity = (a); bench = (b)-(c); train = (e) + (f); all = everything
 if [ "$phase" != bench ] && [ "$phase" != train ]; then
-# (a) parity: one invocation per layout (a case that raises stops its invocation, since a rank
-#     may be left inside a collective; the next layout starts clean)
+# (a) parity: one invocation per layout (each run is its own torchrun: a layout that fails leaves
+#     the next one clean); the first one also makes the local reference runs
 for layout in tp2 ep2 pp2 dp2; do
-  limit=75; [ "$layout" = tp2 ] && limit=120  # the first run compiles the Triton kernels (cached after)
-  step "parity_$layout" "$limit" torchrun --standalone --nproc_per_node 2 scripts/megatron_gpu_parity.py \
-    --layouts "$layout" --json "$out/parity_$layout.json"
+  limit=150; [ "$layout" = tp2 ] && limit=300  # + the reference runs; the first run compiles the Triton kernels
+  step "parity_$layout" "$limit" python3 scripts/megatron_gpu_parity.py --layouts "$layout" \
+    --json "$out/parity_$layout.json"
 done
-step parity_one 60 torchrun --standalone --nproc_per_node 1 scripts/megatron_gpu_parity.py --layouts one \
-  --json "$out/parity_one.json"
+step parity_one 120 python3 scripts/megatron_gpu_parity.py --layouts one --json "$out/parity_one.json"
 fi
-if [ "$phase" != check ] && [ "$phase" != train ]; then
-# (b) one GPU: DiT-XL/2, DiT-L/2, DiffMoE-L-E8, DiffMoE-L-E16 (bf16 parameters, distributed optimizer)
-step train_step_1gpu 170 python3 benchmarks/train_step.py --json "$out/train_step_1gpu.json"
-# (c) EP=2 on two GPUs, at the 1-GPU run's batch, ratio against it
-baseline=()
-[ -f "$out/train_step_1gpu.json" ] && baseline=(--baseline-json "$out/train_step_1gpu.json")
-step train_step_ep2 100 torchrun --standalone --nproc_per_node 2 benchmarks/train_step.py --expert 2 \
-  ${baseline[@]+"${baseline[@]}"} --json "$out/train_step_ep2.json"
-# (d) the megatron trainer's current recipe (fp32 parameters + bf16 autocast) on one GPU, for comparison
-step train_step_1gpu_autocast 80 python3 benchmarks/train_step.py --precision autocast \
-  --models DiT-XL/2 DiffMoE-L-E8 --json "$out/train_step_1gpu_autocast.json"
+if [ "$phase" != check ] && [ "$phase" != train ] && [ "$phase" != parity ]; then
+# (b) + (c): `moedit train` throughput from its own metrics.jsonl (benchmarks/train.py)
+step train_bench 420 python3 benchmarks/train.py --steps "${STEPS:-40}" --warmup "${WARMUP:-20}" --timeout 150 \
+  --runs /tmp/megatron_bench_runs --json "$out/train_bench.json" --rows \
+  DiffMoE-L-E8:32:local DiffMoE-L-E8:32:megatron DiffMoE-L-E8:32:megatron:parallel.megatron_optimizer=distributed \
+  DiffMoE-L-E16:64:megatron DiffMoE-L-E16:64:megatron@2:parallel.expert=2
 fi
 # (e) 2-GPU training of DiffMoE-S-E16 on synthetic latents through `moedit train`, Megatron's
 # distributed optimizer over bf16 parameters (OPTIMIZER=torch for torch AdamW):
@@ -69,7 +68,7 @@ fi
 #   and optimizer state resharded) to 60; scripts/megatron_train_check.py judges.
 # (f) fp32 parameters: torch AdamW and the distributed optimizer agree to rounding over 10 steps.
 # PHASE=train runs (e) and (f) only.
-if [ "$phase" != bench ] && [ "${SKIP_TRAIN:-0}" != 1 ]; then
+if [ "$phase" != bench ] && [ "$phase" != parity ] && [ "${SKIP_TRAIN:-0}" != 1 ]; then
   cfg=configs/megatron_diffmoe_s_e16_synthetic.yaml
   run=/tmp/megatron_train_run full=/tmp/megatron_train_full
   common=(data.path=/tmp/synthetic-4x16x16 data.prepare=synthetic logging.log_every=1 logging.progress=lines checkpoint.every=20
