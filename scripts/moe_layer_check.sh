@@ -30,8 +30,8 @@ if want variants; then
   step no_predictor 100 $bench --layer diffmoe --unfused-predictor
   step no_router 100 $bench --layer diffmoe --unfused-router --unfused-predictor
 fi
-want train_step && step train_step 300 python3 benchmarks/train_step.py --models DiT-L/2 DiffMoE-L-E8 DiffMoE-L-E16 \
-  --steps 8 --repeat 3 --warmup 4
+want train_step && step train_step 400 python3 benchmarks/train.py --rows DiT-L/2:128:local DiffMoE-L-E8:128:local \
+  DiffMoE-L-E16:64:local --steps 60 --warmup 20
 want predictor && step predictor 200 python3 benchmarks/predictor_cost.py
 want profile && step profile 120 python3 benchmarks/moe_layer.py --layer diffmoe --experts 16 --profile --iters 5
 echo "== done in $(($(date +%s) - start)) s, $failures failed step(s)"

@@ -4,7 +4,7 @@
     ddp = DistributedDataParallel(config, ddp_config(distributed=True), module)
     optimizer = distributed_optimizer(ddp, lr=..., ..., bf16=True)
 
-Shared by the Megatron trainer (`parallel.megatron_optimizer`) and benchmarks/train_step.py.
+Used by the Megatron engine when `parallel.megatron_optimizer = distributed`.
 Megatron's optimizers allocate on CUDA unconditionally: these helpers are GPU-only.
 """
 
