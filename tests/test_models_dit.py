@@ -74,7 +74,7 @@ def test_position_embedding_is_fixed_sincos():
 
 def test_model_embeds_the_labels_it_is_given_in_training_mode():
     # Label dropout is the trainer's (drawn from the micro-batch generator, the same on every
-    # engine: tests/test_train_engines.py); the model itself must not drop labels.
+    # engine: tests/megatron/test_engines_agree.py); the model itself must not drop labels.
     model = build_model(dataclasses.replace(get_flavor("tiny-dense"), class_dropout_prob=0.5)).train()
     x, t, y = torch.randn(8, 4, 16, 16), torch.rand(8), torch.arange(8) % 10
     torch.manual_seed(0)
