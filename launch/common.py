@@ -62,8 +62,8 @@ _LIGHT_MODULES = {
 @contextlib.contextmanager
 def light_config_modules():
     """moedit.train.config, imported with stand-ins for the packages above that load only their
-    config modules (never torch). Every module imported here is removed from sys.modules again on
-    exit, so later imports get the real packages."""
+    config modules (never torch). Every moedit module imported here is removed from sys.modules
+    again on exit, so later imports get the real packages."""
     import moedit
 
     before = set(sys.modules)
@@ -88,7 +88,8 @@ def light_config_modules():
         yield importlib.import_module("moedit.train.config")
     finally:
         for name in set(sys.modules) - before:
-            del sys.modules[name]
+            if name.startswith("moedit."):  # third-party modules (yaml, ...) stay: they are the same either way
+                del sys.modules[name]
         for name in stubs:
             sys.modules.pop(name, None)
         for name in list(vars(moedit)):
