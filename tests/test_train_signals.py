@@ -95,3 +95,36 @@ def test_a_diverging_loss_is_reported_once_per_order_of_magnitude(tmp_path, digi
     assert len(warnings) < len(rows)  # not once per log line
     sane = moedit("train", cfg, f"train.run_dir={tmp_path / 'sane'}", "optim.lr=1e-3").stdout
     assert "warning: loss" not in sane
+
+
+def test_a_fresh_start_sets_the_earlier_attempts_logs_aside(tmp_path, digits_dir):
+    cfg = tiny_config(tmp_path, digits_dir, train={"steps": 4, "num_sample_images": 0},
+                      logging={"log_every": 1, "tensorboard": True, "progress": "lines"})
+    run = tmp_path / "run"
+    moedit("train", cfg, f"train.run_dir={run}", "optim.lr=1e-2")
+    first = (run / "metrics.jsonl").read_text()
+    events = sorted(p.name for p in (run / "tb").iterdir())
+    out = moedit("train", cfg, f"train.run_dir={run}", "train.resume=never").stdout
+    previous = sorted((run / "previous").iterdir())
+    assert len(previous) == 1 and f"were moved to {previous[0]}" in out and "logged up to step 4" in out
+    assert (previous[0] / "metrics.jsonl").read_text() == first  # kept whole, not truncated
+    assert sorted(p.name for p in (previous[0] / "tb").iterdir()) == events  # TensorBoard shows one attempt
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert first != (run / "metrics.jsonl").read_text()  # the new attempt's rows (another lr)
+
+
+def test_a_resume_says_which_rows_past_its_checkpoint_it_drops(tmp_path, digits_dir):
+    cfg = tiny_config(tmp_path, digits_dir, train={"steps": 8, "num_sample_images": 0},
+                      checkpoint={"every": 4, "keep_last": 5})
+    run = tmp_path / "run"
+    moedit("train", cfg, f"train.run_dir={run}")
+    reference = losses(run)
+    import shutil
+
+    # as if the attempt had been killed after logging step 7, before its step-8 checkpoint
+    shutil.rmtree(run / "checkpoints" / "step_0000008")
+    (run / "checkpoints" / "latest").write_text("step_0000004\n")
+    (run / "DONE").unlink()
+    out = moedit("train", cfg, f"train.run_dir={run}").stdout
+    assert "resuming at step 4: dropped 4 metrics row(s) past it" in out
+    assert losses(run) == reference  # every step once, the same numbers

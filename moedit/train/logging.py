@@ -24,6 +24,9 @@ class RunLogger:
         self.routing_path = run_dir / "routing.jsonl"
         self.total_steps = total_steps
         self.writer = None
+        # Logs of an earlier attempt: a fresh start moves them aside, a resume drops their rows past
+        # its checkpoint, so the logs always tell the story of the checkpoints (and say so).
+        notes = _set_aside_earlier_attempt(run_dir) if not start_step else _drop_rows_after(run_dir, start_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -38,10 +41,8 @@ class RunLogger:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
         self.start_time = time.time()
         self.start_step = start_step
-        # A resumed run rewrites the tail of the logs past its checkpoint, so the JSONL files
-        # always hold exactly one line per logged step.
-        for path in (self.metrics_path, self.routing_path):
-            _truncate_after(path, start_step)
+        for note in notes:
+            self.message(note)
 
     def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, **metrics}
@@ -99,6 +100,56 @@ class RunLogger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+LOG_FILES = ("metrics.jsonl", "routing.jsonl")
+EARLIER_LOGS = (*LOG_FILES, "tb", "samples")
+
+
+def _set_aside_earlier_attempt(run_dir: Path) -> list[str]:
+    """A run that starts at step 0 in a directory holding logs of an earlier attempt (which left no
+    checkpoint to resume, or was told train.resume=never): move those logs to
+    RUN/previous/<time>/ instead of overwriting them or letting TensorBoard overlay the two."""
+    def holds_something(path: Path) -> bool:
+        return any(path.iterdir()) if path.is_dir() else path.is_file() and path.stat().st_size > 0
+
+    found = [name for name in EARLIER_LOGS if holds_something(run_dir / name)]
+    if not found:
+        return []
+    rows = _steps(run_dir / "metrics.jsonl")
+    target = run_dir / "previous" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    suffix = 0
+    while target.exists():
+        suffix += 1
+        target = target.with_name(f"{target.name.split('.')[0]}.{suffix}")
+    target.mkdir(parents=True)
+    for name in found:
+        (run_dir / name).rename(target / name)
+    last = f", logged up to step {max(rows)}" if rows else ""
+    return [f"{run_dir} held the logs of an earlier attempt ({', '.join(found)}{last}) and this run starts at "
+            f"step 0: they were moved to {target}"]
+
+
+def _drop_rows_after(run_dir: Path, step: int) -> list[str]:
+    """A resumed run rewrites the logs' tail past its checkpoint: the JSONL files hold exactly one
+    line per logged step (TensorBoard's events past it are purged by SummaryWriter(purge_step))."""
+    dropped = sum(1 for s in _steps(run_dir / "metrics.jsonl") if s > step)
+    for name in LOG_FILES:
+        _truncate_after(run_dir / name, step)
+    if not dropped:
+        return []
+    return [f"resuming at step {step}: dropped {dropped} metrics row(s) past it, logged by an attempt that "
+            "ended before its next checkpoint"]
+
+
+def _steps(path: Path) -> list[int]:
+    out = []
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        try:
+            out.append(int(json.loads(line)["step"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
 
 
 def _truncate_after(path: Path, step: int) -> None:
