@@ -40,19 +40,6 @@ def _version() -> str:
         return "unknown"
 
 
-class LazyModule:
-    """`torch = LazyModule("torch")` in a command module: the module is imported on the first
-    attribute access (in main()), not when `moedit X --help` imports the command module.
-    Annotations are unaffected where the module uses `from __future__ import annotations`."""
-
-    def __init__(self, name: str):
-        self.__dict__["_name"] = name
-
-    def __getattr__(self, attr: str):
-        module = importlib.import_module(self.__dict__["_name"])
-        return getattr(module, attr)
-
-
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moedit", description=__doc__)
     parser.add_argument("--version", action="version", version=f"moedit {_version()}")

@@ -181,6 +181,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def dump_yaml(data: Any, path: str | Path) -> None:
     """Write atomically (temp file + rename); a full disk is a named error, the old file stays whole."""
-    from moedit.train.rundir import write_text
+    from moedit.fileio import write_text
 
     write_text(path, yaml.safe_dump(to_dict(data), sort_keys=False), what="the config")

@@ -1,6 +1,6 @@
 """The dependency rule of docs/DESIGN.md, read from the import statements of every module:
 
-    errors  <-  configtools  <-  models  <-  data, diffusion  <-  engines  <-  train  <-  apps  <-  cli
+    errors  <-  fileio, lazy  <-  configtools  <-  models  <-  data, diffusion  <-  engines  <-  train  <-  apps  <-  cli
                                                                (apps: eval, interop, analysis, launch)
 
 A module may import its own package and the packages of lower layers, never a higher layer or a
@@ -18,13 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = {"moedit": "moedit", "moedit.launch": "launch", "moedit.analysis": "analysis"}
 LAYERS = {
     "moedit": 0, "moedit.errors": 0,
-    "moedit.configtools": 1,
-    "moedit.models": 2,
-    "moedit.data": 3, "moedit.diffusion": 3,
-    "moedit.engines": 4,
-    "moedit.train": 5,
-    "moedit.eval": 6, "moedit.interop": 6, "moedit.analysis": 6, "moedit.launch": 6,
-    "moedit.cli": 7,
+    "moedit.fileio": 1, "moedit.lazy": 1,
+    "moedit.configtools": 2,
+    "moedit.models": 3,
+    "moedit.data": 4, "moedit.diffusion": 4,
+    "moedit.engines": 5,
+    "moedit.train": 6,
+    "moedit.eval": 7, "moedit.interop": 7, "moedit.analysis": 7, "moedit.launch": 7,
+    "moedit.cli": 8,
 }
 
 

@@ -37,7 +37,8 @@ from moedit.train.checkpoint import (
     resolve_resume,
     verify_checkpoint,
 )
-from moedit.train.rundir import DiskFullError, RunDirBusy, RunDirLock
+from moedit.fileio import DiskFullError
+from moedit.train.rundir import RunDirBusy, RunDirLock
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTILE_TAG = '!!python/object/apply:os.system ["touch {marker}"]'
@@ -621,7 +622,7 @@ def test_corrupt_or_foreign_weights_file_is_a_named_error(tmp_path, inference_ch
 
 
 def test_is_disk_full_recognises_what_libraries_raise():
-    from moedit.train.rundir import is_disk_full
+    from moedit.fileio import is_disk_full
 
     assert is_disk_full(OSError(errno.ENOSPC, "x"))
     assert is_disk_full(OSError(errno.EDQUOT, "x"))

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from moedit.cli import LazyModule
+from moedit.lazy import LazyModule
 
 np = LazyModule("numpy")  # imported when used: `--help` needs neither
 torch = LazyModule("torch")

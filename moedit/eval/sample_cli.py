@@ -18,7 +18,7 @@ import json
 import math
 from pathlib import Path
 
-from moedit.cli import LazyModule
+from moedit.lazy import LazyModule
 
 torch = LazyModule("torch")  # imported when used: `--help` needs no torch
 

@@ -58,7 +58,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moedit.errors import MoeditError
-from moedit.train.rundir import DiskFullError, disk_full_message, is_disk_full, write_text
+from moedit.fileio import DiskFullError, disk_full_message, is_disk_full, write_text
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 TMP_PREFIX = ".tmp_"

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from moedit.train.rundir import append_line, write_text
+from moedit.fileio import append_line, write_text
 
 
 class RunLogger:

@@ -1,5 +1,5 @@
-"""The run directory: one training job at a time (`RUN/.lock`), and writes that fail with a named
-error when the disk is full.
+"""The run directory: one training job at a time (`RUN/.lock`); its writes that fail with a named
+error when the disk is full are moedit.fileio's.
 
 The lock
 --------
@@ -39,18 +39,14 @@ from pathlib import Path
 from typing import Any
 
 from moedit.errors import MoeditError
+from moedit.fileio import DISK_FULL_ERRNOS, DiskFullError, disk_full_message
 
 LOCK_NAME = ".lock"
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _NO_LOCKS_ERRNOS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
 class RunDirBusy(MoeditError):
     """Another training job holds the run directory's lock."""
-
-
-class DiskFullError(MoeditError):
-    """No space (or quota) left while writing a file of the run directory."""
 
 
 # --- the lock ------------------------------------------------------------------------------------
@@ -210,84 +206,3 @@ def _wait_for(holder: dict[str, Any] | None, wait_s: float | None) -> float:
     if mine and holder and holder.get("slurm_job_id") == mine and holder.get("pid") != os.getpid():
         return float(os.environ.get("MOEDIT_RUN_LOCK_WAIT_S", "120"))
     return 0.0
-
-
-# --- writes that name a full disk ----------------------------------------------------------------
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """Whether `exc` reports no space or no quota left: an OSError's errno, or the message of a
-    library that does not keep the errno (safetensors: "No space left on device (os error 28)")."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-            return True
-        text = str(exc)
-        if "No space left on device" in text or "Disk quota exceeded" in text or "os error 28" in text \
-                or "os error 122" in text:
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def disk_full_message(path: str | Path, what: str, where: str | Path | None = None) -> str:
-    """`where`: the directory to name for `df` (default: the file's directory)."""
-    path = Path(path)
-    return (f"no space left on the device (or quota exceeded) while writing {what} {path}; free space there "
-            f"(df -h {where or path.parent}) or set train.run_dir to a directory on another disk, then rerun the "
-            "same command (training resumes from the last complete checkpoint)")
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def write_text(path: str | Path, text: str, what: str = "file") -> None:
-    """Write `path` atomically (temp file + rename); a full disk becomes `DiskFullError` naming
-    `path`, and the temp file is removed. The old file, if any, stays whole."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            _write_all(fd, text.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno in DISK_FULL_ERRNOS:
-            raise DiskFullError(disk_full_message(path, what)) from None
-        raise MoeditError(f"cannot write {what} {path} ({exc.strerror}); check the directory's permissions "
-                          "or set train.run_dir to another directory") from None
-
-
-def append_line(path: str | Path, line: str, what: str = "log") -> None:
-    """Append one line in one unbuffered write; on a full disk the file is cut back to its previous
-    size (no half line is left) and `DiskFullError` names it."""
-    path = Path(path)
-    data = (line if line.endswith("\n") else line + "\n").encode()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        if exc.errno in DISK_FULL_ERRNOS:
-            raise DiskFullError(disk_full_message(path, what)) from None
-        raise
-    try:
-        start = os.lseek(fd, 0, os.SEEK_END)
-        try:
-            _write_all(fd, data)
-        except OSError as exc:
-            try:
-                os.ftruncate(fd, start)
-            except OSError:
-                pass
-            if exc.errno in DISK_FULL_ERRNOS:
-                raise DiskFullError(disk_full_message(path, what)) from None
-            raise
-    finally:
-        os.close(fd)

@@ -34,7 +34,7 @@ import torch
 from moedit.engines import build_engine
 from moedit.errors import MoeditError
 from moedit.train.checkpoint import CheckpointWriter, load_checkpoint, resolve_resume
-from moedit.train.rundir import write_text
+from moedit.fileio import write_text
 from moedit.train.config import Config
 
 PREEMPTED_EXIT_CODE = 143

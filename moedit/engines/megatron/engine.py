@@ -26,7 +26,7 @@ What differs from the default engine hooks (moedit/engines/base.py), and why:
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
