@@ -25,8 +25,10 @@ def main(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
+    from moedit.train.threads import set_threads
     from moedit.train.trainer import Trainer
 
+    threads = set_threads()  # before any torch work: a fair share of a shared machine
     # Checks of the data against the config, on every rank and before anything is written
     # (the run directory included): a mistyped data.path or shards of other shapes are one line.
     _check_builtin_target(cfg, args.overrides)
@@ -41,6 +43,7 @@ def main(args: argparse.Namespace) -> int:
         trainer.setup()
         if trainer.engine.is_main:
             e = trainer.engine
+            print(threads, flush=True)
             print(
                 f"moedit train: {cfg.flavor} on {e.device} engine={e.name} world_size={e.world_size} "
                 f"micro_batch={trainer.micro_batch} accum={trainer.accum_steps} run_dir={cfg.train.run_dir}",
