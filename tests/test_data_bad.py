@@ -144,3 +144,20 @@ def test_resume_with_skipped_samples_matches_the_uninterrupted_run(tmp_path):
     counters = ("samples", "samples_read", "skipped", "skipped_wrong_dtype", "epoch")
     assert [resumed.stats()[k] for k in counters] == [full_loader.stats()[k] for k in counters]
     assert full_loader.stats()["skipped"] >= 4  # at least one whole epoch went by
+
+
+def test_non_finite_latent_is_named_with_check_finite_and_passes_without(tmp_path):
+    nan = np.zeros((1, 2, 2), np.float32)
+    nan[0, 1, 0] = np.nan
+    root = str(tmp_path)
+    make_dataset(root, 20, 5, bad={BAD_INDEX: {"npy": npy_bytes(nan), "cls": GOOD_LABEL}})
+    # Off by default: the sample reaches the batch (and the trainer's loss check, unnamed).
+    batches = list(build_loader(DataConfig(path=root, num_workers=0), batch_size=4))
+    assert sum(int(np.isnan(x.numpy()).sum()) for x, _ in batches) == 1
+    with pytest.raises(DataError, match=rf"shard-000002.tar, sample {BAD_INDEX:06d}: latent holds 1 NaN or infinite"):
+        list(build_loader(DataConfig(path=root, num_workers=0, check_finite=True), batch_size=4))
+    loader = build_loader(DataConfig(path=root, num_workers=0, check_finite=True, bad_data="skip",
+                                     max_skip_fraction=0.1), batch_size=4)
+    ids = [i for x, _ in loader for i in sample_ids(x)]
+    assert sorted(ids) == [i for i in range(20) if i != BAD_INDEX]
+    assert loader.stats()["skipped_non_finite"] == 1

@@ -64,6 +64,11 @@ class DataConfig:
     """Check each shard's sha256 against the manifest when it is read (catches corrupted payloads
     that still parse); a mismatch counts as bad data for every sample of the shard."""
 
+    check_finite: bool = False
+    """Check every latent for NaN and infinity as it is read (one pass over each sample). A bad one is
+    bad data (below) named by shard and sample; without the check the trainer's non-finite loss
+    check finds it only as a NaN step, without its name."""
+
     bad_data: str = "raise"
     """What to do with a corrupt/truncated shard, a missing key, a wrong latent shape or dtype or a
     label out of range: `raise` (error naming shard, sample key and problem) or `skip` (count, log)."""

@@ -292,5 +292,6 @@ def build_loader(data_cfg: DataConfig, *, batch_size: int, rank: int = 0, world_
         shuffle=data_cfg.shuffle, resampled=data_cfg.resampled, drop_last=data_cfg.drop_last,
         skip_bad=data_cfg.bad_data == "skip", verify_checksums=data_cfg.verify_checksums, seed=seed, rank=rank,
         world_size=world_size, num_streams=max(1, data_cfg.num_workers), split_samples=data_cfg.split == "sample",
+        check_finite=data_cfg.check_finite,
     )
     return ShardLoader(data_cfg, manifest, plan)

@@ -15,7 +15,7 @@ METADATA_KEY = "json"
 
 # Reasons a sample is bad; they name the counters in ShardLoader.stats().
 REASONS = ("corrupt_shard", "missing_shard", "checksum", "missing_key", "bad_array", "wrong_shape", "wrong_dtype",
-           "bad_label")
+           "bad_label", "non_finite")
 
 
 class DataError(MoeditError):
@@ -41,8 +41,10 @@ class BadSample(Exception):
 class SampleDecoder:
     """Checks samples against the manifest and writes them into preallocated batch arrays."""
 
-    def __init__(self, latent_shape: tuple[int, ...], latent_dtype: str, num_classes: int):
+    def __init__(self, latent_shape: tuple[int, ...], latent_dtype: str, num_classes: int,
+                 check_finite: bool = False):
         self.shape = tuple(latent_shape)
+        self.check_finite = check_finite
         self.dtype = np.dtype(latent_dtype)
         self.count = math.prod(self.shape)
         self.num_classes = num_classes
@@ -81,6 +83,9 @@ class SampleDecoder:
         if len(data) - offset != self.count * dtype.itemsize:
             raise BadSample("bad_array", f".npy holds {len(data) - offset} data bytes, expected {self.count * dtype.itemsize}")
         array = np.frombuffer(data, dtype=dtype, count=self.count, offset=offset)
+        if self.check_finite and not np.isfinite(array).all():
+            bad = int(array.size - np.isfinite(array).sum())
+            raise BadSample("non_finite", f"latent holds {bad} NaN or infinite value(s) of {array.size}")
         return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
 
     def label(self, data: bytes | memoryview) -> int:

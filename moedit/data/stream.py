@@ -56,6 +56,8 @@ class StreamPlan:
     num_streams: int
     split_samples: bool = False
     """Every rank reads all shards and keeps samples rank::world_size of each global batch."""
+    check_finite: bool = False
+    """Check every latent for NaN and infinity (data.check_finite)."""
 
     @property
     def reader_rank(self) -> int:
@@ -158,7 +160,7 @@ class Stream:
     def __init__(self, plan: StreamPlan, epoch: int, stream: int, shard_ids: list[int] | None):
         self.plan, self.epoch, self.stream = plan, epoch, stream
         self.shards = ShardSequence(plan, stream, shard_ids)
-        self.decoder = SampleDecoder(plan.latent_shape, plan.latent_dtype, plan.num_classes)
+        self.decoder = SampleDecoder(plan.latent_shape, plan.latent_dtype, plan.num_classes, plan.check_finite)
         self._cached: tuple[int, list[RawSample | BadEntry]] | None = None
         self._logged = 0
 
