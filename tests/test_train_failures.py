@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -201,3 +202,34 @@ def test_failed_rank_exits_without_tearing_down_the_group(world_size, tmp_path, 
         assert exited.value.args == (1,) and calls == ["close"]  # the lock goes, the group is left alone
         err = capsys.readouterr().err
         assert "[rank 1 of 2]" in err and "RuntimeError: boom in setup" in err
+
+
+def _final_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    state = {f"model.{k}": v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    state.update({f"ema.{k}": v.detach().clone() for k, v in trainer.engine.ema.state_dict().items()})
+    for i, group in enumerate(trainer.engine.optimizer.state.values()):
+        state.update({f"optim.{i}.{k}": v.detach().clone() for k, v in group.items()})
+    return state
+
+
+@pytest.mark.parametrize("poisoned", [set(), {2}])
+def test_deferred_checks_train_bitwise_as_checking_every_step(tmp_path, digits_dir, poisoned):
+    """The sync-free step (flags read at log intervals, the discarded step masked on the device) and
+    the step that reads its flags at once end in the same weights, EMA, optimizer state, buffers,
+    logs and skip count, bit for bit, with and without a NaN batch."""
+    runs = {}
+    for deferred in (True, False):
+        (tmp_path / str(deferred)).mkdir()
+        trainer = make_trainer(tmp_path / str(deferred), digits_dir, "train.on_nonfinite=skip", "train.steps=6",
+                               "logging.log_every=3", f"train.deferred_checks={str(deferred).lower()}")
+        assert trainer._deferred is deferred  # fused AdamW on the CPU can discard a step on the device
+        poison_batch(trainer, poisoned)
+        assert trainer.fit() == 0
+        rows = (tmp_path / str(deferred) / "run" / "metrics.jsonl").read_text().splitlines()
+        runs[deferred] = (_final_state(trainer), trainer.skipped_steps,
+                          [{k: v for k, v in json.loads(r).items() if "per_s" not in k and "wait" not in k}
+                           for r in rows])
+    (a, skipped_a, rows_a), (b, skipped_b, rows_b) = runs[True], runs[False]
+    assert skipped_a == skipped_b == len(poisoned)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert rows_a == rows_b

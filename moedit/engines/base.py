@@ -120,7 +120,7 @@ class Engine:
         self.model = model
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()
         optimizer = adamw([p for p in model.parameters() if p.requires_grad], optim_cfg,
-                          fused=self.device.type == "cuda")
+                          fused=self.device.type in ("cuda", "cpu"))
         self.wrapped, self.optimizer = self.prepare(model, optimizer, micro_batch_size=micro_batch_size,
                                                     accum_steps=accum_steps, grad_clip=optim_cfg.grad_clip,
                                                     autocast_bf16=autocast_bf16)
@@ -199,21 +199,33 @@ class Engine:
                 sums[k] = sums[k] + v.detach().float() / n if k in sums else v.detach().float() / n
         return sums
 
-    def optimizer_step(self, grad_clip: float) -> torch.Tensor:
-        """Clip and apply the step's gradients; the norm before clipping (a device tensor)."""
-        return self.step(self.wrapped, self.optimizer, self.model, grad_clip).detach().float()
+    @property
+    def can_mask_steps(self) -> bool:
+        """Whether `optimizer_step(found_inf=flag)` discards an update on the device, without the host
+        reading the flag (torch's fused AdamW honours `found_inf`, as it does for GradScaler)."""
+        opt = self.optimizer
+        return isinstance(opt, torch.optim.AdamW) and bool(opt.defaults.get("fused"))
+
+    def optimizer_step(self, grad_clip: float, found_inf: torch.Tensor | None = None) -> torch.Tensor:
+        """Clip and apply the step's gradients; the norm before clipping (a device tensor).
+        `found_inf` (0-dim float on the device, engines with `can_mask_steps`): 1 = leave the weights
+        and the optimizer state as they are."""
+        with _found_inf(self.optimizer, found_inf):
+            return self.step(self.wrapped, self.optimizer, self.model, grad_clip).detach().float()
 
     def discard_step(self) -> None:
         """Drop the step's gradients without applying them (a skipped non-finite step)."""
         self.discard_gradients(self.wrapped, self.optimizer)
 
     @torch.no_grad()
-    def update_ema(self, decay: float) -> None:
+    def update_ema(self, decay: float, skip: torch.Tensor | None = None) -> None:
+        """ema += (1 - decay) (live - ema); with `skip` (a device flag, 1 = a discarded step) the weight
+        is (1 - decay)(1 - skip), so a discarded step leaves the EMA as it was."""
         ema, live = zip(*self._ema_pairs)
         # bf16 live weights (deepspeed.bf16) feed an fp32 EMA; ZeRO-3 shards are gathered first.
         with self.gathered_parameters(self.model):
             live = [t if t.dtype == e.dtype else t.to(e.dtype) for e, t in zip(ema, live)]
-            torch._foreach_lerp_(list(ema), live, 1.0 - decay)
+            torch._foreach_lerp_(list(ema), live, ema_weight(decay, skip))
 
     # --- canonical weights for checkpoints and samples ------------------------------------------
     @contextlib.contextmanager
@@ -312,8 +324,28 @@ class Engine:
         """Tear down the process group."""
 
 
+@contextlib.contextmanager
+def _found_inf(optimizer, flag: torch.Tensor | None):
+    """`optimizer.found_inf = flag` for one step (what torch's fused optimizers read)."""
+    if flag is None:
+        yield
+        return
+    optimizer.found_inf = flag
+    try:
+        yield
+    finally:
+        del optimizer.found_inf
+
+
+def ema_weight(decay: float, skip: torch.Tensor | None):
+    """The EMA's lerp weight: 1 - decay, or (1 - decay)(1 - skip) as a device tensor (the same float
+    the scalar gives: the product is formed in float32 from the exact 0 or 1)."""
+    return 1.0 - decay if skip is None else (1.0 - skip.float()) * (1.0 - decay)
+
+
 def adamw(params, optim_cfg, fused: bool = False) -> torch.optim.AdamW:
-    """torch AdamW with the `optim` section's hyper-parameters (the trainer sets lr every step)."""
+    """torch AdamW with the `optim` section's hyper-parameters (the trainer sets lr every step).
+    fused: one kernel for all parameters (CUDA and CPU), which also honours `found_inf`."""
     o = optim_cfg
     return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, fused=fused)
 

@@ -85,6 +85,13 @@ class TrainConfig:
     """Sampler steps for grids (0 = the diffusion section's default)."""
     compile: bool = False
     """torch.compile the model (CUDA)."""
+    deferred_checks: bool = True
+    """Read the non-finite-loss flags (and, with several ranks, the stop flags) at log intervals and
+    checkpoints instead of after every step, so the host never waits for the device. A non-finite
+    step is still discarded before it touches the weights, the optimizer state, the EMA or the
+    DiffMoE thresholds (on the device); it is reported, counted and acted on (on_nonfinite) when the
+    flags are read. Needs an optimizer that can discard a step on the device (torch's fused AdamW:
+    local, ddp and megatron with the torch optimizer); others check every step. false: every step."""
 
     def __post_init__(self):
         if self.steps < 1:

@@ -61,7 +61,10 @@ class Trainer:
         self._lock = None  # the run directory's lock (main rank): one training job per directory
         self._stop_signal: int | None = None
         self._interval_sum: torch.Tensor | None = None  # loss terms, loss, grad norm: summed on the device
-        self._interval_steps = 0
+        self._interval_ok: torch.Tensor | None = None  # accepted steps of the interval, on the device
+        self._interval_steps = 0  # all steps of the interval (skipped ones took time too)
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # deferred non-finite flags
+        self._stop_prev: torch.Tensor | None = None
         self._data_wait = 0.0
         self._last_log_time = time.time()
 
@@ -88,6 +91,10 @@ class Trainer:
         from moedit.models.stats import mutable_buffers
 
         self._mutable = mutable_buffers(self.model)
+        self._before = [b.clone() for b in self._mutable]  # their values before the step in flight
+        # Sync-free steps: a non-finite step is discarded on the device (fused AdamW's found_inf, a
+        # masked EMA, buffers restored by torch.where) and the host reads the flags at log intervals.
+        self._deferred = cfg.train.deferred_checks and engine.can_mask_steps
         self.writer = CheckpointWriter(
             self.run_dir / "checkpoints", engine, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every
         )
@@ -176,6 +183,7 @@ class Trainer:
 
         from moedit.train.config import config_to_dict
 
+        self._read_flags()  # skipped_steps up to date (a stop policy raises here, before any save)
         text = yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
         trainer_state = {"step": self.step, "skipped_steps": self.skipped_steps}
         rank_state = {"data": self.data.state_dict(), **self.engine.rank_state()}
@@ -240,18 +248,24 @@ class Trainer:
         batches = self._micro_batches()
         # State a forward updates in place (DiffMoE thresholds, aux-free biases, routing statistics):
         # restored if the step turns out non-finite, so a skipped step leaves no trace.
-        before = [b.clone() for b in self._mutable]
+        if self._mutable:
+            torch._foreach_copy_(self._before, self._mutable)
         sums = self.engine.forward_backward(batches, self._forward, self._objective)
         zero = torch.zeros((), device=self.device)
         terms = {k: sums.get(k, zero) for k in self.term_names}  # absent: computed on another stage
         terms["loss"] = sum(c * terms[k] for k, c in self.term_coefs.items() if c != 0.0)
-        return self._finish_step(terms, before)
+        return self._finish_step(terms)
 
     def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of the step, each with its noise, t and label dropout drawn from
         (seed, step, global micro-batch index), the same numbers on every engine and layout."""
         cfg = self.cfg
         x_all, y_all = self._next_batch()  # this rank's share of the step: micro_batch x accum_steps
+        if self.device.type == "cuda":
+            # From pinned memory the copy is asynchronous; from pageable memory CUDA first waits for
+            # the stream to drain (a host sync every step).
+            x_all = x_all.pin_memory().to(self.device, non_blocking=True)
+            y_all = y_all.pin_memory().to(self.device, non_blocking=True)
         drop = cfg.model.class_dropout_prob if cfg.model.num_classes else 0.0
         gen, out = self._generator, []
         for a in range(self.accum_steps):
@@ -279,48 +293,100 @@ class Trainer:
         terms = self.diffusion.loss_from_output(out.float(), batch["x"], batch["noise"], batch["t"], batch["x_t"])
         return {k: v.mean() for k, v in terms.items()}
 
-    def _finish_step(self, terms: dict[str, torch.Tensor], before: list[torch.Tensor]) -> bool:
-        """After the step's backward: skip it on a non-finite loss term on any rank, else step the
-        optimizer; count the step and add its terms to the log interval. Returns whether a stop
-        signal arrived on any rank."""
-        # Name a component term before the total, which is non-finite whenever one of them is.
-        bad_term = next((k for k in [*self.term_names, "loss"] if not torch.isfinite(terms[k])), None)
-        flags = torch.tensor([float(bad_term is not None), float(self._stop_signal is not None)], device=self.device)
-        self.engine.all_reduce_max_([flags])  # one sync per step: every rank agrees to skip or stop
-        nonfinite, stop = (bool(f) for f in flags.tolist())
+    def _finish_step(self, terms: dict[str, torch.Tensor]) -> bool:
+        """After the step's backward: discard it on a non-finite loss term on any rank, else step the
+        optimizer; add its terms to the log interval. Returns whether a stop signal arrived on any
+        rank (with deferred checks on several ranks: one step later)."""
+        names = [*self.term_names, "loss"]
+        # per term, this rank; a component term is named before the total, non-finite with any of them
+        bad = torch.stack([~torch.isfinite(terms[k]) for k in names]).float()
         self.step += 1
-        if nonfinite:
-            torch._foreach_copy_(self._mutable, before)
-            self._handle_nonfinite(bad_term)
-            return stop
-        grad_norm = self.optimizer_step()
-        values = torch.stack([terms[k] for k in [*self.term_names, "loss"]] + [grad_norm.reshape(())]).double()
-        self._interval_sum = values if self._interval_sum is None else self._interval_sum + values
         self._interval_steps += 1
-        return stop
+        if self._deferred:
+            return self._finish_step_on_device(terms, bad)
+        flags = torch.stack([bad.max(), self._stop_flag()])
+        self.engine.all_reduce_max_([flags])  # every rank agrees to skip or stop
+        *local, skip, stop = torch.cat([bad, flags]).tolist()  # the one host sync of the step
+        if skip:
+            torch._foreach_copy_(self._mutable, self._before)
+            self.engine.discard_step()
+            self._nonfinite(self.step, self._first_bad(local))
+        else:
+            self._accumulate(terms, self.optimizer_step(), None)
+        return bool(stop)
 
-    def optimizer_step(self) -> torch.Tensor:
-        grad_norm = self.engine.optimizer_step(self.cfg.optim.grad_clip)
+    def _finish_step_on_device(self, terms: dict[str, torch.Tensor], bad: torch.Tensor) -> bool:
+        """The step without a host sync: every update is masked by the agreed skip flag on the device
+        (a discarded step changes no weight, moment, EMA or buffer); `_read_flags` reports it later."""
+        skip, stop = bad.max(), None
+        if self.engine.world_size > 1:
+            agreed = torch.stack([skip, self._stop_flag()])
+            self.engine.all_reduce_max_([agreed])
+            skip, stop = agreed[0], agreed[1]
+        for buffer, old in zip(self._mutable, self._before):
+            buffer.copy_(torch.where(skip > 0, old, buffer))
+        self._accumulate(terms, self.optimizer_step(skip), skip)
+        self._pending.append((self.step, bad, skip))
+        if stop is None:
+            return self._stop_signal is not None
+        # The ranks' stop flags are read one step late, once this step's work is queued, so the host
+        # never waits for the device to drain; a signal still stops within one step.
+        previous, self._stop_prev = self._stop_prev, stop
+        return previous is not None and bool(previous)
+
+    def _stop_flag(self) -> torch.Tensor:
+        # torch.full is a fill kernel; torch.tensor(v, device=...) would copy from pageable memory,
+        # which makes CUDA wait for the stream
+        return torch.full((), float(self._stop_signal is not None), device=self.device)
+
+    def _accumulate(self, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, skip: torch.Tensor | None) -> None:
+        values = torch.stack([terms[k] for k in [*self.term_names, "loss"]] + [grad_norm.reshape(())]).double()
+        ok = torch.ones((), dtype=torch.float64, device=self.device)
+        if skip is not None:  # a discarded step adds nothing (where, not a product: NaN * 0 is NaN)
+            values = torch.where(skip > 0, torch.zeros_like(values), values)
+            ok = 1.0 - skip.double()
+        self._interval_sum = values if self._interval_sum is None else self._interval_sum + values
+        self._interval_ok = ok if self._interval_ok is None else self._interval_ok + ok
+
+    def _read_flags(self) -> None:
+        """Report the deferred non-finite steps (log intervals, checkpoints): one device-to-host copy."""
+        if not self._pending:
+            return
+        steps = [step for step, _, _ in self._pending]
+        table = torch.stack([torch.cat([bad, skip.reshape(1)]) for _, bad, skip in self._pending]).tolist()
+        self._pending = []
+        for step, (*local, skip) in zip(steps, table):
+            if skip:
+                self._nonfinite(step, self._first_bad(local))
+
+    def _first_bad(self, local: list[float]) -> str | None:
+        return next((k for k, b in zip([*self.term_names, "loss"], local) if b), None)
+
+    def optimizer_step(self, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """The optimizer, the replicas' thresholds and the EMA; `skip` (a device flag): discard the
+        update on the device instead."""
+        grad_norm = self.engine.optimizer_step(self.cfg.optim.grad_clip, found_inf=skip)
         thresholds = self.model.threshold_buffers()
         if thresholds:
             self.engine.average_data_parallel_(thresholds)
-        self.engine.update_ema(self.cfg.train.ema_decay)
+        self.engine.update_ema(self.cfg.train.ema_decay, skip=skip)
         return grad_norm.to(self.device)
 
-    def _handle_nonfinite(self, bad_term: str | None) -> None:
-        """Step `self.step` (counted from 1, as in the progress log) was non-finite on some rank. It
-        still counts as a step (its batch is consumed), but changed nothing."""
-        self.engine.discard_step()
+    def _nonfinite(self, step: int, bad_term: str | None) -> None:
+        """Step `step` (counted from 1, as in the progress log) was non-finite on some rank and was
+        discarded: it counts as a step (its batch is consumed) but changed nothing. Count it, or stop."""
         where = bad_term or "on another rank"
         if self.cfg.train.on_nonfinite == "skip" and self.skipped_steps < self.cfg.train.max_skipped_steps:
             self.skipped_steps += 1
             if self.engine.is_main:
-                print(f"step {self.step}: non-finite loss term '{where}', step skipped "
+                print(f"step {step}: non-finite loss term '{where}', step skipped "
                       f"({self.skipped_steps} of at most {self.cfg.train.max_skipped_steps})", flush=True)
             return
-        path = self.save_checkpoint(name=f"debug_step_{self.step:07d}")
-        raise NonFiniteLoss(f"non-finite loss at step {self.step} (first bad term: '{where}'); debug checkpoint "
-                            f"(the weights before that step) at {path}")
+        path = self.save_checkpoint(name=f"debug_step_{step:07d}")
+        state = "the weights before that step" if step == self.step else \
+            f"the weights after step {self.step}; step {step} changed nothing"
+        raise NonFiniteLoss(f"non-finite loss at step {step} (first bad term: '{where}'); debug checkpoint "
+                            f"({state}) at {path}")
 
     def _set_lr(self) -> None:
         o = self.cfg.optim
@@ -362,15 +428,17 @@ class Trainer:
     def log_interval(self) -> None:
         """Reduce the interval's loss terms, data wait, threshold spread and routing statistics over
         the ranks (collective) and log them on the main rank."""
+        self._read_flags()
         names = [*self.term_names, "loss"]
-        steps = self._interval_steps
-        sums = self._interval_sum if self._interval_sum is not None else torch.zeros(len(names) + 1, dtype=torch.float64,
-                                                                                   device=self.device)
+        zeros = torch.zeros(len(names) + 1, dtype=torch.float64, device=self.device)
+        sums = self._interval_sum if self._interval_sum is not None else zeros
+        ok = self._interval_ok if self._interval_ok is not None else zeros[0]
         # One collective and one device-to-host copy per log interval for every loss term. Each term
         # is held by `loss_copies` ranks of each replica (zeros elsewhere); the grad norm is global.
         values = torch.cat([sums[:-1], torch.tensor([self._data_wait], dtype=torch.float64, device=self.device)])
         self.engine.all_reduce_sum_world_([values])
-        values, grad_norm = values.tolist(), float(sums[-1])
+        values = values.tolist()
+        grad_norm, steps = torch.stack([sums[-1], ok]).tolist()
         means = {}
         if steps:  # an interval of skipped steps only has no loss to report
             copies = steps * self.world * self.engine.loss_copies
@@ -406,7 +474,7 @@ class Trainer:
                 every = self.cfg.logging.heatmaps_every or 10 * self.cfg.logging.log_every
                 if self.step % every == 0 or self.step == self.cfg.train.steps:
                     self.logger.log_heatmaps(self.step, stats)
-        self._interval_sum = None
+        self._interval_sum = self._interval_ok = None
         self._interval_steps = 0
         self._data_wait = 0.0
 

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from moedit.engines.base import DistEnv, adamw
+from moedit.engines.base import DistEnv, _found_inf, adamw, ema_weight
 from moedit.engines.ddp import DDPEngine
 from moedit.engines.megatron.checkpoint import MegatronCheckpointing
 from moedit.errors import MoeditError
@@ -142,7 +142,7 @@ class MegatronEngine(MegatronCheckpointing, DDPEngine):
     def _build_optimizer(self):
         if self.optimizer_kind == "torch":
             return adamw([p for p in self.model.parameters() if p.requires_grad], self.optim_cfg,
-                         fused=self.device.type == "cuda")
+                         fused=self.device.type in ("cuda", "cpu"))
         from moedit.engines.megatron.foreach import install_foreach_kernels
         from moedit.engines.megatron.precision import distributed_optimizer
 
@@ -201,7 +201,7 @@ class MegatronEngine(MegatronCheckpointing, DDPEngine):
         finalize_model_grads([self.wrapped])
         return sums
 
-    def optimizer_step(self, grad_clip):
+    def optimizer_step(self, grad_clip, found_inf=None):
         self._optimizer_stepped = True
         if self.optimizer_kind == "distributed":
             # Megatron's step: main grads from the reduce-scattered buffer, the global norm, clipping,
@@ -220,7 +220,8 @@ class MegatronEngine(MegatronCheckpointing, DDPEngine):
         if grad_clip > 0:
             coef = (grad_clip / (grad_norm + 1e-6)).clamp(max=1.0).to(torch.float32)
             torch._foreach_mul_([p.grad for p in params], coef)
-        self.optimizer.step()
+        with _found_inf(self.optimizer, found_inf):
+            self.optimizer.step()
         return grad_norm.float()
 
     def discard_step(self) -> None:
@@ -228,9 +229,9 @@ class MegatronEngine(MegatronCheckpointing, DDPEngine):
         super().discard_step()
 
     @torch.no_grad()
-    def update_ema(self, decay):
+    def update_ema(self, decay, skip=None):
         ema, live = zip(*self._ema_pairs)  # live: bf16 parameters under the distributed optimizer, cast here
-        torch._foreach_lerp_(list(ema), [t.float() for t in live], 1.0 - decay)
+        torch._foreach_lerp_(list(ema), [t.float() for t in live], ema_weight(decay, skip))
 
     @contextmanager
     def _parameters_as_ema(self):
