@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One device call: the GPU tests of the code paths a change touched (time-limited), then the
+# `moedit train` throughput table (benchmarks/train.py via scripts/train_bench_device.sh's rows).
+#   ROWS="..." TESTS="..." bash scripts/session_gpu_check.sh [OUT_DIR]     (carry .whl_mc)
+set -uo pipefail
+out="${1:-${OUT:-/tmp/session_gpu_check}}"
+mkdir -p "$out"
+start=$(date +%s)
+failures=0
+source scripts/device_env.sh || exit 1
+: > "$out/summary.txt"
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, megatron.core as mc; print('torch', torch.__version__, '| cuda', torch.version.cuda, '| megatron-core', mc.__version__)"
+  git log -1 --format='commit %h %s' 2>/dev/null || true
+} 2>&1 | tee "$out/env.txt"
+tests=${TESTS:-"tests/test_models_gpu.py tests/test_models_fused.py tests/test_models_fused_router.py tests/test_models_fused_predictor.py"}
+if [ "$tests" != none ]; then
+  step gpu_tests "${TESTS_LIMIT:-180}" python3 -m pytest -q -p no:cacheprovider -m gpu $tests
+fi
+read -r -a rows <<< "${ROWS:-DiffMoE-L-E8:32:local DiffMoE-L-E8:32:megatron DiffMoE-L-E8:128:local DiffMoE-L-E8:128:megatron DiT-L/2:128:local}"
+step train_bench "${BENCH_LIMIT:-420}" python3 benchmarks/train.py --rows "${rows[@]}" --steps "${STEPS:-50}" \
+  --warmup "${WARMUP:-20}" --log-every 10 --runs /tmp/train_bench_runs --json "$out/train.json"
+echo "total $(($(date +%s) - start)) s, $failures failed step(s)"
+cat "$out/summary.txt"
