@@ -123,6 +123,22 @@ def test_overrides_and_flavor_copies():
         override(cfg, ["hiden_size=3"])
 
 
+def test_models_overrides_parse_as_training_overrides_do():
+    """One parser: `moedit models --flavor F k=v` and `moedit train CFG model.k=v` read the same text alike."""
+    from moedit.train.config import config_from_dict
+
+    from moedit.configtools import apply_overrides
+
+    texts = ["moe.z_loss_coef=1e-3", "moe.capacity=2", "qk_norm=yes", "class_dropout_prob=0", "learn_sigma=false"]
+    models = override(get_flavor("tiny-diffmoe"), texts)
+    data = apply_overrides({"model": {"flavor": "tiny-diffmoe"}},
+                           [t if t.startswith("moe.") else "model." + t for t in texts])
+    assert config_from_dict(data).model == models
+    assert (models.moe.z_loss_coef, models.moe.capacity, models.qk_norm) == (1e-3, 2.0, True)
+    with pytest.raises(ValueError, match=r"moe.capacity = 'lots': expected a number"):
+        override(models, ["moe.capacity=lots"])
+
+
 def test_fine_grained_and_shared_experts_shapes():
     cfg = override(get_flavor("tiny-diffmoe"), {"moe.granularity": 4, "moe.num_experts": 8,
                                                 "moe.num_shared_experts": 2, "moe.shared_expert_ratio": 1.0})

@@ -224,53 +224,31 @@ class ModelConfig:
         return [i for i in range(self.depth) if self.is_moe_block(i)]
 
 
-def _parse_value(text: str, current: Any) -> Any:
-    low = text.strip().lower()
-    if low in ("none", "null"):
-        return None
-    if isinstance(current, bool):
-        if low in ("true", "1", "yes"):
-            return True
-        if low in ("false", "0", "no"):
-            return False
-        raise ValueError(f"{text!r} is not a boolean")
-    if isinstance(current, int):
-        return int(text)
-    if isinstance(current, float) or current is None:
-        try:
-            return int(text) if low.lstrip("-").isdigit() else float(text)
-        except ValueError:
-            return text
-    if isinstance(current, list):
-        return [float(v) for v in text.strip("[]").split(",") if v.strip()]
-    return text
-
-
 def override(cfg: ModelConfig, overrides: dict[str, Any] | list[str]) -> ModelConfig:
     """A copy of `cfg` with dotted overrides applied: {"input_size": 64, "moe.num_experts": 8}
-    or ["input_size=64", "moe.router=token_choice"] (string values are parsed by field type)."""
+    or ["input_size=64", "moe.router=token_choice"]. Strings are read by the training configs'
+    override parser and every value is checked against the field's type by the same code
+    (`moedit.configtools`), so `moedit models` and `moedit train` accept the same spellings."""
+    import typing
+
+    from moedit.configtools import ConfigError, _closest, coerce, parse_override
+
     if isinstance(overrides, list):
-        pairs = {}
-        for item in overrides:
-            if "=" not in item:
-                raise ValueError(f"override {item!r}: expected KEY=VALUE, e.g. input_size=64")
-            key, value = item.split("=", 1)
-            pairs[key.strip()] = value
-        overrides = pairs
+        overrides = {".".join(path): value for path, value in map(parse_override, overrides)}
     top: dict[str, Any] = {}
     moe: dict[str, Any] = {}
     for key, value in overrides.items():
         section, _, name = key.rpartition(".")
-        target_cls, target = (MoEConfig, moe) if section == "moe" else (ModelConfig, top)
         if section not in ("", "model", "moe"):
             raise ValueError(f"override {key!r}: unknown section {section!r} (use 'moe.<field>' or '<field>')")
-        names = {f.name: f for f in dataclasses.fields(target_cls)}
-        if name not in names or name == "moe":
-            raise ValueError(f"override {key!r}: unknown field; valid: {', '.join(n for n in names if n != 'moe')}")
-        if isinstance(value, str) and names[name].type != "str":
-            current = getattr(target_cls(), name) if section != "moe" or cfg.moe is None else getattr(cfg.moe, name)
-            value = _parse_value(value, current)
-        target[name] = value
+        target_cls, target = (MoEConfig, moe) if section == "moe" else (ModelConfig, top)
+        names = [f.name for f in dataclasses.fields(target_cls) if f.name != "moe"]
+        if name not in names:
+            raise ValueError(f"override {key!r}: unknown field{_closest(name, names)}")
+        try:
+            target[name] = coerce(value, typing.get_type_hints(target_cls)[name], key)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
     moe_cfg = cfg.moe
     if moe:
         moe_cfg = dataclasses.replace(moe_cfg, **moe) if moe_cfg is not None else MoEConfig(**moe)
