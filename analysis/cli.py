@@ -13,8 +13,8 @@ import importlib
 from moedit.errors import MoeditError
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "scaling": ("moedit.analysis.scaling_cli", "fit scaling laws (envelope, Chinchilla, isoFLOP, MoE) to a sweep"),
-    "routing": ("moedit.analysis.routing_cli", "expert-routing statistics and reports from a run"),
+    "scaling": ("moedit.analysis.scaling.cli", "fit scaling laws (envelope, Chinchilla, isoFLOP, MoE) to a sweep"),
+    "routing": ("moedit.analysis.routing.cli", "expert-routing statistics and reports from a run"),
 }
 
 

@@ -74,7 +74,7 @@ def test_lazy_packages_still_export_everything():
 
 
 def test_scaling_loss_key_help_agrees_with_the_docs_and_the_logged_keys():
-    from moedit.analysis.scaling_collect import OBJECTIVE_TERMS
+    from moedit.analysis.scaling.collect import OBJECTIVE_TERMS
     from moedit.diffusion.ddpm import GaussianDiffusion
     from moedit.diffusion.flow import RectifiedFlow
 
@@ -113,7 +113,7 @@ def _tiny_checkpoint(tmp_path):
 def test_trajectory_probe_prints_its_plan_and_an_estimate_first(tmp_path, monkeypatch, capsys):
     import argparse
 
-    from moedit.analysis import routing_cli, routing_probe
+    from moedit.analysis.routing import cli as routing_cli, probe as routing_probe
 
     path = _tiny_checkpoint(tmp_path)
     events = []

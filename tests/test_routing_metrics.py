@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from moedit.analysis import routing_metrics as rm
+from moedit.analysis.routing import metrics as rm
 
 
 @pytest.mark.parametrize("num_experts", [2, 8, 16])

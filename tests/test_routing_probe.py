@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from moedit.analysis import routing_probe, routing_trace
-from moedit.analysis.routing_accumulate import RoutingAccumulator
+from moedit.analysis.routing import probe as routing_probe, trace as routing_trace
+from moedit.analysis.routing.accumulate import RoutingAccumulator
 from moedit.errors import MoeditError
 
 EDGES = [0.0, 0.25, 0.5, 0.75, 1.0]

@@ -1,6 +1,6 @@
 """`moedit analyze routing` end to end: JSON/Markdown/HTML, headless Chromium render, bad input.
 
-The run directories are synthetic (analysis/routing_synthetic.py) in the docs/DESIGN.md layout;
+The run directories are synthetic (analysis/routing/synthetic.py) in the docs/DESIGN.md layout;
 the probe runs a real tiny model exported as safetensors.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from moedit.analysis.routing_synthetic import make_run_dir
+from moedit.analysis.routing.synthetic import make_run_dir
 from moedit.cli import main as moedit_main
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

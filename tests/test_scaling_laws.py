@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize_scalar
 
-from moedit.analysis import scaling_isoflop as iso
-from moedit.analysis import scaling_laws as laws
+from moedit.analysis.scaling import isoflop as iso
+from moedit.analysis.scaling import laws
 
 DATA = Path(__file__).parent / "data" / "chinchilla_svg_extracted.csv"
 TRUE = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}

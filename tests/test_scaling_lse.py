@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy.special import huber
 
-from moedit.analysis.scaling_laws import APPROACH3, APPROACH3_GRID_SMALL, bootstrap_counts
-from moedit.analysis.scaling_lse import (
+from moedit.analysis.scaling.laws import APPROACH3, APPROACH3_GRID_SMALL, bootstrap_counts
+from moedit.analysis.scaling.lse import (
     HUBER_DELTA, batched_lbfgs, bootstrap_lse, fit_lse, param_grid, polish_scipy,
 )
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from moedit.analysis import cli as analysis_cli
-from moedit.analysis.scaling_collect import collect, check_single_distribution, ema, read_runs_csv
+from moedit.analysis.scaling.collect import collect, check_single_distribution, ema, read_runs_csv
 from moedit.cli import main as moedit_main
 from moedit.errors import MoeditError
 

@@ -86,11 +86,11 @@ def _probe_run(args: argparse.Namespace, run) -> dict | None:
     if not (args.probe or args.from_trace):
         return None
     # imported here: the probe pulls in torch and the model zoo, the log report does not
-    from moedit.analysis import routing_probe, routing_trace
+    from moedit.analysis.routing import probe as routing_probe, trace as routing_trace
 
     edges = (run.routing[-1][1].get("noise_bin_edges") if run.routing else None)
     if not edges or len(edges) < 2:
-        from moedit.analysis.routing_accumulate import uniform_edges
+        from moedit.analysis.routing.accumulate import uniform_edges
         edges = uniform_edges(args.noise_bins)
     if args.from_trace:
         return routing_trace.analyse_trace(args.from_trace, edges, args.predictor_threshold)
@@ -161,7 +161,7 @@ def probe_plan(options, cfg, model, device) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from moedit.analysis import routing_report, routing_sources
+    from moedit.analysis.routing import report as routing_report, sources as routing_sources
 
     _check_args(args)
     want_probe = bool(args.probe or args.from_trace)

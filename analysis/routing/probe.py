@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from moedit.analysis.routing_accumulate import RoutingAccumulator
-from moedit.analysis.routing_trace import TraceWriter
+from moedit.analysis.routing.accumulate import RoutingAccumulator
+from moedit.analysis.routing.trace import TraceWriter
 from moedit.errors import MoeditError
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moedit.analysis import routing_metrics as rm
+from moedit.analysis.routing import metrics as rm
 
 CALIBRATION_BINS = 10
 

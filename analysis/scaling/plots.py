@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from moedit.analysis import scaling_isoflop as iso
-from moedit.analysis import scaling_laws as laws
-from moedit.analysis.scaling_collect import Run
+from moedit.analysis.scaling import isoflop as iso
+from moedit.analysis.scaling import laws
+from moedit.analysis.scaling.collect import Run
 
 
 def _pyplot():

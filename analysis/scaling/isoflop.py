@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moedit.analysis.scaling_laws import bootstrap_counts, interval
+from moedit.analysis.scaling.laws import bootstrap_counts, interval
 
 
 def group_by_budget(flops: np.ndarray, tolerance: float = 0.1) -> list[np.ndarray]:

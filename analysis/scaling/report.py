@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from moedit.analysis import scaling_isoflop as iso
-from moedit.analysis import scaling_laws as laws
-from moedit.analysis.scaling_collect import Run, validate_runs
+from moedit.analysis.scaling import isoflop as iso
+from moedit.analysis.scaling import laws
+from moedit.analysis.scaling.collect import Run, validate_runs
 from moedit.errors import MoeditError
 
 FITS = ("envelope", "approach3", "isoflop", "moe_bilinear", "fine_grained")

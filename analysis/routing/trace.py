@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moedit.analysis.routing_accumulate import RoutingAccumulator, _numpy
+from moedit.analysis.routing.accumulate import RoutingAccumulator, _numpy
 from moedit.errors import MoeditError
 
 FORMAT = "moedit-routing-trace-v1"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moedit.analysis.scaling_lse import LseLaw, bootstrap_lse, fit_lse, param_grid
+from moedit.analysis.scaling.lse import LseLaw, bootstrap_lse, fit_lse, param_grid
 
 APPROACH3 = LseLaw(
     name="chinchilla_approach3",

@@ -56,8 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from moedit.analysis.scaling_collect import check_single_distribution, collect, drop_highest_loss
-    from moedit.analysis.scaling_report import ScalingOptions, analyze, arrays, to_json
+    from moedit.analysis.scaling.collect import check_single_distribution, collect, drop_highest_loss
+    from moedit.analysis.scaling.report import ScalingOptions, analyze, arrays, to_json
 
     started = time.perf_counter()
     columns = _parse_columns(args.column)
@@ -82,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else _default_out(Path(args.source))
     out.mkdir(parents=True, exist_ok=True)
     if not args.no_plots:
-        from moedit.analysis.scaling_plots import write_plots
+        from moedit.analysis.scaling.plots import write_plots
 
         report["plots"] = write_plots(report, runs, arrays(runs, options)["N"], out, _loss_label(runs))
     report["seconds"] = round(time.perf_counter() - started, 2)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from moedit.analysis import routing_metrics as rm
+from moedit.analysis.routing import metrics as rm
 from moedit.errors import MoeditError
 
 LAYER_KEYS = ("block", "num_experts", "tokens", "tokens_per_expert")

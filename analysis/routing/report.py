@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from moedit.analysis import routing_metrics as rm
-from moedit.analysis import routing_plots as plots
-from moedit.analysis import routing_sources as sources
+from moedit.analysis.routing import metrics as rm
+from moedit.analysis.routing import plots
+from moedit.analysis.routing import sources
 
 FORMAT = "moedit-routing-report-v1"
 TABLE_KEYS = ("tokens_per_expert_by_noise", "tokens_per_expert_by_class")
