@@ -36,13 +36,14 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from runner import run_logged  # benchmarks/runner.py (this directory is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "diffmoe_l_e16_imagenet256.yaml"
@@ -169,46 +170,12 @@ def summarize(rows: list[dict], warmup: int, batch: int) -> dict:
             "world_size": logged[-1].get("world_size")}
 
 
-def run_logged(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> int:
-    """Run `cmd` in its own process group, output into `log`. On timeout, or when this script gets
-    SIGTERM/SIGINT (from `timeout`, say), the whole group is stopped, torchrun's workers included.
-    Returns the exit status (124 on timeout)."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-        def stop_group() -> None:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(proc.pid, sig)
-                    proc.wait(timeout=10)
-                    return
-                except ProcessLookupError:
-                    return
-                except subprocess.TimeoutExpired:
-                    continue
-
-        def on_signal(signum, frame):
-            stop_group()
-            raise SystemExit(128 + signum)
-
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            stop_group()
-            out.write(f"\n== timed out after {timeout:.0f} s\n")
-            return 124
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-
 def run_row(row: Row, runs: Path, args: argparse.Namespace) -> dict:
     run_dir = runs / row.name
     cmd = command(row, run_dir, args)
     log = runs / f"{row.name}.log"
     t0 = time.time()
-    code = run_logged(cmd, log, args.timeout)
+    code = run_logged(cmd, log, args.timeout, cwd=ROOT)
     launcher = ["torchrun", *cmd[cmd.index("--standalone"):cmd.index("-m", 3)]] if row.nproc > 1 else []
     out = {"row": row.spec, "flavor": row.flavor, "batch": row.batch, "engine": row.engine, "nproc": row.nproc,
            "overrides": row.overrides, "wall_s": time.time() - t0, "exit": code, "log": str(log),

@@ -51,12 +51,14 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from runner import run_logged  # noqa: E402 (benchmarks/runner.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "megatron_diffmoe_s_e16_synthetic.yaml"
@@ -259,40 +261,6 @@ def run_env() -> dict[str, str]:
     return env
 
 
-def run_logged(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> int:
-    """Run `cmd` in its own process group, output into `log`. On timeout, or when this script gets
-    SIGTERM/SIGINT (from `timeout`, say), the whole group is stopped, torchrun's workers included.
-    Returns the exit status (124 on timeout)."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-        def stop_group() -> None:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(proc.pid, sig)
-                    proc.wait(timeout=10)
-                    return
-                except ProcessLookupError:
-                    return
-                except subprocess.TimeoutExpired:
-                    continue
-
-        def on_signal(signum, frame):
-            stop_group()
-            raise SystemExit(128 + signum)
-
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            stop_group()
-            out.write(f"\n== timed out after {timeout:.0f} s\n")
-            return 124
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-
 def train(run_dir: Path, overrides: list[str], world: int, timeout: float) -> tuple[int, str, float]:
     """`moedit train CONFIG overrides` into a fresh `run_dir` (torchrun when world > 1, or always for
     megatron). Returns (exit status, command, seconds); the output goes to RUN_DIR.log."""
@@ -305,7 +273,7 @@ def train(run_dir: Path, overrides: list[str], world: int, timeout: float) -> tu
         cmd, shown = [sys.executable, *train_args], ["python", *train_args]
     log = run_dir.with_name(run_dir.name + ".log")
     t0 = time.time()
-    code = run_logged(cmd, log, timeout, run_env())
+    code = run_logged(cmd, log, timeout, run_env(), cwd=ROOT)
     return code, " ".join(shown), time.time() - t0
 
 

@@ -3,20 +3,13 @@
 from moedit.data.config import DataConfig
 from moedit.data.manifest import Manifest, ShardInfo, load_manifest
 from moedit.data.samples import DataError
+from moedit.lazy import lazy_attributes
 
 # torch-backed parts load on first use, so that configs and `moedit prepare --help` stay light
 _LAZY = {"build_decoder": "moedit.data.encoders", "ShardLoader": "moedit.data.loader",
          "build_loader": "moedit.data.loader"}
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = [
     "DataConfig", "DataError", "Manifest", "ShardInfo", "ShardLoader",

@@ -11,20 +11,13 @@ in `moedit.diffusion.losses.total_loss`. See docs/diffusion.md.
 from __future__ import annotations
 
 from moedit.diffusion.config import DDPM_SAMPLERS, FLOW_SAMPLERS, DiffusionConfig
+from moedit.lazy import lazy_attributes
 
 # torch-backed parts load on first use, so that `moedit.diffusion.config` (configs, `--help`) stays light
 _LAZY = {"GaussianDiffusion": "moedit.diffusion.ddpm", "RectifiedFlow": "moedit.diffusion.flow",
          "total_loss": "moedit.diffusion.losses"}
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 def build_diffusion(cfg: DiffusionConfig) -> RectifiedFlow | GaussianDiffusion:

@@ -10,20 +10,14 @@
 - `cli`: the command. See docs/evaluation.md.
 """
 
+from moedit.lazy import lazy_attributes
+
 # Loaded on first use, so that the command modules (`moedit evaluate --help`) need no torch.
 _LAZY = {**{name: "moedit.eval.features" for name in ("FEATURES", "FeatureExtractor", "build_features")},
          **{name: "moedit.eval.metrics" for name in ("FeatureStats", "Reference", "compare", "frechet_distance",
                                                       "precision_recall")}}
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = ["FEATURES", "FeatureExtractor", "FeatureStats", "Reference", "build_features", "compare",
            "frechet_distance", "precision_recall"]

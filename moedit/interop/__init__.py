@@ -6,21 +6,15 @@ MoE, export to diffusers and to plain safetensors. See docs/interop.md.
 Commands: `moedit convert`, `moedit upcycle`, `moedit export`.
 """
 
+from moedit.lazy import lazy_attributes
+
 # Loaded on first use, so that the command modules (`moedit convert --help`) need no torch.
 _LAZY = {"convert_checkpoint": "moedit.interop.convert", "write_checkpoint": "moedit.interop.convert",
          "export_diffusers": "moedit.interop.export", "export_official": "moedit.interop.export",
          "patch_diffusers_time_embedding": "moedit.interop.export",
          "upcycle_checkpoint": "moedit.interop.upcycle", "upcycle_state_dict": "moedit.interop.upcycle"}
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = ["convert_checkpoint", "export_diffusers", "export_official", "patch_diffusers_time_embedding",
            "upcycle_checkpoint", "upcycle_state_dict", "write_checkpoint"]

@@ -5,15 +5,10 @@
 
 from moedit.models.config import ModelConfig, MoEConfig, override
 from moedit.models.flavors import FLAVORS, get_flavor
+from moedit.lazy import lazy_attributes
 
 
-def __getattr__(name: str):
-    # the torch-backed model loads on first use: configs and `moedit models --help` stay light
-    if name in ("DiT", "build_model"):
-        from moedit.models import dit
-
-        globals()[name] = getattr(dit, name)
-        return globals()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# the torch-backed model loads on first use: configs and `moedit models --help` stay light
+__getattr__ = lazy_attributes(__name__, {"DiT": "moedit.models.dit", "build_model": "moedit.models.dit"})
 
 __all__ = ["DiT", "FLAVORS", "ModelConfig", "MoEConfig", "build_model", "get_flavor", "override"]
