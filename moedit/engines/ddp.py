@@ -54,16 +54,30 @@ class DDPEngine(Engine):
             t.copy_(flat[offset : offset + n].view_as(t).to(t.dtype))
             offset += n
 
+    # Data-parallel collectives run over `data_parallel_group` (None: the world; Megatron: its
+    # data-parallel group), the others over the world.
     def all_reduce_sum_(self, tensors):
+        self._flat_reduce(tensors, dist.ReduceOp.SUM, self.data_parallel_group)
+
+    def all_reduce_sum_world_(self, tensors):
         self._flat_reduce(tensors, dist.ReduceOp.SUM)
 
     def all_reduce_max_(self, tensors):
         self._flat_reduce(tensors, dist.ReduceOp.MAX)
 
+    def all_reduce_max_replicas_(self, tensors):
+        self._flat_reduce(tensors, dist.ReduceOp.MAX, self.data_parallel_group)
+
     def average_data_parallel_(self, tensors):
-        self._flat_reduce(tensors, dist.ReduceOp.SUM)
+        group = self.data_parallel_group
+        self._flat_reduce(tensors, dist.ReduceOp.SUM, group)
         for t in tensors:
-            t.div_(self.world_size)
+            t.div_(dist.get_world_size(group))
+
+    def all_gather_object(self, obj) -> list:
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def barrier(self):
         if self.device.type == "cuda":

@@ -252,27 +252,6 @@ class MegatronEngine(MegatronCheckpointing, DDPEngine):
                 module._parameters[name] = p
 
     # --- collectives and logging --------------------------------------------------------------
-    def all_reduce_sum_(self, tensors):
-        """Sum over the data-parallel replicas (routing statistics; see the module docstring)."""
-        self._flat_reduce(tensors, dist.ReduceOp.SUM, self.data_parallel_group)
-
-    def all_reduce_sum_world_(self, tensors):
-        self._flat_reduce(tensors, dist.ReduceOp.SUM)
-
-    def all_reduce_max_replicas_(self, tensors):
-        self._flat_reduce(tensors, dist.ReduceOp.MAX, self.data_parallel_group)
-
-    def average_data_parallel_(self, tensors):
-        group = self.data_parallel_group
-        self._flat_reduce(tensors, dist.ReduceOp.SUM, group)
-        for t in tensors:
-            t.div_(dist.get_world_size(group))
-
-    def all_gather_object(self, obj) -> list:
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
     def routing_stats(self):
         """Every stage's layers, summed over its replicas, assembled on every rank."""
         from megatron.core import parallel_state
