@@ -225,9 +225,10 @@ def test_checkpoint_of_another_engine_is_refused_with_the_engine_named(tmp_path)
 
     blob = {"meta": {"engine": "deepspeed"}, "state": {"step": 4}, "model": {}}
     model = torch.nn.Linear(2, 2)
+    engine = LocalEngine(DistEnv(), torch.device("cpu"))
+    engine.model, engine.ema, engine.optimizer = model, model, torch.optim.AdamW(model.parameters())
     with pytest.raises(MoeditError, match="resume with parallel.engine=deepspeed"):
-        LocalEngine(DistEnv(), torch.device("cpu")).load_training_state(
-            tmp_path, blob, model, model, torch.optim.AdamW(model.parameters()))
+        engine.load_training_state(tmp_path, blob)
 
 
 # --- FLOP cross-check ---------------------------------------------------------------------------

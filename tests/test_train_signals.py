@@ -61,16 +61,22 @@ def test_first_ctrl_c_checkpoints_and_the_same_command_resumes_exactly(tmp_path,
 
 
 def test_second_ctrl_c_aborts_at_once(tmp_path, digits_dir):
-    # Large batches make a step last long enough that the second Ctrl-C lands inside it.
+    # Large batches make a step last long (about a second on two cores) so the second Ctrl-C lands
+    # inside the step the first one asked to finish; it is sent once the first has been acknowledged.
     cfg = tiny_config(tmp_path, digits_dir, train={"steps": 100000, "num_sample_images": 0,
-                                                   "global_batch_size": 1024}, checkpoint={"every": 100000})
+                                                   "global_batch_size": 8192}, checkpoint={"every": 100000})
     run = tmp_path / "run"
     proc = _start(cfg, run)
     _wait_for_step(proc, run, 1)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.2)  # separate deliveries (a pending signal is not queued twice)
+    seen = []
+    while not any("Ctrl-C: finishing" in line for line in seen):
+        line = proc.stderr.readline()
+        assert line, "".join(seen)  # stderr closed: the run ended before acknowledging the first Ctrl-C
+        seen.append(line)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
+    err = "".join(seen) + err
     assert proc.returncode == 130, out + err
     assert "moedit train: interrupted" in err
     assert not list((run / "checkpoints").glob("step_*"))  # aborted: no checkpoint of the step in flight

@@ -271,13 +271,13 @@ class Engine:
         """Restore the weights, the EMA and (unless the checkpoint is an import: weights only) the
         optimizer from a checkpoint (`blob` = `moedit.train.checkpoint.load_checkpoint`'s result)."""
         if not blob["meta"].get("imported"):
-            self.check_world(ckpt, blob)
-            if "optimizer" not in blob["state"]:
+            if "optimizer" not in blob["state"]:  # named before the world size: the likelier mistake
                 engine = blob["meta"].get("engine", "another")
                 raise MoeditError(
                     f"{ckpt}: written by the {engine} engine, whose optimizer state {self.name} cannot read; "
                     f"resume with parallel.engine={engine} (or train.resume=never to start fresh)"
                 )
+            self.check_world(ckpt, blob)
             self.optimizer.load_state_dict(blob["state"]["optimizer"])
         self.model.load_state_dict(blob["model"])
         self.ema.load_state_dict(blob["ema"])
