@@ -486,25 +486,6 @@ class MegatronDiT(MegatronModule):
         return out
 
 
-def drop_graph_references(model: nn.Module) -> None:
-    """Forget tensors of the last step that carry an autograd graph (the routers' `last_aux`, the
-    token dispatcher's `probs`). Their graphs' gradient-accumulator nodes hold the parameters and
-    Megatron DDP's hooks, which hold the model: a reference cycle through C++ that gc cannot
-    collect, so without this a discarded model's memory stays on the GPU (benchmarks, parity runs)."""
-    def carries_graph(v) -> bool:
-        return torch.is_tensor(v) and v.grad_fn is not None
-
-    for module in model.modules():
-        owners = [module] + [v for v in vars(module).values()
-                             if hasattr(v, "__dict__") and not callable(v) and not isinstance(v, nn.Module)]
-        for owner in owners:
-            for key, value in list(vars(owner).items()):
-                if carries_graph(value):
-                    setattr(owner, key, None)
-                elif isinstance(value, dict) and any(carries_graph(v) for v in value.values()):
-                    setattr(owner, key, {})
-
-
 def transformer_config(cfg: ModelConfig, *, tensor: int = 1, pipeline: int = 1, expert: int = 1,
                        sequence_parallel: bool = False, virtual_pipeline: int | None = None,
                        dtype: torch.dtype = torch.float32, use_cpu_initialization: bool = False,
@@ -579,5 +560,5 @@ def build_megatron_model(cfg: ModelConfig, config: TransformerConfig, vp_stage: 
                        vp_stage=vp_stage)
 
 
-__all__ = ["AdaLNZeroLayer", "DiTMoELayer", "MegatronDiT", "drop_graph_references", "MegatronExperts", "MegatronRouter", "SDPACoreAttention",
+__all__ = ["AdaLNZeroLayer", "DiTMoELayer", "MegatronDiT", "MegatronExperts", "MegatronRouter", "SDPACoreAttention",
            "build_megatron_model", "layer_spec", "transformer_config"]
