@@ -52,9 +52,19 @@ def test_state_dict_maps_onto_official_names_and_shapes(flavor):
 
 
 def test_analytic_counts_equal_instantiated_for_every_flavor():
+    text = [name for name in FLAVORS if FLAVORS[name].condition == "text"]
+    assert len(text) == 20 and "DiffMoE-L-E16-T" in text and "tiny-diffmoe-t" in text  # cross-attention counted too
     for name in FLAVORS:
         model = build_model(get_flavor(name), device="meta")  # nothing allocated (DiT-MoE-G is 16.5B)
         assert count_params(get_flavor(name)) == sum(p.numel() for p in model.parameters()), name
+
+
+@pytest.mark.parametrize("overrides", [{}, {"text_pooled": True}, {"qk_norm": True, "text_len": 77}])
+def test_text_flavor_counts_equal_instantiated_with_options(overrides):
+    for name in ("DiffMoE-S-E16-T", "Dense-DiT-S-T", "tiny-ec-t"):
+        cfg = dataclasses.replace(get_flavor(name), **overrides)
+        model = build_model(cfg, device="meta")
+        assert count_params(cfg) == sum(p.numel() for p in model.parameters()), (name, overrides)
 
 
 @pytest.mark.parametrize("flavor, gflops", [
@@ -114,7 +124,8 @@ def shape_table() -> dict[str, dict[str, str]]:
     return rows
 
 
-FAMILY = [name for name in FLAVORS if name.startswith(("DiffMoE-", "TC-DiT-", "EC-DiT-", "Dense-DiT-"))]
+FAMILY = [name for name in FLAVORS if name.startswith(("DiffMoE-", "TC-DiT-", "EC-DiT-", "Dense-DiT-"))
+          and FLAVORS[name].condition == "class"]  # the text variants (-T) share these shapes
 
 
 def test_shape_table_covers_the_whole_diffmoe_family():

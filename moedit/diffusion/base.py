@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from moedit.diffusion.config import DiffusionConfig, check_cfg_batching, check_interval, check_sampler
-from moedit.diffusion.guidance import ModelFn, check_guidance_channels, guided
+from moedit.diffusion.guidance import ModelFn, call_model, check_guidance_channels, guided, is_text_condition
 from moedit.diffusion.losses import combine_losses
 
 
@@ -54,7 +54,7 @@ class DiffusionObjective:
         then `loss_from_output`. Engines that run the model themselves (a pipeline schedule) call
         the two halves."""
         x_t, t_model = self.model_inputs(x, noise, t)
-        return self.loss_from_output(model(x_t, t_model, y), x, noise, t, x_t)
+        return self.loss_from_output(call_model(model, x_t, t_model, y), x, noise, t, x_t)
 
     def noise_level(self, t: Tensor) -> Tensor:
         """Model time -> noise level in [0, 1], 1 = pure noise."""
@@ -82,7 +82,8 @@ class DiffusionObjective:
 
         `cfg_batching` "joint" | "separate": how guidance batches its two forwards (docs/diffusion.md).
         `null_label` is the unconditional label for guidance (default: `model.num_classes`, else
-        `model.cfg.num_classes`).
+        `model.cfg.num_classes`). For a text model `y` is `{"text": (B, L, W), "text_mask": (B, L)}`
+        and guidance contrasts it with the null caption (`drop_text` all true; moedit.diffusion.guidance).
         `generator` drives the noise of stochastic samplers (euler_maruyama, ddpm, ddim with eta > 0).
         """
         cfg = self.cfg
@@ -102,7 +103,7 @@ class DiffusionObjective:
             check_interval(interval)
         batching = cfg.cfg_batching if cfg_batching is None else cfg_batching
         check_cfg_batching(batching)
-        if scale != 1.0:
+        if scale != 1.0 and not is_text_condition(y):
             if y is None:
                 raise ValueError(f"cfg_scale = {scale} needs class labels y (guidance contrasts them with the null label)")
             if null_label is None:  # duck-typed: `model.num_classes` or `model.cfg.num_classes`

@@ -11,18 +11,48 @@ first (the official DiffMoE flow sampler). The results differ only for a model w
 other, such as an expert-choice router over the whole batch pool. The unconditional label is
 `null_label` (the model's `num_classes`, the extra row of its label table). Scale 1 skips the
 unconditional forward, so it equals the conditional model exactly.
+
+Text conditioning: the condition `y` is a mapping of keyword tensors, `{"text": (B, L, W),
+"text_mask": (B, L)}` (optionally "drop_text" (B,) bool), and the model is called as
+`model(x, t, **y)`. The unconditional pass is the same caption with `drop_text` all true, so the
+model substitutes its learned null caption (`null_label` is not used).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Mapping
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from moedit.diffusion.config import check_cfg_batching
 
-ModelFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+ModelFn = Callable[[Tensor, Tensor, Any], Tensor]
+"""(x, t, condition) -> output; the condition is class labels (B,), None, or a text mapping."""
+
+
+def is_text_condition(y: Any) -> bool:
+    return isinstance(y, Mapping)
+
+
+def call_model(model: Callable, x: Tensor, t: Tensor, y: Any) -> Tensor:
+    """The model on one condition: `model(x, t, y)` for labels, `model(x, t, **y)` for a text mapping."""
+    return model(x, t, **y) if is_text_condition(y) else model(x, t, y)
+
+
+def _text_pair(y: Mapping, batch: int, device: torch.device) -> tuple[dict, dict]:
+    """(conditional, unconditional) text keyword sets: the unconditional one drops every caption."""
+    cond = dict(y)
+    cond.setdefault("drop_text", torch.zeros(batch, dtype=torch.bool, device=device))
+    return cond, {**cond, "drop_text": torch.ones(batch, dtype=torch.bool, device=device)}
+
+
+def _cat(a: Any, b: Any) -> Any:
+    """Two conditions of B rows as one of 2B (tensors or text mappings; None stays None)."""
+    if is_text_condition(a):
+        return {k: None if a[k] is None else torch.cat([a[k], b[k]]) for k in a}
+    return torch.cat([a, b])
 
 
 def check_guidance_channels(guidance_channels: int | None, data_channels: int) -> int:
@@ -46,22 +76,25 @@ def guided(model: ModelFn, *, cfg_scale: float, null_label: int | None, guidance
     """
     check_cfg_batching(batching)
     if cfg_scale == 1.0:
-        return model
+        return lambda x, t, y: call_model(model, x, t, y)
 
-    def forward(x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+    def forward(x: Tensor, t: Tensor, y: Any) -> Tensor:
         if interval is None:
             inside = torch.ones_like(t, dtype=torch.bool)
         else:
             level = noise_level(t)
             inside = (level >= interval[0]) & (level <= interval[1])  # (B,)
         if not bool(inside.any()):
-            return model(x, t, y)
-        null = torch.full_like(y, null_label)
-        if batching == "separate":
-            cond = model(x, t, y)  # (B, C_out, H, W), then the unconditional pool on its own
-            uncond = model(x, t, null)
+            return call_model(model, x, t, y)
+        if is_text_condition(y):
+            y, null = _text_pair(y, x.shape[0], x.device)
         else:
-            out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2B, C_out, H, W)
+            null = torch.full_like(y, null_label)
+        if batching == "separate":
+            cond = call_model(model, x, t, y)  # (B, C_out, H, W), then the unconditional pool on its own
+            uncond = call_model(model, x, t, null)
+        else:
+            out = call_model(model, torch.cat([x, x]), torch.cat([t, t]), _cat(y, null))  # (2B, C_out, H, W)
             cond, uncond = out.chunk(2)
         g = guidance_channels
         mixed = uncond[:, :g] + cfg_scale * (cond[:, :g] - uncond[:, :g])

@@ -3,6 +3,10 @@
     moedit models                                  # table of every flavor
     moedit models --json                           # the same, as JSON
     moedit models --flavor DiT-XL/2 input_size=64  # one flavor with dotted overrides
+    moedit models --flavor DiffMoE-L-E16-T text_len=77  # a text flavor counted at 77 caption tokens
+
+Text flavors are counted with cross-attention at their `text_len` caption tokens (the `condition`
+column: text LxW = L tokens of encoder width W).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ COLUMNS = [  # (header, key or function of the info dict, format)
     ("heads", "num_heads", "{}"),
     ("p", "patch_size", "{}"),
     ("router", lambda i: i["router"] or "dense", "{}"),
+    ("condition", lambda i: f"text {i['text_len']}x{i['text_dim']}" if i["condition"] == "text" else "class", "{}"),
     ("E / act", lambda i: f"{i['num_experts']} / {i['activated_experts']:g}" if i["num_experts"] else "-", "{}"),
     ("params", lambda i: _human(i["total_params"]), "{}"),
     ("activated", lambda i: _human(i["activated_params"]), "{}"),

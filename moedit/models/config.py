@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 ROUTERS = ("diffmoe", "token_choice", "expert_choice")
+CONDITIONS = ("class", "text")
 INFERENCE_MODES = ("dynamic", "static", "global_threshold")
 
 
@@ -157,6 +158,19 @@ class ModelConfig:
     """LayerNorm on queries and keys per head."""
     moe: MoEConfig | None = None
     """MoE layers (None: dense model)."""
+    condition: Literal["class", "text"] = "class"
+    """What the model is conditioned on besides t: `class` labels through adaLN (DiT), or `text`:
+    text-encoder token features through a cross-attention sublayer in every block (no label
+    embedder; num_classes and class_dropout_prob are unused)."""
+    text_dim: int = 0
+    """Text: width of the encoder's token features (T5-XXL 4096, CLIP-L 768); 0 for class models."""
+    text_len: int = 0
+    """Text: caption tokens L the model sees (padded or cut at preparation; PixArt-alpha: 120)."""
+    text_pooled: bool = False
+    """Text: also add a pooled caption vector (masked mean of the projected tokens through a small
+    MLP) to the timestep embedding, so adaLN sees the caption too."""
+    caption_dropout: float = 0.1
+    """Text: training probability of replacing a caption by the learned null caption (for CFG)."""
 
     def __post_init__(self) -> None:
         s = "model"
@@ -182,12 +196,34 @@ class ModelConfig:
             _fail(s, "num_classes", self.num_classes, "must be >= 0 (0: unconditional)")
         if not 0 <= self.class_dropout_prob < 1:
             _fail(s, "class_dropout_prob", self.class_dropout_prob, "must be in [0, 1)")
+        self._check_condition()
         if self.moe is not None:
             if self.moe.first >= self.depth:
                 _fail("moe", "first", self.moe.first, f"must be in [0, depth={self.depth})")
             if self.ffn_hidden % self.moe.granularity:
                 _fail("moe", "granularity", self.moe.granularity,
                       f"must divide the dense FFN hidden size {self.ffn_hidden}")
+
+    def _check_condition(self) -> None:
+        s = "model"
+        if self.condition not in CONDITIONS:
+            _fail(s, "condition", self.condition, f"must be one of {', '.join(CONDITIONS)}")
+        if self.condition == "class":
+            if self.text_pooled:
+                _fail(s, "text_pooled", self.text_pooled, "needs model.condition = text (a class model has no caption)")
+            return
+        if self.text_dim < 1:
+            _fail(s, "text_dim", self.text_dim,
+                  "a text model needs the encoder's feature width (>= 1; T5-XXL: 4096, CLIP-L: 768)")
+        if self.text_len < 1:
+            _fail(s, "text_len", self.text_len, "a text model needs the caption length in tokens (>= 1, e.g. 120)")
+        if not 0 <= self.caption_dropout < 1:
+            _fail(s, "caption_dropout", self.caption_dropout, "must be in [0, 1)")
+
+    @property
+    def is_text(self) -> bool:
+        """Conditioned on captions through cross-attention."""
+        return self.condition == "text"
 
     @property
     def num_tokens(self) -> int:
@@ -255,4 +291,4 @@ def override(cfg: ModelConfig, overrides: dict[str, Any] | list[str]) -> ModelCo
     return dataclasses.replace(cfg, moe=moe_cfg, **top)
 
 
-__all__ = ["ModelConfig", "MoEConfig", "ROUTERS", "INFERENCE_MODES", "override"]
+__all__ = ["ModelConfig", "MoEConfig", "ROUTERS", "CONDITIONS", "INFERENCE_MODES", "override"]

@@ -1,6 +1,8 @@
 """DiT (Peebles & Xie 2023) with adaLN-Zero blocks whose FFN is dense or an MoE layer.
 
-Called as `model(x_t, t, y)`; see docs/DESIGN.md for the time convention. The model maps t to a
+Called as `model(x_t, t, y)` (class condition) or `model(x_t, t, text=..., text_mask=...,
+drop_text=...)` (text condition: cross-attention to caption tokens between self-attention and the
+FFN, PixArt-alpha's layout); see docs/DESIGN.md for the time convention. The model maps t to a
 noise level (1 = pure noise) only for routing statistics: `set_time_convention("flow" | "ddpm")`.
 """
 
@@ -12,6 +14,8 @@ from torch import nn
 from moedit.models.config import ModelConfig
 from moedit.models.layers import (
     Attention,
+    CaptionEmbedder,
+    CrossAttention,
     FinalLayer,
     LabelEmbedder,
     PatchEmbed,
@@ -27,13 +31,20 @@ TIME_CONVENTIONS = ("flow", "ddpm")
 
 
 class DiTBlock(nn.Module):
-    """Pre-norm attention + FFN, both modulated and gated by adaLN-Zero from the condition c."""
+    """Pre-norm attention + FFN, both modulated and gated by adaLN-Zero from the condition c; a
+    text model has a cross-attention sublayer between them (pre-norm, not modulated: the caption
+    is its input, the timestep stays on adaLN)."""
 
     def __init__(self, cfg: ModelConfig, index: int, num_noise_bins: int):
         super().__init__()
         D = cfg.hidden_size
         self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(D, cfg.num_heads, qk_norm=cfg.qk_norm)
+        if cfg.is_text:
+            self.norm_cross = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+            self.cross_attn = CrossAttention(D, cfg.num_heads, qk_norm=cfg.qk_norm)
+        else:
+            self.cross_attn = None
         self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         if cfg.is_moe_block(index):
             self.mlp = MoELayer(cfg, index, num_noise_bins)
@@ -41,9 +52,13 @@ class DiTBlock(nn.Module):
             self.mlp = build_dense_ffn(cfg.ffn_type, D, cfg.ffn_hidden)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, ctx: RoutingContext | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, ctx: RoutingContext | None,
+                text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D), c (B, D); text (B, L, D) projected caption and text_mask (B, L) for a text model."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_cross(x), text, text_mask)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), ctx)
 
 
@@ -55,7 +70,9 @@ class DiT(nn.Module):
         self.grid = cfg.input_size // p
         self.x_embedder = PatchEmbed(p, cfg.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
-        self.y_embedder = LabelEmbedder(cfg.num_classes, D) if cfg.num_classes else None
+        self.y_embedder = LabelEmbedder(cfg.num_classes, D) if cfg.num_classes and not cfg.is_text else None
+        self.caption_embedder = (CaptionEmbedder(cfg.text_dim, cfg.text_len, D, pooled=cfg.text_pooled)
+                                 if cfg.is_text else None)
         # A frozen parameter (not a buffer), as in DiT: it is part of the published parameter count.
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, D), requires_grad=False)
         edges = cfg.moe.noise_bin_edges() if cfg.moe else [0.0, 1.0]
@@ -84,9 +101,19 @@ class DiT(nn.Module):
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.caption_embedder is not None:
+            # Null-caption rows of norm about 1, the scale of a normalised encoder feature.
+            nn.init.normal_(self.caption_embedder.null_caption, std=self.cfg.text_dim ** -0.5)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if block.cross_attn is not None:
+                # adaLN-Zero makes every block the identity at init through zero gates; cross-attention
+                # has no gate, so its output projection starts at zero instead (PixArt-alpha does the
+                # same). Its weight still gets a gradient at step 0 (from the attention output), so
+                # q/kv start learning one step later, as a gated branch does after its gate moves.
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
             if isinstance(block.mlp, MoELayer):
                 block.mlp.router.reset_gate()  # after the xavier sweep: DiffMoE gates are N(0, 0.006^2)
                 block.mlp.experts.reset_parameters()
@@ -114,13 +141,23 @@ class DiT(nn.Module):
         if t.shape != (x.shape[0],):
             raise ValueError(f"model timesteps t have shape {tuple(t.shape)}: expected ({x.shape[0]},)")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, H, W), t (B,), y (B,) long -> (B, out_channels, H, W)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None, drop_text: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W), t (B,) -> (B, out_channels, H, W).
+
+        Class models: y (B,) long (num_classes = the null class). Text models (y is ignored): text
+        (B, L, text_dim) caption features, text_mask (B, L) bool (True = real token; None: all real),
+        drop_text (B,) bool (True: the learned null caption instead, for CFG; None: all False).
+        Without text every sample must be dropped (the unconditional model)."""
         self._check_input(x, t)
         h = self.x_embedder(x) + self.pos_embed  # (B, T, D), T = (H/p) * (W/p)
         c = self.t_embedder(t)  # (B, D)
-        labels = None
-        if self.y_embedder is not None:
+        labels = context = context_mask = None
+        if self.caption_embedder is not None:
+            context, context_mask, pooled = self._caption(x.shape[0], text, text_mask, drop_text)
+            if pooled is not None:
+                c = c + pooled
+        elif self.y_embedder is not None:
             if y is None:
                 raise ValueError("model: class labels y are required (num_classes > 0); pass num_classes "
                                  "for the null class")
@@ -132,8 +169,37 @@ class DiT(nn.Module):
             bins = torch.bucketize(level, self._inner_edges, right=True)  # (B,)
             ctx = RoutingContext(x.shape[0], level, bins, labels)
         for block in self.blocks:
-            h = block(h, c, ctx)
+            h = block(h, c, ctx, context, context_mask)
         return self.unpatchify(self.final_layer(h, c))
+
+    def _caption(self, batch: int, text: torch.Tensor | None, text_mask: torch.Tensor | None,
+                 drop_text: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Check the caption inputs; (tokens (B, L, D), mask (B, L), pooled (B, D) or None)."""
+        L, W = self.cfg.text_len, self.cfg.text_dim
+        embedder = self.caption_embedder
+        if text is None:
+            if drop_text is None or drop_text.shape != (batch,) or not bool(drop_text.all()):
+                raise ValueError("model: a text model needs text (B, L, text_dim) and text_mask (B, L); "
+                                 "without text pass drop_text all true (the null caption)")
+            text = embedder.null_caption.unsqueeze(0).expand(batch, L, W)
+        if text.shape != (batch, L, W):
+            raise ValueError(f"model: text has shape {tuple(text.shape)}: expected ({batch}, {L}, {W}) for "
+                             f"model.text_len={L}, model.text_dim={W}")
+        if text_mask is None:
+            text_mask = torch.ones(batch, L, dtype=torch.bool, device=text.device)
+        if text_mask.shape != (batch, L) or text_mask.dtype != torch.bool:
+            raise ValueError(f"model: text_mask has shape {tuple(text_mask.shape)} and dtype {text_mask.dtype}: "
+                             f"expected ({batch}, {L}) bool")
+        if drop_text is None:
+            drop_text = torch.zeros(batch, dtype=torch.bool, device=text.device)
+        if drop_text.shape != (batch,) or drop_text.dtype != torch.bool:
+            raise ValueError(f"model: drop_text has shape {tuple(drop_text.shape)} and dtype {drop_text.dtype}: "
+                             f"expected ({batch},) bool")
+        if not text.is_floating_point():
+            raise ValueError(f"model: text has dtype {text.dtype}: expected floating-point encoder features")
+        # float16 features from the shards meet float32 (or bf16) weights: compute in the weights' dtype
+        text = text.to(embedder.fc1.weight.dtype)
+        return embedder(text, text_mask, drop_text)
 
     # ----- MoE API (docs/DESIGN.md) -------------------------------------------------------------
     def moe_layers(self) -> list[MoELayer]:

@@ -10,6 +10,9 @@
   softmax token choice without renormalisation, SwiGLU experts (hidden 4D) plus one SwiGLU shared
   expert of hidden 2D, balance loss 0.01 (DiT-MoE's code).
 - tiny-*: two-block models for CPU tests and demos (4x16x16 latents, 10 classes).
+- Text variants (`condition: text`, cross-attention to caption tokens): `DiffMoE-<tag>-T`,
+  `TC-DiT-<tag>-T`, `EC-DiT-<tag>-T`, `Dense-DiT-<size>-T` (T5-XXL features: 4096 wide, 120 tokens,
+  as PixArt-alpha) and `tiny-{dense,diffmoe,tc,ec}-t` (a 64-wide, 16-token stand-in encoder).
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ DIFFMOE_SIZES = {
     "L": (24, 1024, 16),
     "XL": (28, 1152, 16),
 }
+TEXT = {"condition": "text", "text_dim": 4096, "text_len": 120, "num_classes": 0}
+"""Text-flavor defaults: T5-XXL's feature width and PixArt-alpha's 120 caption tokens."""
+TINY_TEXT = {"condition": "text", "text_dim": 64, "text_len": 16, "num_classes": 0}
+
 DIFFMOE_SHAPES = {"S-E16": ("S", 16), "B-E16": ("B", 16), "L-E8": ("L", 8), "L-E16": ("L", 16)}
 """DiffMoE tag -> (size in DIFFMOE_SIZES, experts). MoE in blocks 1, 3, 5, ... (official `interleave: true`)."""
 
@@ -58,6 +65,14 @@ def _diffmoe_family() -> dict[str, ModelConfig]:
     for size in DIFFMOE_SIZES:
         out[f"Dense-DiT-{size}"] = _dit(size, 2, f"Dense-DiT-{size}", DIFFMOE_SIZES)
     return out
+
+
+def _text_variants(flavors: dict[str, ModelConfig], names: list[str], suffix: str, fields: dict) -> dict[str, ModelConfig]:
+    """`name + suffix`: the same shape conditioned on text (`fields`) instead of classes."""
+    return {name + suffix: dataclasses.replace(flavors[name], name=name + suffix,
+                                               moe=dataclasses.replace(flavors[name].moe) if flavors[name].moe else None,
+                                               **fields)
+            for name in names}
 
 
 def _ditmoe(size: str, experts: int) -> ModelConfig:
@@ -91,6 +106,9 @@ def _build_registry() -> dict[str, ModelConfig]:
     flavors["tiny-ditmoe"] = _tiny("tiny-ditmoe", MoEConfig(
         router="token_choice", num_experts=4, every=1, first=0, top_k=2, balance_coef=0.01,
         num_shared_experts=1, shared_expert_ratio=0.5, gate_init_std=None), ffn_type="swiglu")
+    family = list(_diffmoe_family())
+    flavors.update(_text_variants(flavors, family, "-T", TEXT))
+    flavors.update(_text_variants(flavors, ["tiny-dense", "tiny-diffmoe", "tiny-tc", "tiny-ec"], "-t", TINY_TEXT))
     return flavors
 
 
@@ -109,12 +127,19 @@ def get_flavor(name: str) -> ModelConfig:
     return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe) if cfg.moe else None)
 
 
+def _condition(cfg: ModelConfig) -> str:
+    if not cfg.is_text:
+        return f"{cfg.num_classes} classes"
+    pooled = ", pooled caption on adaLN" if cfg.text_pooled else ""
+    return f"text: cross-attention to {cfg.text_len} caption tokens of width {cfg.text_dim}{pooled}"
+
+
 def describe(cfg: ModelConfig) -> str:
     """One line naming every architecture choice, heads included (what `moedit convert` assumed)."""
     head_dim = cfg.hidden_size // cfg.num_heads
     text = (f"{cfg.name}: {cfg.depth} blocks x {cfg.hidden_size} wide, {cfg.num_heads} heads (head dim {head_dim}), "
             f"patch {cfg.patch_size} on {cfg.input_size}x{cfg.input_size}x{cfg.in_channels} latents "
-            f"({cfg.num_tokens} tokens), {cfg.ffn_type} FFN {cfg.ffn_hidden}, {cfg.num_classes} classes, "
+            f"({cfg.num_tokens} tokens), {cfg.ffn_type} FFN {cfg.ffn_hidden}, {_condition(cfg)}, "
             f"{cfg.out_channels} output channels" + (", qk-norm" if cfg.qk_norm else ""))
     m = cfg.moe
     if m is None:

@@ -11,6 +11,12 @@ MoE layers count the router, the DiffMoE capacity predictor, shared experts and 
 weighted by the tokens each expert actually processes per token: top_k for token choice,
 the capacity C for expert-choice routers (C = 1 at training; pass another for inference).
 Training FLOPs per image = 3x forward (backward = 2x forward).
+
+Text models (`condition: text`) count at their `text_len` caption tokens L (padding included:
+the attention runs over all L and masks): the caption projection (L x (text_dim x D + D x D)),
+the null caption (L x text_dim parameters), per block a cross-attention (queries T x D x D,
+keys/values L x 2D x D, output T x D x D, and in the `dit` convention the 2 x T x L x D score and
+value matmuls), and with `text_pooled` a D x D, D x D MLP per image.
 """
 
 from __future__ import annotations
@@ -34,8 +40,8 @@ def _ffn_macs(ffn_type: str, D: int, H: int) -> int:
 
 @dataclass
 class ParamBreakdown:
-    embed: int  # pos_embed + patch, timestep and label embedders
-    attention: int  # all blocks
+    embed: int  # pos_embed + patch, timestep and label (or caption) embedders
+    attention: int  # all blocks (self- and, for text models, cross-attention)
     adaln: int  # all blocks' adaLN modulation
     dense_ffn: int  # dense FFN blocks
     routers: int  # gates (+ DiffMoE capacity predictors)
@@ -52,10 +58,16 @@ class ParamBreakdown:
 def param_breakdown(cfg: ModelConfig) -> ParamBreakdown:
     D, p, T = cfg.hidden_size, cfg.patch_size, cfg.num_tokens
     embed = T * D + D * cfg.in_channels * p * p + D + TIMESTEP_FREQUENCY_SIZE * D + D + D * D + D
-    if cfg.num_classes:
-        embed += (cfg.num_classes + 1) * D
     head_dim = D // cfg.num_heads
-    attention = cfg.depth * (4 * D * D + 4 * D + (4 * head_dim if cfg.qk_norm else 0))
+    per_attention = 4 * D * D + 4 * D + (4 * head_dim if cfg.qk_norm else 0)  # qkv (or q + kv), proj, qk-norm
+    attention = cfg.depth * per_attention
+    if cfg.is_text:
+        embed += cfg.text_dim * D + D + D * D + D + cfg.text_len * cfg.text_dim  # caption MLP, null caption
+        if cfg.text_pooled:
+            embed += 2 * (D * D + D)
+        attention += cfg.depth * per_attention
+    elif cfg.num_classes:
+        embed += (cfg.num_classes + 1) * D
     adaln = cfg.depth * (6 * D * D + 6 * D)
     n_moe = len(cfg.moe_blocks())
     dense_ffn = (cfg.depth - n_moe) * _ffn_params(cfg.ffn_type, D, cfg.ffn_hidden)
@@ -104,6 +116,11 @@ def forward_macs(cfg: ModelConfig, convention: str = "dit", capacity: float | No
     macs += TIMESTEP_FREQUENCY_SIZE * D + D * D  # timestep MLP (per image)
     attention_matmuls = 2 * T * T * D if convention == "dit" else 0  # QK^T and AV
     per_block = 6 * D * D + 4 * T * D * D + attention_matmuls  # adaLN, qkv + proj, scores
+    if cfg.is_text:
+        L = cfg.text_len
+        macs += L * (cfg.text_dim * D + D * D) + (2 * D * D if cfg.text_pooled else 0)  # caption MLP, pooled MLP
+        cross_matmuls = 2 * T * L * D if convention == "dit" else 0  # QK^T and AV against L caption tokens
+        per_block += 2 * T * D * D + 2 * L * D * D + cross_matmuls  # q + proj, kv of the caption
     macs += cfg.depth * per_block
     n_moe = len(cfg.moe_blocks())
     macs += (cfg.depth - n_moe) * T * _ffn_macs(cfg.ffn_type, D, cfg.ffn_hidden)
@@ -140,6 +157,9 @@ def model_info(cfg: ModelConfig) -> dict:
         "num_heads": cfg.num_heads,
         "patch_size": cfg.patch_size,
         "input_size": cfg.input_size,
+        "condition": cfg.condition,
+        "text_len": cfg.text_len if cfg.is_text else 0,
+        "text_dim": cfg.text_dim if cfg.is_text else 0,
         "router": moe.router if moe else None,
         "num_experts": moe.num_experts if moe else 0,
         "activated_experts": experts_per_token(cfg) if moe else 0,

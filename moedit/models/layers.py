@@ -3,7 +3,9 @@
 Module and parameter names follow facebookresearch/DiT's state dict (x_embedder.proj,
 t_embedder.mlp.0/2, y_embedder.embedding_table, attn.qkv/proj, mlp.fc1/fc2,
 adaLN_modulation.1, final_layer.*) so official checkpoints load with a near-identity mapping.
-SwiGLU FFNs use DiT-MoE's names (gate_proj, up_proj, down_proj).
+SwiGLU FFNs use DiT-MoE's names (gate_proj, up_proj, down_proj). Text conditioning adds
+`CaptionEmbedder` (caption_embedder.fc1/fc2, .null_caption, .pool_fc1/pool_fc2) and
+`CrossAttention` (cross_attn.q/kv/proj) in every block.
 """
 
 from __future__ import annotations
@@ -103,6 +105,67 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, Dh)
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of image tokens (queries) to caption tokens (keys, values), with the
+    self-attention's head count. Padded caption tokens are masked out through a boolean mask, so
+    they get exactly zero attention weight and their features never reach the output."""
+
+    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.q = nn.Linear(hidden_size, hidden_size, bias=True)
+        self.kv = nn.Linear(hidden_size, 2 * hidden_size, bias=True)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) image tokens, context (B, L, D) projected caption, mask (B, L) bool (True =
+        a real token; every row needs one) -> (B, T, D)."""
+        B, T, D = x.shape
+        L = context.shape[1]
+        q = self.q(x).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        kv = self.kv(context).reshape(B, L, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)  # each (B, H, L, Dh)
+        q, k = self.q_norm(q), self.k_norm(k)
+        # (B, 1, 1, L) broadcasts over heads and queries; True = attend.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])  # (B, H, T, Dh)
+        return self.proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class CaptionEmbedder(nn.Module):
+    """Caption token features (B, L, text_dim) -> (B, L, D) through fc1 -> GELU(tanh) -> fc2, with a
+    learned null caption (L, text_dim) substituted for dropped captions (classifier-free guidance;
+    the trainer draws the dropout). With `pooled`, also a (B, D) vector for the adaLN condition:
+    the masked mean of the projected tokens through pool_fc1 -> SiLU -> pool_fc2."""
+
+    def __init__(self, text_dim: int, text_len: int, hidden_size: int, pooled: bool = False):
+        super().__init__()
+        self.text_dim, self.text_len = text_dim, text_len
+        self.fc1 = nn.Linear(text_dim, hidden_size)
+        self.fc2 = nn.Linear(hidden_size, hidden_size)
+        self.null_caption = nn.Parameter(torch.empty(text_len, text_dim))
+        self.pool_fc1 = nn.Linear(hidden_size, hidden_size) if pooled else None
+        self.pool_fc2 = nn.Linear(hidden_size, hidden_size) if pooled else None
+
+    def forward(self, text: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """text (B, L, text_dim), mask (B, L) bool, drop (B,) bool -> (tokens (B, L, D), mask (B, L),
+        pooled (B, D) or None). Dropped rows (and rows without a real token: an empty caption is
+        no caption) take the null caption with an all-true mask."""
+        drop = drop | ~mask.any(dim=1)  # (B,): an all-false mask row would give NaN attention
+        null = self.null_caption.to(text.dtype)
+        text = torch.where(drop[:, None, None], null.unsqueeze(0), text)  # (B, L, text_dim)
+        mask = mask | drop[:, None]
+        tokens = self.fc2(F.gelu(self.fc1(text), approximate="tanh"))  # (B, L, D)
+        if self.pool_fc1 is None:
+            return tokens, mask, None
+        weights = mask.to(tokens.dtype).unsqueeze(-1)  # (B, L, 1)
+        mean = (tokens * weights).sum(dim=1) / weights.sum(dim=1)  # (B, D)
+        return tokens, mask, self.pool_fc2(F.silu(self.pool_fc1(mean)))
 
 
 class GeluMLP(nn.Module):

@@ -61,7 +61,9 @@ class RoutingStats:
         self.capture: list | None = None  # set by moedit.models.stats.capture_routing
         self.last_capacity: torch.Tensor | None = None  # () tokens processed / S of the latest forward
         self.aux_names = aux_terms(moe)
-        num_classes = cfg.num_classes + 1 if (moe.stats_by_class and cfg.num_classes > 0) else 0
+        # Text models have no labels: no per-class rows (snapshots report null, as for unconditional models).
+        by_class = moe.stats_by_class and cfg.num_classes > 0 and cfg.condition == "class"
+        num_classes = cfg.num_classes + 1 if by_class else 0
         # Statistics are not persistent: checkpoints hold weights; the trainer snapshots stats per interval.
         self.register_buffer("stat_scalars", torch.zeros(len(SCALAR_SLOTS), dtype=torch.float64), persistent=False)
         self.register_buffer("stat_tokens_per_expert", torch.zeros(E, dtype=torch.long), persistent=False)
