@@ -211,6 +211,8 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     flavor, model = _build_model_config(data["model"] or {}, data.get("moe"))
     sections = {name: from_dict(cls, data.get(name) or {}, name) for name, cls in SECTIONS.items()}
     cfg = Config(model=model, flavor=flavor, **sections)
+    if model.is_text and hasattr(cfg.data, "fields") and not cfg.data.fields:
+        cfg.data.fields = ["text", "text_mask"]  # what a text model reads besides the latents
     validate(cfg)
     return cfg
 
@@ -224,6 +226,11 @@ def validate(cfg: Config) -> None:
             f"train.micro_batch_size = {cfg.train.micro_batch_size} with parallel.engine = megatron: the megatron engine "
             "takes its micro-batch from parallel.micro_batch and parallel.num_microbatches; set "
             "train.micro_batch_size=0 and parallel.micro_batch instead"
+        )
+    if cfg.parallel.engine == "megatron" and cfg.model.is_text:
+        raise ConfigError(
+            f"model.condition = text with parallel.engine = megatron: the megatron engine does not build "
+            f"cross-attention yet; train '{cfg.flavor}' with parallel.engine=local, ddp or deepspeed"
         )
     if cfg.parallel.megatron_optimizer == "distributed" and cfg.train.device == "cpu":
         raise ConfigError(

@@ -10,7 +10,10 @@ Logged loss terms mean the same on every engine: `loss/<term>` is each objective
 term unweighted, `loss` their weighted sum (objective terms weight 1, auxiliary terms their
 `moe.*_coef`), both averaged over the interval's accepted steps and the data-parallel replicas.
 
-Determinism: every micro-batch seeds its noise, t and label dropout from (seed, step, global
+Text models (`model.condition: text`) take the loader's fields text and text_mask; caption
+dropout (`model.caption_dropout`, the null caption) is drawn where label dropout is.
+
+Determinism: every micro-batch seeds its noise, t and label (or caption) dropout from (seed, step, global
 micro-batch index), where the global index of micro-batch `a` on data-parallel rank `r` is
 `a * replicas + r`. So a run resumed from a checkpoint, a run on N ranks, one rank accumulating N
 micro-batches, and every tensor-parallel or pipeline peer of a replica draw the same numbers for
@@ -67,6 +70,7 @@ class Trainer:
         self._stop_prev: torch.Tensor | None = None
         self._data_wait = 0.0
         self._last_log_time = time.time()
+        self._sample_captions: tuple[torch.Tensor, torch.Tensor] | None = None  # text models' sample captions
 
     # --- setup ----------------------------------------------------------------------------
     def setup(self) -> "Trainer":
@@ -260,13 +264,19 @@ class Trainer:
         """This rank's micro-batches of the step, each with its noise, t and label dropout drawn from
         (seed, step, global micro-batch index), the same numbers on every engine and layout."""
         cfg = self.cfg
-        x_all, y_all = self._next_batch()  # this rank's share of the step: micro_batch x accum_steps
+        text = cfg.model.is_text
+        x_all, y_all, fields = self._split_batch(self._next_batch())  # this rank's share: micro_batch x accum_steps
         if self.device.type == "cuda":
             # From pinned memory the copy is asynchronous; from pageable memory CUDA first waits for
             # the stream to drain (a host sync every step).
             x_all = x_all.pin_memory().to(self.device, non_blocking=True)
             y_all = y_all.pin_memory().to(self.device, non_blocking=True)
-        drop = cfg.model.class_dropout_prob if cfg.model.num_classes else 0.0
+            fields = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in fields.items()}
+        if text:
+            self._sample_captions = (fields["text"], fields["text_mask"])  # the grid's captions (main rank)
+            drop = cfg.model.caption_dropout
+        else:
+            drop = cfg.model.class_dropout_prob if cfg.model.num_classes else 0.0
         gen, out = self._generator, []
         for a in range(self.accum_steps):
             # Micro-batch a takes samples a::accum_steps, just as rank r of a data-parallel run with
@@ -277,16 +287,45 @@ class Trainer:
             gen.manual_seed(_mix(cfg.train.seed, self.step, a * self.world + self.engine.data_rank) ^ 0x5EED)
             t = self.diffusion.draw_t(x.shape[0], gen, x)
             noise = torch.randn(x.shape, generator=gen, device=self.device, dtype=x.dtype)
-            if drop > 0:  # classifier-free guidance's label dropout: the null class num_classes
-                dropped = torch.rand(y.shape[0], generator=gen, device=self.device) < drop
-                y = torch.where(dropped, torch.full_like(y, cfg.model.num_classes), y)
-            out.append({"x": x, "y": y, "t": t, "noise": noise})
+            # Classifier-free guidance's dropout, drawn at the same place in the stream for both
+            # conditions: labels become the null class num_classes, captions the null caption.
+            dropped = torch.rand(y.shape[0], generator=gen, device=self.device) < drop if drop > 0 else None
+            batch = {"x": x, "y": y, "t": t, "noise": noise}
+            if text:
+                batch["text"] = fields["text"][a :: self.accum_steps].to(self.device, torch.float32, non_blocking=True)
+                batch["text_mask"] = fields["text_mask"][a :: self.accum_steps].to(self.device, non_blocking=True)
+                batch["drop_text"] = (dropped if dropped is not None
+                                      else torch.zeros(x.shape[0], dtype=torch.bool, device=self.device))
+            elif dropped is not None:
+                batch["y"] = torch.where(dropped, torch.full_like(y, cfg.model.num_classes), y)
+            out.append(batch)
         return out
+
+    def _split_batch(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(x, y, named fields) from the loader's (x, y) or (x, y, fields); a text model needs the
+        fields text (B, L, text_dim) and text_mask (B, L) (data.fields)."""
+        x, y, fields = (*batch, {}) if len(batch) == 2 else batch
+        if self.cfg.model.is_text:
+            m = self.cfg.model
+            missing = [k for k in ("text", "text_mask") if k not in fields]
+            if missing:
+                raise MoeditError(f"model.condition = text: the data loader gave no {' and '.join(missing)} "
+                                  "(set data.fields to include text and text_mask, on shards prepared with a text encoder)")
+            text, mask = fields["text"], fields["text_mask"]
+            if text.shape[1:] != (m.text_len, m.text_dim) or mask.shape != text.shape[:2]:
+                raise MoeditError(f"the data's text features have shape {tuple(text.shape[1:])} per sample (mask "
+                                  f"{tuple(mask.shape[1:])}): the model expects ({m.text_len}, {m.text_dim}); set "
+                                  f"model.text_len={text.shape[1]} and model.text_dim={text.shape[-1]} to match the shards")
+            return x, y, {"text": text, "text_mask": mask.bool()}
+        return x, y, {}  # other fields (caption strings, ...) do not reach the model
 
     def _forward(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         x_t, t_model = self.diffusion.model_inputs(batch["x"], batch["noise"], batch["t"])
         batch["x_t"] = x_t
         with self._autocast(self.engine.forward_autocast):
+            if "text" in batch:
+                return module(x_t, t=t_model, text=batch["text"], text_mask=batch["text_mask"],
+                              drop_text=batch["drop_text"])
             return module(x_t, t=t_model, y=batch["y"])  # t, y by keyword: Megatron's bf16 wrapper casts positionals
 
     def _objective(self, out: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -412,7 +451,7 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _next_batch(self) -> tuple:
         t0 = time.perf_counter()
         if self._data_iter is None:
             self._data_iter = iter(self.data)
@@ -535,9 +574,19 @@ class Trainer:
 
         n = self.cfg.train.num_sample_images
         m = self.cfg.model
+        if m.is_text and self._sample_captions is None:
+            self.logger.message("no samples: a text model samples with the captions of its latest step, and no "
+                                "step ran in this process")
+            return
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 1)
         noise = torch.randn(n, m.in_channels, m.input_size, m.input_size, generator=gen, device=self.device)
-        labels = torch.arange(n, device=self.device) % m.num_classes
+        if m.is_text:
+            # No text encoder here: the captions of the latest step's first samples (this rank's).
+            text, mask = self._sample_captions
+            rows = torch.arange(n, device=text.device) % text.shape[0]
+            labels = {"text": text[rows].to(self.device, torch.float32), "text_mask": mask[rows].to(self.device)}
+        else:
+            labels = torch.arange(n, device=self.device) % m.num_classes
         steps = self.cfg.train.sample_steps or None
         shown = steps or self.cfg.diffusion.sample_steps
         self.logger.message(f"sampling {n} images ({shown} {self.cfg.diffusion.default_sampler} steps, "
@@ -551,7 +600,7 @@ class Trainer:
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         # Labels cycle through the classes, so with nrow = num_classes each column is one class.
-        nrow = m.num_classes if 0 < m.num_classes <= 16 else int(math.ceil(math.sqrt(n)))
+        nrow = m.num_classes if 0 < m.num_classes <= 16 and not m.is_text else int(math.ceil(math.sqrt(n)))
         grid = save_grid(images, path, nrow=nrow)
         self.logger.message(f"samples written to {path} ({time.time() - t0:.0f} s)")
         if grid is not None:
