@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from moedit.data.samples import check_field_name
 
 BAD_DATA_POLICIES = ("raise", "skip")
 SPLITS = ("shard", "sample")
-BUILTIN_SOURCES = ("digits", "synthetic")
+BUILTIN_SOURCES = ("digits", "digits_text", "synthetic")
 
 
 @dataclass
@@ -19,8 +21,9 @@ class DataConfig:
     or several of these joined by `::`."""
 
     prepare: str | None = None
-    """Built-in dataset to prepare into `path` when its dataset.json is missing: `digits` or
-    `synthetic` (see moedit.data.prepare.prepare_builtin). None: the shards must exist. A `data.path`
+    """Built-in dataset to prepare into `path` when its dataset.json is missing: `digits`,
+    `digits_text` (digits with captions made from the labels, encoded by a tiny random stand-in
+    text encoder) or `synthetic` (see moedit.data.prepare.prepare_builtin). None: the shards must exist. A `data.path`
     given on the command line is never filled with it (a typo must not become a fresh dataset)
     unless `data.prepare` is given on the command line too; `moedit train` names the error."""
 
@@ -30,6 +33,12 @@ class DataConfig:
     manifest: str | None = None
     """Path of `dataset.json`. Default: inside `path` if it is a directory, else in the directory
     of the first shard. Required for `pipe:` URLs."""
+
+    fields: list[str] = field(default_factory=list)
+    """Named per-sample fields the loader returns beside latents and labels, e.g. [text, text_mask]
+    (see the manifest's `fields`). Empty: batches are (latents, labels); otherwise
+    (latents, labels, {name: batched tensor}); text is float16 (B, L, D), text_mask bool (B, L),
+    a string field (txt) a list of B strings. Every name must be listed in the manifest."""
 
     num_workers: int = 2
     """DataLoader worker processes per rank; 0 reads in the training process. Part of the sample
@@ -88,6 +97,13 @@ class DataConfig:
             raise ValueError(f"data.prepare = {self.prepare!r}: use one of {', '.join(BUILTIN_SOURCES)} or null")
         if self.prepare_image_size is not None and self.prepare_image_size < 1:
             raise ValueError(f"data.prepare_image_size = {self.prepare_image_size}: use a positive size or null")
+        if not isinstance(self.fields, (list, tuple)):
+            raise ValueError(f"data.fields = {self.fields!r}: give a list of field names, e.g. [text, text_mask]")
+        self.fields = list(self.fields)
+        for name in self.fields:
+            check_field_name(name, "data.fields")
+        if len(set(self.fields)) != len(self.fields):
+            raise ValueError(f"data.fields = {self.fields}: a field is named twice")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers = {self.num_workers}: use 0 (read in-process) or more")
         if self.prefetch_factor < 1:

@@ -44,10 +44,10 @@ class _StreamDataset(IterableDataset):
         self.plan, self.epoch = plan, epoch
         self.stream_shards, self.positions, self.rotation = stream_shards, positions, rotation
 
-    def stream_records(self, stream: int) -> Iterator[tuple[Any, Any, dict]]:
+    def stream_records(self, stream: int) -> Iterator[tuple[Any, Any, Any, dict]]:
         return Stream(self.plan, self.epoch, stream, self.stream_shards[stream]).records(self.positions[stream])
 
-    def __iter__(self) -> Iterator[tuple[Any, Any, dict]]:
+    def __iter__(self) -> Iterator[tuple[Any, Any, Any, dict]]:
         info = get_worker_info()
         if info is None:
             return self.stream_records(0)
@@ -60,7 +60,9 @@ def _identity(item: Any) -> Any:
 
 
 class ShardLoader:
-    """Iterate for one epoch of `(latents (B, C, H, W) float32, labels (B,) int64)` batches.
+    """Iterate for one epoch of `(latents (B, C, H, W) float32, labels (B,) int64)` batches, or
+    `(latents, labels, fields)` when data.fields names fields (fields: {name: tensor (B, ...) of
+    the stored dtype, or a list of B strings}; text float16 (B, L, D), text_mask bool (B, L)).
 
     Each `iter()` continues the current epoch from where the previous one stopped (or from a
     loaded state) and, when the epoch is exhausted, moves to the next. In resampled mode the
@@ -113,7 +115,7 @@ class ShardLoader:
         return self._rank_shards is not None and self._positions == self._stream_lengths()
 
     # ---- iteration ----------------------------------------------------------------------
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple]:
         if self._epoch_done():
             self._start_epoch(self.epoch + 1)
         dataset = _StreamDataset(self.plan, self.epoch, self._stream_shards(), list(self._positions), self._next_stream)
@@ -127,7 +129,7 @@ class ShardLoader:
         while True:
             start = time.perf_counter()
             try:
-                latents, labels, info = next(records)
+                latents, labels, fields, info = next(records)
             except StopIteration:
                 break
             finally:
@@ -136,11 +138,11 @@ class ShardLoader:
             if labels is not None and len(labels):
                 self._counters["batches"] += 1
                 self._counters["samples"] += len(labels)
-                yield latents, labels
+                yield (latents, labels) if fields is None else (latents, labels, fields)
         if self._rank_shards is not None and self._epoch_done():
             self._start_epoch(self.epoch + 1)
 
-    def forever(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def forever(self) -> Iterator[tuple]:
         """Batches across epoch boundaries, without end."""
         while True:
             produced = False
@@ -279,6 +281,7 @@ def build_loader(data_cfg: DataConfig, *, batch_size: int, rank: int = 0, world_
     urls = resolve_shards(data_cfg.path, manifest)
     _check_manifest_directories(data_cfg, manifest, json_path, report=rank == 0)
     infos = [manifest.shard(u) for u in urls]
+    fields = tuple((name, *manifest.field_spec(name)) for name in data_cfg.fields)
     if not data_cfg.resampled and data_cfg.split == "shard" and len(urls) < world_size:
         raise MoeditError(
             f"data.path {data_cfg.path!r} has {len(urls)} shards, fewer than the {world_size} data-parallel "
@@ -292,6 +295,6 @@ def build_loader(data_cfg: DataConfig, *, batch_size: int, rank: int = 0, world_
         shuffle=data_cfg.shuffle, resampled=data_cfg.resampled, drop_last=data_cfg.drop_last,
         skip_bad=data_cfg.bad_data == "skip", verify_checksums=data_cfg.verify_checksums, seed=seed, rank=rank,
         world_size=world_size, num_streams=max(1, data_cfg.num_workers), split_samples=data_cfg.split == "sample",
-        check_finite=data_cfg.check_finite,
+        check_finite=data_cfg.check_finite, fields=fields,
     )
     return ShardLoader(data_cfg, manifest, plan)

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from moedit.data.samples import FIELD_DTYPES, check_field_name
 from moedit.errors import MoeditError
 
 FORMAT_NAME = "moedit-latents"
@@ -18,6 +19,8 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "dataset.json"
 LATENT_DTYPES = ("float16", "float32")
 ENCODER_TYPES = ("identity", "autoencoderkl", "none")
+TEXT_ENCODER_TYPES = ("clip", "t5")
+TEXT_ENCODER_KEYS = ("path", "type", "width", "max_length")
 
 
 @dataclass
@@ -52,6 +55,13 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
     """Hash of the preparation settings; `moedit prepare` resumes only into a matching directory."""
+    fields: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Named per-sample fields stored beside the latent: name -> {"dtype", "shape"}; arrays are
+    `KEY.<name>.npy`, dtype "str" is UTF-8 text `KEY.<name>` (text fields: `text` float16
+    (max_length, width), `text_mask` bool (max_length,), `txt` the caption). Empty: none."""
+    text_encoder: dict[str, Any] | None = None
+    """The frozen text encoder that made the `text` field: {"path", "type" (clip | t5), "width",
+    "max_length"}; None when the shards hold no text features."""
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     root: str = ""
@@ -83,10 +93,52 @@ class Manifest:
             raise MoeditError(f"{where}: lists no shards")
         if self.num_samples != sum(s.num_samples for s in self.shards):
             raise MoeditError(f"{where}: num_samples {self.num_samples} != sum of per-shard counts")
+        self._validate_fields(where)
+
+    def _validate_fields(self, where: str) -> None:
+        if not isinstance(self.fields, dict):
+            raise MoeditError(f"{where}: fields must map field names to {{dtype, shape}}")
+        for name, spec in self.fields.items():
+            try:
+                check_field_name(name, f"{where}: fields")
+            except ValueError as exc:
+                raise MoeditError(str(exc)) from None
+            shape = spec.get("shape") if isinstance(spec, dict) else None
+            if not isinstance(spec, dict) or spec.get("dtype") not in FIELD_DTYPES or not isinstance(shape, list) \
+                    or any(not isinstance(n, int) or n < 1 for n in shape):
+                raise MoeditError(f"{where}: field {name!r} = {spec!r}: give {{\"dtype\": one of {FIELD_DTYPES}, "
+                                  "\"shape\": [positive sizes]}")
+        encoder = self.text_encoder
+        if encoder is not None:
+            if not isinstance(encoder, dict) or sorted(encoder) != sorted(TEXT_ENCODER_KEYS):
+                raise MoeditError(f"{where}: text_encoder {encoder!r} must have exactly the keys {list(TEXT_ENCODER_KEYS)}")
+            if encoder["type"] not in TEXT_ENCODER_TYPES:
+                raise MoeditError(f"{where}: text_encoder type {encoder['type']!r} must be one of {TEXT_ENCODER_TYPES}")
+            text = self.fields.get("text")
+            if text is not None and text["shape"] != [encoder["max_length"], encoder["width"]]:
+                raise MoeditError(f"{where}: field 'text' has shape {text['shape']}, but the text_encoder gives "
+                                  f"[max_length, width] = [{encoder['max_length']}, {encoder['width']}]")
+
+    def field_spec(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """(dtype, shape) of a stored field; a one-line MoeditError when the manifest lacks it."""
+        spec = self.fields.get(name)
+        if spec is None:
+            stored = ", ".join(sorted(self.fields)) or "none"
+            hint = ("prepare the shards with captions (`moedit prepare ... --text-encoder DIR`, see docs/data.md)"
+                    if name in ("text", "text_mask", "txt") else "prepare shards that store it")
+            raise MoeditError(f"{os.path.join(self.root, MANIFEST_NAME)} does not list field {name!r} that "
+                              f"data.fields asks for (stored fields: {stored}): {hint}, or remove {name!r} "
+                              "from data.fields")
+        return spec["dtype"], tuple(spec["shape"])
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data.pop("root")
+        # Latent-only datasets keep the manifest they always had (older readers take it unchanged).
+        if not data["fields"]:
+            data.pop("fields")
+        if data["text_encoder"] is None:
+            data.pop("text_encoder")
         return data
 
     def shard(self, name: str) -> ShardInfo:

@@ -1,7 +1,9 @@
 """`moedit prepare`: encode a dataset into WebDataset latent shards plus dataset.json.
 
 Sample i of the output is item i // copies of the source (copy 1 is the horizontal flip when
---flip is on); shard s holds samples [s * shard_size, (s + 1) * shard_size). Shards are encoded
+--flip is on); shard s holds samples [s * shard_size, (s + 1) * shard_size). With captions, each
+sample also holds the caption (`KEY.txt`) and its text-encoder features (`KEY.text.npy`, float16
+(max_length, width)) and mask (`KEY.text_mask.npy`, bool (max_length,)), encoded once here. Shards are encoded
 independently by a pool of processes, written atomically and recorded in `.prepare/` with their
 checksum; a rerun skips every shard whose checksum still matches, and dataset.json comes last.
 """
@@ -29,6 +31,13 @@ from moedit.data.tario import write_tar
 from moedit.errors import MoeditError
 
 PROGRESS_DIR = ".prepare"
+TEXT_ENCODER_RECORD = "text_encoder.json"
+STAND_IN_DIR = "text_encoder"
+BUILTIN_TEXT_MAX_LENGTH = 16
+"""Tokens per caption of `digits_text`: the longest digit caption is 8 tokens with [BOS]/[EOS]."""
+# New settings at these values leave the fingerprint of older preparations unchanged.
+_FINGERPRINT_DEFAULTS = {"text_encoder": None, "text_max_length": None}
+_SOURCE_FINGERPRINT_DEFAULTS = {"captions": False, "caption_column": "caption", "caption_key": "caption"}
 
 
 @dataclasses.dataclass
@@ -46,18 +55,28 @@ class PrepareSpec:
     shard_size: int = 1000
     batch_size: int = 32
     seed: int = 0
+    text_encoder: str | None = None
+    """Local text encoder directory; None with source.captions: the tiny stand-in (digits only)."""
+    text_max_length: int | None = None
+    """Tokens per caption (None: 77 for CLIP, 120 for T5)."""
 
     def fingerprint(self) -> str:
         data = dataclasses.asdict(self)
         data["vae"] = os.path.abspath(self.vae) if self.vae else None
+        data["text_encoder"] = os.path.abspath(self.text_encoder) if self.text_encoder else None
+        for defaults, where in ((_FINGERPRINT_DEFAULTS, data), (_SOURCE_FINGERPRINT_DEFAULTS, data["source"])):
+            for key, value in defaults.items():
+                if where[key] == value:
+                    del where[key]
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", choices=SOURCES, default="digits",
-                        help="digits (built in), folder (ROOT/<class>/<images>), hf (save_to_disk dir), "
-                             "parquet (file, dir or glob), synthetic, or shards (index existing shards in --output)")
-    parser.add_argument("--input", help="source path (folder, hf, parquet)")
+                        help="digits (built in), folder (ROOT/<class>/<images>), webdataset (image tars, e.g. "
+                             "LAION-style), hf (save_to_disk dir), parquet (file, dir or glob), synthetic, or "
+                             "shards (index existing latent shards in --output)")
+    parser.add_argument("--input", help="source path (folder, webdataset, hf, parquet)")
     parser.add_argument("--output", required=True, help="shard directory to write")
     parser.add_argument("--encoder", choices=("identity", "vae"), default="identity",
                         help="identity: pixels in [-1, 1]; vae: diffusers AutoencoderKL from --vae")
@@ -77,6 +96,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latent-shape", default="4,32,32", help="synthetic: C,H,W")
     parser.add_argument("--image-key", default="image", help="hf/parquet image column")
     parser.add_argument("--label-key", default="label", help="hf/parquet label column")
+    parser.add_argument("--captions", action="store_true",
+                        help="store captions and their text-encoder features (implied by --text-encoder); "
+                             "digits without --text-encoder: a tiny random stand-in encoder")
+    parser.add_argument("--text-encoder", metavar="DIR",
+                        help="local transformers CLIP text model or T5 encoder directory (with its tokenizer)")
+    parser.add_argument("--text-max-length", type=int, help="tokens per caption, padded or cut (default: clip 77, t5 120)")
+    parser.add_argument("--caption-column", default="caption", help="hf/parquet caption column")
+    parser.add_argument("--caption-key", default="caption",
+                        help="webdataset: key of the caption in KEY.json (when a sample has no KEY.txt)")
     parser.add_argument("--scaling-factor", type=float, default=1.0, help="shards: scaling factor to record")
     parser.add_argument("--shift-factor", type=float, default=0.0, help="shards: shift factor to record")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -92,22 +120,27 @@ def spec_from_args(args: argparse.Namespace) -> PrepareSpec:
     for name in ("shard_size", "batch_size", "workers"):
         if getattr(args, name) < 1:
             raise MoeditError(f"--{name.replace('_', '-')} {getattr(args, name)}: use 1 or more")
+    captions = bool(args.captions or args.text_encoder)
+    if args.text_max_length is not None and args.text_max_length < 1:
+        raise MoeditError(f"--text-max-length {args.text_max_length}: use 1 or more")
     source = SourceSpec(kind=args.source, input=args.input, image_key=args.image_key, label_key=args.label_key,
-                        num_samples=args.num_samples, num_classes=args.num_classes, latent_shape=shape, seed=args.seed)
+                        num_samples=args.num_samples, num_classes=args.num_classes, latent_shape=shape, seed=args.seed,
+                        captions=captions, caption_column=args.caption_column, caption_key=args.caption_key)
     if args.source != "synthetic" and args.source != "digits" and not args.input:
         raise MoeditError(f"--source {args.source} needs --input PATH")
     image_size = args.image_size or (256 if args.encoder == "vae" else None)
     channels = args.channels or (1 if args.source == "digits" else 3)
     return PrepareSpec(source=source, encoder=args.encoder, vae=args.vae, image_size=image_size, channels=channels,
                        flip=args.flip, latent_sample=args.latent_sample, dtype=args.dtype,
-                       shard_size=args.shard_size, batch_size=args.batch_size, seed=args.seed)
+                       shard_size=args.shard_size, batch_size=args.batch_size, seed=args.seed,
+                       text_encoder=args.text_encoder, text_max_length=args.text_max_length)
 
 
 # ---- per-process encoding ----------------------------------------------------------------
 _PROCESS: dict[str, Any] = {}
 
 
-def _init_process(spec: PrepareSpec, device_queue: Any) -> None:
+def _init_process(spec: PrepareSpec, device_queue: Any, text_encoder: Any = None) -> None:
     device = device_queue.get() if device_queue is not None else "cpu"
     if device_queue is not None and device == "cpu":
         import torch
@@ -115,7 +148,11 @@ def _init_process(spec: PrepareSpec, device_queue: Any) -> None:
         # Several encoding processes share the CPU: one thread each avoids oversubscription.
         torch.set_num_threads(1)
     _PROCESS.clear()
-    _PROCESS.update(source=open_source(spec.source), device=device, spec=spec)
+    _PROCESS.update(source=open_source(spec.source), device=device, spec=spec, text=text_encoder)
+    if spec.source.captions and text_encoder is None:
+        from moedit.data.text import load_text_encoder
+
+        _PROCESS["text"] = load_text_encoder(spec.text_encoder, device)
     if spec.source.kind == "synthetic":
         _PROCESS["encoder"] = None
     elif spec.encoder == "vae":
@@ -141,7 +178,7 @@ def shard_name(index: int) -> str:
 def _encode_shard(task: tuple[int, int, int, str]) -> dict[str, Any]:
     """Encode samples [lo, hi) into shard `index`; returns its ShardInfo fields."""
     index, lo, hi, output = task
-    spec, source, encoder = _PROCESS["spec"], _PROCESS["source"], _PROCESS["encoder"]
+    spec, source, encoder, text = _PROCESS["spec"], _PROCESS["source"], _PROCESS["encoder"], _PROCESS["text"]
     copies = 2 if spec.flip else 1
     samples: list[tuple[str, dict[str, bytes]]] = []
     for start in range(lo, hi, spec.batch_size):
@@ -153,15 +190,34 @@ def _encode_shard(task: tuple[int, int, int, str]) -> dict[str, Any]:
         else:
             # One seed per encoder batch, fixed by position: reruns and any process count agree.
             latents = encoder.encode([img for img, _ in items], flips, seed=spec.seed * 1_000_003 + start)
-        for i, latent, (_, label) in zip(ids, latents.astype(spec.dtype), items):
+        extras = _text_members([i // copies for i in ids], source, text, spec) if text is not None else None
+        for n, (i, latent, (_, label)) in enumerate(zip(ids, latents.astype(spec.dtype), items)):
             key = f"{i // copies:09d}" + ("_flip" if i % copies else "")
-            samples.append((key, {"npy": npy_bytes(latent), "cls": str(label).encode()}))
+            samples.append((key, {"npy": npy_bytes(latent), "cls": str(label).encode(), **(extras[n] if extras else {})}))
     path = os.path.join(output, shard_name(index))
     write_tar(path, samples)
     record = {"name": shard_name(index), "num_samples": hi - lo, "sha256": file_sha256(path),
               "size_bytes": os.path.getsize(path), "latent_shape": list(latents.shape[1:])}
     _write_json(os.path.join(output, PROGRESS_DIR, shard_name(index) + ".json"), record)
     return record
+
+
+def _text_members(items: list[int], source: Any, text: Any, spec: PrepareSpec) -> list[dict[str, bytes]]:
+    """The caption members of a batch of source items: KEY.txt, KEY.text.npy, KEY.text_mask.npy."""
+    captions = [source.caption(i) for i in items]
+    features, mask = text.encode(captions, spec.text_max_length, batch_size=spec.batch_size)  # (b, L, D), (b, L)
+    limit = float(np.finfo(np.float16).max)  # stored as float16: clamp rather than overflow to inf
+    features = features.clamp(-limit, limit).numpy().astype(np.float16)
+    mask = mask.numpy().astype(bool)
+    return [{"txt": caption.encode("utf-8"), "text.npy": npy_bytes(f), "text_mask.npy": npy_bytes(m)}
+            for caption, f, m in zip(captions, features, mask)]
+
+
+def text_fields(text_encoder: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The manifest's `fields` for shards with captions made by `text_encoder` (its record)."""
+    length, width = text_encoder["max_length"], text_encoder["width"]
+    return {"text": {"dtype": "float16", "shape": [length, width]}, "text_mask": {"dtype": "bool", "shape": [length]},
+            "txt": {"dtype": "str", "shape": []}}
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -209,13 +265,14 @@ def _start_output(output: str, fingerprint: str) -> None:
         os.remove(stale)  # left by a killed run; atomic renames mean no finished file is partial
 
 
-def _run_tasks(spec: PrepareSpec, tasks: list, workers: int, progress: bool) -> list[dict[str, Any]]:
+def _run_tasks(spec: PrepareSpec, tasks: list, workers: int, progress: bool,
+               text_encoder: Any = None) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     bar = tqdm(total=len(tasks), unit="shard", desc="prepare", disable=not progress or not tasks)
     results = []
     if workers == 1 or len(tasks) <= 1:
-        _init_process(spec, None)
+        _init_process(spec, None, text_encoder)
         for task in tasks:
             results.append(_encode_shard(task))
             bar.update()
@@ -237,9 +294,15 @@ def _run_tasks(spec: PrepareSpec, tasks: list, workers: int, progress: bool) -> 
 def prepare(spec: PrepareSpec, output: str, workers: int = 1, progress: bool = True) -> Manifest:
     """Encode (or finish encoding) a dataset into `output`; returns the written manifest."""
     fingerprint = spec.fingerprint()
-    source = open_source(spec.source)  # bad inputs fail here, before any process starts
+    source = open_source(spec.source)  # bad inputs (a missing caption too) fail here, before any process starts
     encoder_fields = _encoder_fields(spec)
+    text_encoder, spec = _text_encoder(spec, output)
+    if text_encoder is not None:
+        _check_text_width(output, text_encoder.manifest_entry(spec.text_max_length))
     _start_output(output, fingerprint)
+    if text_encoder is not None:
+        _write_json(os.path.join(output, PROGRESS_DIR, TEXT_ENCODER_RECORD),
+                    text_encoder.manifest_entry(spec.text_max_length))
     copies = 2 if spec.flip else 1
     items = len(source) if spec.source.num_samples is None else min(len(source), spec.source.num_samples)
     total = items * copies
@@ -247,7 +310,7 @@ def prepare(spec: PrepareSpec, output: str, workers: int = 1, progress: bool = T
     done = {i: r for i in range(num_shards) if (r := _finished(output, i)) is not None}
     tasks = [(i, i * spec.shard_size, min((i + 1) * spec.shard_size, total), output)
              for i in range(num_shards) if i not in done]
-    for record in _run_tasks(spec, tasks, workers, progress):
+    for record in _run_tasks(spec, tasks, workers, progress, text_encoder if workers == 1 else None):
         done[int(record["name"][6:12])] = record
     records = [done[i] for i in range(num_shards)]
     manifest = Manifest(
@@ -257,8 +320,44 @@ def prepare(spec: PrepareSpec, output: str, workers: int = 1, progress: bool = T
         samples_per_shard=spec.shard_size, source={**dataclasses.asdict(spec.source), "items": items, "flip": spec.flip},
         fingerprint=fingerprint, **encoder_fields,
     )
+    if text_encoder is not None:
+        manifest.text_encoder = text_encoder.manifest_entry(spec.text_max_length)
+        manifest.fields = text_fields(manifest.text_encoder)
     write_manifest(manifest, output)
     return load_manifest(output)
+
+
+def _text_encoder(spec: PrepareSpec, output: str) -> tuple[Any, PrepareSpec]:
+    """The loaded text encoder of a preparation with captions (None without), and the spec with
+    its directory and max length resolved. Captions of the built-in digits without --text-encoder
+    use the tiny random stand-in, written to OUTPUT/text_encoder."""
+    if not spec.source.captions:
+        return None, spec
+    from moedit.data.text import default_max_length, load_text_encoder, make_tiny_text_encoder, read_encoder_config
+
+    path = spec.text_encoder
+    if path is None and spec.source.kind == "digits":
+        path = make_tiny_text_encoder(os.path.join(output, STAND_IN_DIR))
+    kind, _, _ = read_encoder_config(path)  # no path: the error says to pass --text-encoder DIR
+    spec = dataclasses.replace(spec, text_encoder=path, text_max_length=spec.text_max_length or default_max_length(kind))
+    return load_text_encoder(path), spec
+
+
+def _check_text_width(output: str, entry: dict[str, Any]) -> None:
+    """Resuming into an output whose shards hold features of another width is an error (the
+    fingerprint covers the encoder's path, not what the directory holds now)."""
+    for path, previous in ((os.path.join(output, MANIFEST_NAME), "text_encoder"),
+                           (os.path.join(output, PROGRESS_DIR, TEXT_ENCODER_RECORD), None)):
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            record = json.load(f)
+        record = record.get(previous) if previous else record
+        if record and (record.get("width"), record.get("max_length")) != (entry["width"], entry["max_length"]):
+            raise MoeditError(
+                f"{output} holds text features {record.get('max_length')} x {record.get('width')} (text encoder "
+                f"{record.get('path')}), but text encoder {entry['path']} gives {entry['max_length']} x "
+                f"{entry['width']}: use the encoder and --text-max-length the shards were made with, or a new --output")
 
 
 def _encoder_fields(spec: PrepareSpec) -> dict[str, Any]:
@@ -279,16 +378,21 @@ def prepare_builtin(source: str, path: str | os.PathLike, *, image_size: int | N
     """Prepare a built-in dataset into `path` (used when a config sets data.prepare).
 
     digits: all 1,797 images, 1 channel, pixel space, float32, 100 per shard (18 shards), optionally
-    resized to image_size. synthetic: `num_samples` latents of `latent_shape`, 10 classes, float16,
+    resized to image_size. digits_text: the same with captions made from the labels
+    (moedit.data.text.digit_caption), encoded by the tiny random stand-in text encoder written to
+    `path/text_encoder`, 16 tokens per caption. synthetic: `num_samples` latents of `latent_shape`, 10 classes, float16,
     256 per shard.
     """
     if source == "digits":
         spec = PrepareSpec(SourceSpec("digits"), image_size=image_size, channels=1, dtype="float32", shard_size=100)
+    elif source == "digits_text":
+        spec = PrepareSpec(SourceSpec("digits", captions=True), image_size=image_size, channels=1, dtype="float32",
+                           shard_size=100, text_max_length=BUILTIN_TEXT_MAX_LENGTH)
     elif source == "synthetic":
         spec = PrepareSpec(SourceSpec("synthetic", num_samples=num_samples, latent_shape=tuple(latent_shape)),
                            dtype="float16", shard_size=256)
     else:
-        raise MoeditError(f"built-in dataset {source!r}: use digits or synthetic")
+        raise MoeditError(f"built-in dataset {source!r}: use digits, digits_text or synthetic")
     return prepare(spec, str(path), progress=progress)
 
 
@@ -300,6 +404,11 @@ def main(args: argparse.Namespace) -> int:
                                 shift_factor=args.shift_factor)
     else:
         manifest = prepare(spec_from_args(args), args.output, workers=args.workers, progress=not args.no_progress)
+    text = ""
+    if manifest.text_encoder:
+        encoder = manifest.text_encoder
+        text = (f", captions with {encoder['type']} text features {encoder['max_length']} x {encoder['width']} "
+                f"(from {encoder['path']})")
     print(f"wrote {len(manifest.shards)} shards, {manifest.num_samples} samples of latent shape "
-          f"{manifest.latent_shape} ({manifest.latent_dtype}) and {os.path.join(args.output, MANIFEST_NAME)}")
+          f"{manifest.latent_shape} ({manifest.latent_dtype}){text} and {os.path.join(args.output, MANIFEST_NAME)}")
     return 0

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moedit.data.samples import BadSample, SampleDecoder
+from moedit.data.samples import STRING_DTYPE, BadSample, SampleDecoder
 from moedit.data.tario import RawSample, ShardError, iter_samples, read_shard_bytes
 
 log = logging.getLogger("moedit.data")
@@ -58,6 +58,8 @@ class StreamPlan:
     """Every rank reads all shards and keeps samples rank::world_size of each global batch."""
     check_finite: bool = False
     """Check every latent for NaN and infinity (data.check_finite)."""
+    fields: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
+    """Named fields to return, (name, dtype, shape) as the manifest lists them (data.fields)."""
 
     @property
     def reader_rank(self) -> int:
@@ -155,12 +157,14 @@ def load_shard_entries(plan: StreamPlan, shard_id: int) -> list[RawSample | BadE
 
 
 class Stream:
-    """Yields (latents, labels, info) records for one stream from a start position."""
+    """Yields (latents, labels, fields, info) records for one stream from a start position
+    (fields: {name: batched tensor or list of strings}, None when the plan asks for none)."""
 
     def __init__(self, plan: StreamPlan, epoch: int, stream: int, shard_ids: list[int] | None):
         self.plan, self.epoch, self.stream = plan, epoch, stream
         self.shards = ShardSequence(plan, stream, shard_ids)
-        self.decoder = SampleDecoder(plan.latent_shape, plan.latent_dtype, plan.num_classes, plan.check_finite)
+        self.decoder = SampleDecoder(plan.latent_shape, plan.latent_dtype, plan.num_classes, plan.check_finite,
+                                     plan.fields)
         self._cached: tuple[int, list[RawSample | BadEntry]] | None = None
         self._logged = 0
 
@@ -186,7 +190,7 @@ class Stream:
         key = (self.plan.seed, self.epoch, self.plan.reader_rank, self.stream, block, TAG_BLOCK)
         return rng(*key).permutation(size)
 
-    def records(self, start: int) -> Iterator[tuple[Any, Any, dict]]:
+    def records(self, start: int) -> Iterator[tuple[Any, Any, Any, dict]]:
         plan, length = self.plan, self.shards.length
         batch = _BatchBuilder(plan)
         pos = start
@@ -202,14 +206,15 @@ class Stream:
                 if not isinstance(entry, BadEntry):
                     try:
                         latent, label = self.decoder.decode(entry.fields)
+                        extras = self.decoder.extra_fields(entry.fields) if plan.fields else None
                     except BadSample as bad:
                         url = self._url_of(lo + int(order[k]))
                         entry = BadEntry(url, entry.key, bad.reason, bad.problem)
                     else:
-                        batch.add(latent, label)
+                        batch.add(latent, label, extras)
                 if isinstance(entry, BadEntry):
                     if not plan.skip_bad:
-                        yield None, None, self._info(pos, batch, error=entry)
+                        yield None, None, None, self._info(pos, batch, error=entry)
                         return
                     self._log_skip(entry)
                     batch.skip(entry.reason)
@@ -244,17 +249,25 @@ class _BatchBuilder:
     def __init__(self, plan: StreamPlan):
         self.plan = plan
         self.stage = np.empty((plan.read_batch_size, *plan.latent_shape), plan.latent_dtype)
+        self.field_stage = {name: np.empty((plan.read_batch_size, *shape), dtype)
+                            for name, dtype, shape in plan.fields if dtype != STRING_DTYPE}
         self._new()
 
     def _new(self) -> None:
         self.labels = np.empty(self.plan.read_batch_size, np.int64)
+        self.strings: dict[str, list[str]] = {name: [] for name, dtype, _ in self.plan.fields if dtype == STRING_DTYPE}
         self.n = 0
         self.raw = 0  # stream positions consumed into this record, good or bad
         self.skipped: dict[str, int] = {}
 
-    def add(self, latent: np.ndarray, label: int) -> None:
+    def add(self, latent: np.ndarray, label: int, extras: dict[str, Any] | None = None) -> None:
         self.stage[self.n] = latent
         self.labels[self.n] = label
+        for name, value in (extras or {}).items():
+            if name in self.strings:
+                self.strings[name].append(value)
+            else:
+                self.field_stage[name][self.n] = value
         self.n += 1
         self.raw += 1
 
@@ -268,7 +281,7 @@ class _BatchBuilder:
     def pending(self) -> bool:
         return self.raw > 0
 
-    def emit(self, info: dict, drop: bool = False) -> tuple[Any, Any, dict]:
+    def emit(self, info: dict, drop: bool = False) -> tuple[Any, Any, Any, dict]:
         # Ranks that split samples must stay in lockstep: a global remainder too small to give
         # every rank a sample is dropped (and counted) on all of them alike.
         drop = drop or (self.plan.split_samples and self.n < self.plan.world_size)
@@ -282,5 +295,10 @@ class _BatchBuilder:
         if self.plan.scaling_factor != 1.0:
             latents.mul_(self.plan.scaling_factor)
         labels = torch.from_numpy(np.ascontiguousarray(self.labels[keep]))
+        fields = None
+        if self.plan.fields:
+            # copies: the stage is reused by the next batch
+            fields = {name: torch.from_numpy(stage[keep].copy()) for name, stage in self.field_stage.items()}
+            fields.update({name: values[keep] for name, values in self.strings.items()})
         self._new()
-        return latents, labels, info
+        return latents, labels, fields, info
