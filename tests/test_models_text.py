@@ -321,3 +321,25 @@ def test_text_model_trains_through_the_trainer_and_resumes_exactly(tmp_path, dig
         b = load_file(tmp_path / "split" / "checkpoints" / "step_0000004" / name)
         assert a.keys() == b.keys() and any("cross_attn" in k for k in a)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_eval_sampling_cycles_the_prompts_and_guides_against_the_null_caption():
+    from moedit.diffusion import DiffusionConfig, build_diffusion
+    from moedit.eval.sampling import Captions, SamplingPlan, sample_chunk
+
+    cfg = dataclasses.replace(get_flavor("tiny-dense-t"), learn_sigma=False, input_size=8)
+    model = build_model(cfg).eval()
+    perturb(model)
+    _, _, text, mask = text_inputs(cfg, batch=3)
+    captions = Captions(text.half(), mask)
+    diffusion = build_diffusion(DiffusionConfig(objective="flow", sampler="euler", sample_steps=2))
+    plan = SamplingPlan(num_samples=7, chunk_size=7, batch_size=4, seed=0, num_classes=0, latent_shape=(4, 8, 8),
+                        sampler="euler", steps=2, cfg_scale=3.0, guidance_channels=None, captions=captions.digest())
+    images = torch.cat([img for img, _ in sample_chunk(plan, 0, model, diffusion, lambda z: z, torch.device("cpu"),
+                                                       captions)])
+    generator = torch.Generator().manual_seed(plan.chunk_seed(0))
+    noise = torch.randn((7, 4, 8, 8), generator=generator)
+    rows = torch.arange(4, 7) % 3  # the second batch: images 4, 5, 6 take prompts 1, 2, 0
+    expected = diffusion.sample(model, noise[4:], {"text": text.half().float()[rows], "text_mask": mask[rows]},
+                                steps=2, sampler="euler", cfg_scale=3.0)
+    torch.testing.assert_close(images[4:], expected, rtol=0, atol=0)

@@ -2,7 +2,8 @@
 
 The N global sample indices are cut into chunks of `chunk_size`; chunk c goes to rank
 c mod world_size. Everything random about chunk c comes from a generator seeded by (seed, c)
-alone, and image i has label i mod num_classes (class-balanced, DiT's protocol), so an image
+alone, and image i has label i mod num_classes (class-balanced, DiT's protocol) or, for a text
+model, caption i mod P of the P encoded prompts (`Captions`), so an image
 does not depend on how many ranks share the work (given the same chunk and batch sizes and
 guidance batching: a DiffMoE layer's dynamic capacity depends on the batch it sees).
 
@@ -43,6 +44,8 @@ class SamplingPlan:
     guidance_channels: int | None
     cfg_batching: str = "joint"
     """Guidance as one forward of 2B or two of B: with `batch_size`, what a DiffMoE layer's token pool holds."""
+    captions: str | None = None
+    """Text models: `Captions.digest()` of the prompts (image i takes prompt i mod P); None for class models."""
 
     def __post_init__(self):
         from moedit.diffusion.config import check_cfg_batching
@@ -71,16 +74,44 @@ class SamplingPlan:
         return torch.arange(lo, hi) % self.num_classes if self.num_classes > 0 else None
 
 
+@dataclass(frozen=True)
+class Captions:
+    """Encoded prompts for a text model: features (P, L, text_dim) and mask (P, L) bool."""
+
+    text: torch.Tensor
+    text_mask: torch.Tensor
+
+    def __post_init__(self):
+        if self.text.dim() != 3 or self.text_mask.shape != self.text.shape[:2] or self.text_mask.dtype != torch.bool:
+            raise ValueError(f"captions: text {tuple(self.text.shape)} and text_mask {tuple(self.text_mask.shape)} "
+                             f"({self.text_mask.dtype}): expected (P, L, W) features and a (P, L) bool mask")
+
+    def condition(self, lo: int, hi: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """The model's text keywords for global images lo..hi-1 (image i: prompt i mod P)."""
+        rows = torch.arange(lo, hi) % self.text.shape[0]
+        return {"text": self.text[rows].to(device, torch.float32), "text_mask": self.text_mask[rows].to(device)}
+
+    def digest(self) -> str:
+        h = hashlib.sha256(self.text.float().cpu().numpy().tobytes())
+        h.update(self.text_mask.cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
 def sample_chunk(plan: SamplingPlan, chunk: int, model, diffusion, decoder: Callable,
-                 device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images in [0, 1] (B, C', H', W'), global indices (B,)) batches of one chunk."""
+                 device: torch.device, captions: Captions | None = None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images in [0, 1] (B, C', H', W'), global indices (B,)) batches of one chunk. A text model
+    takes `captions` and is guided against its null caption (moedit.diffusion.guidance)."""
     lo, hi = plan.chunk_range(chunk)
     generator = torch.Generator().manual_seed(plan.chunk_seed(chunk))  # CPU: same numbers on any device
     noise = torch.randn((hi - lo, *plan.latent_shape), generator=generator)  # (n, C, H, W)
     labels = plan.labels(lo, hi)
     for start in range(0, hi - lo, plan.batch_size):
         stop = min(start + plan.batch_size, hi - lo)
-        y = None if labels is None else labels[start:stop].to(device)
+        if captions is not None:
+            y = captions.condition(lo + start, lo + stop, device)
+        else:
+            y = None if labels is None else labels[start:stop].to(device)
         latents = diffusion.sample(model, noise[start:stop].to(device), y, steps=plan.steps, sampler=plan.sampler,
                                    cfg_scale=plan.cfg_scale, guidance_channels=plan.guidance_channels,
                                    cfg_batching=plan.cfg_batching, null_label=plan.num_classes or None,
@@ -145,13 +176,18 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def sample_statistics(plan: SamplingPlan, model, diffusion, decoder: Callable, extractor: FeatureExtractor,
-                      engine, work: WorkDir, *, keep: int, progress: bool = True) -> FeatureStats:
+                      engine, work: WorkDir, *, keep: int, progress: bool = True,
+                      captions: Captions | None = None) -> FeatureStats:
     """Sample this rank's chunks (skipping finished ones), then sum the statistics over ranks.
 
     Every rank returns the global statistics.
     """
     from tqdm.auto import tqdm
 
+    given = None if captions is None else captions.digest()
+    if given != plan.captions:
+        raise ValueError(f"sampling plan names captions {plan.captions} but {given} were given: build the plan "
+                         "with captions=Captions(...).digest() for a text model, None for a class model")
     stats = FeatureStats(extractor.dims, num_samples=plan.num_samples, keep=keep, device=engine.device)
     work.open()
     done = work.load(stats)
@@ -159,7 +195,7 @@ def sample_statistics(plan: SamplingPlan, model, diffusion, decoder: Callable, e
     bar = tqdm(total=sum(plan.chunk_range(c)[1] - plan.chunk_range(c)[0] for c in todo), unit="img",
                desc=f"sampling (rank {engine.rank})", disable=not (progress and engine.is_main))
     for chunk in todo:
-        batches = sample_chunk(plan, chunk, model, diffusion, decoder, engine.device)
+        batches = sample_chunk(plan, chunk, model, diffusion, decoder, engine.device, captions)
         accumulate(_counting(batches, bar), extractor, stats)
         done.add(chunk)
         work.save(stats, done)
@@ -180,4 +216,6 @@ def _counting(batches, bar):
 def plan_settings(plan: SamplingPlan) -> dict:
     out = asdict(plan)
     out["latent_shape"] = list(plan.latent_shape)
+    if out["captions"] is None:
+        del out["captions"]  # class runs keep the settings of evaluations begun before text models
     return out
