@@ -297,8 +297,6 @@ def prepare(spec: PrepareSpec, output: str, workers: int = 1, progress: bool = T
     source = open_source(spec.source)  # bad inputs (a missing caption too) fail here, before any process starts
     encoder_fields = _encoder_fields(spec)
     text_encoder, spec = _text_encoder(spec, output)
-    if text_encoder is not None:
-        _check_text_width(output, text_encoder.manifest_entry(spec.text_max_length))
     _start_output(output, fingerprint)
     if text_encoder is not None:
         _write_json(os.path.join(output, PROGRESS_DIR, TEXT_ENCODER_RECORD),
@@ -330,7 +328,8 @@ def prepare(spec: PrepareSpec, output: str, workers: int = 1, progress: bool = T
 def _text_encoder(spec: PrepareSpec, output: str) -> tuple[Any, PrepareSpec]:
     """The loaded text encoder of a preparation with captions (None without), and the spec with
     its directory and max length resolved. Captions of the built-in digits without --text-encoder
-    use the tiny random stand-in, written to OUTPUT/text_encoder."""
+    use the tiny random stand-in, written to OUTPUT/text_encoder. The feature width is checked
+    against shards already in `output` before the weights load."""
     if not spec.source.captions:
         return None, spec
     from moedit.data.text import default_max_length, load_text_encoder, make_tiny_text_encoder, read_encoder_config
@@ -338,8 +337,10 @@ def _text_encoder(spec: PrepareSpec, output: str) -> tuple[Any, PrepareSpec]:
     path = spec.text_encoder
     if path is None and spec.source.kind == "digits":
         path = make_tiny_text_encoder(os.path.join(output, STAND_IN_DIR))
-    kind, _, _ = read_encoder_config(path)  # no path: the error says to pass --text-encoder DIR
+    kind, width, _ = read_encoder_config(path)  # no path: the error says to pass --text-encoder DIR
     spec = dataclasses.replace(spec, text_encoder=path, text_max_length=spec.text_max_length or default_max_length(kind))
+    _check_text_width(output, {"path": os.path.abspath(path), "type": kind, "width": width,
+                               "max_length": spec.text_max_length})
     return load_text_encoder(path), spec
 
 
