@@ -359,3 +359,14 @@ def test_requested_field_missing_from_manifest_or_sample_is_named(tmp_path, digi
     assert loader.stats()["skipped_missing_key"] == 1
     with pytest.raises(ValueError, match=r"data.fields: field name 'text.npy' must be a lowercase identifier"):
         DataConfig(fields=["text.npy"])
+
+
+def test_transformers_loads_only_on_the_text_paths():
+    """moedit, its data package, prepare and the loader import without transformers (the text extra)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, moedit.cli, moedit.data, moedit.data.prepare, moedit.data.loader, moedit.data.text, "
+            "moedit.data.sources; print('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

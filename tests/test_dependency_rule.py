@@ -91,6 +91,14 @@ def test_every_module_imports_only_lower_layers():
     assert violations(ROOT) == []
 
 
+def test_text_encoder_code_sits_in_the_data_layer():
+    """moedit.data.text (captions -> features, used by prepare and later by sampling) is data layer 4:
+    the eval app may import it, it imports nothing above the model zoo."""
+    found = modules(ROOT)
+    assert "moedit.data.text" in found and LAYERS[unit("moedit.data.text")] == 4
+    assert all(LAYERS[unit(m)] < 4 or unit(m) == "moedit.data" for _, m in imported_modules("moedit.data.text", found["moedit.data.text"]))
+
+
 def test_a_forbidden_import_is_reported(tmp_path):
     """The checker itself: a copy of the tree where an engine imports the trainer (and a model
     imports an engine through a relative import) fails with both lines named."""

@@ -111,6 +111,9 @@ class TextEncoder:
             raise MoeditError("text encoders need transformers: pip install 'moedit[text]'") from None
         transformers.utils.logging.disable_progress_bar()
         model_class = transformers.CLIPTextModel if self.kind == "clip" else transformers.T5EncoderModel
+        verbosity = transformers.utils.logging.get_verbosity()
+        # a whole CLIP model's vision weights are expected leftovers: no load report for them
+        transformers.utils.logging.set_verbosity_error()
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, local_files_only=True)
             model = model_class.from_pretrained(self.path, local_files_only=True)
@@ -118,6 +121,8 @@ class TextEncoder:
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise MoeditError(f"text encoder {path}: cannot load its {model_class.__name__} and tokenizer "
                               f"({detail}); {TEXT_ENCODER_HELP}") from None
+        finally:
+            transformers.utils.logging.set_verbosity(verbosity)
         self.model = model.float().to(device).eval().requires_grad_(False)
 
     def manifest_entry(self, max_length: int) -> dict[str, Any]:
