@@ -74,6 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="discard an unfinished or finished evaluation of this name")
     parser.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard scalars")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--prompts-file", default=None, metavar="FILE",
+                        help="text runs: captions, one a line (blank lines and # comments skipped); "
+                        "image i takes prompt i mod P")
+    parser.add_argument("--text-encoder", default=None, metavar="DIR",
+                        help="text runs: local text encoder directory overriding the dataset manifest's text_encoder")
 
 
 def locate(checkpoint: str, out_dir: str | None) -> tuple[Path, Path | None, int | None]:
@@ -116,10 +121,13 @@ def default_name(args, plan) -> str:
     name = f"{args.features}-n{plan.num_samples}-{plan.sampler}{plan.steps}-cfg{plan.cfg_scale:g}-seed{plan.seed}"
     if plan.cfg_scale != 1.0 and plan.cfg_batching != "joint":
         name += f"-{plan.cfg_batching}"
+    if plan.captions is not None:
+        name += f"-prompts{plan.captions[:8]}"  # another prompts file: another evaluation
     return name + ("-raw" if args.raw else "")
 
 
-def build_plan(args, cfg):
+def build_plan(args, cfg, captions=None):
+    """The SamplingPlan of an evaluation; `captions` (moedit.eval.sampling.Captions) for a text run."""
     from moedit.eval.sampling import SamplingPlan
 
     d = cfg.diffusion
@@ -131,7 +139,23 @@ def build_plan(args, cfg):
         cfg_scale=d.cfg_scale if args.cfg_scale is None else float(args.cfg_scale),
         guidance_channels=d.guidance_channels if args.guidance_channels is None else args.guidance_channels,
         cfg_batching=args.cfg_batching or d.cfg_batching,
+        captions=None if captions is None else captions.digest(),
     )
+
+
+def load_prompts(args, cfg):
+    """(prompts, Captions, encoder record) of a text run's --prompts-file; (None, None, None) for a class run."""
+    from moedit.eval.prompts import check_condition, encode_prompts, read_prompts, run_text_encoder
+
+    prompts = read_prompts(None, args.prompts_file)
+    if cfg.model.is_text and not prompts:
+        raise MoeditError("this run is a text-to-image model (model.condition = text): pass --prompts-file FILE "
+                          "(captions, one a line; image i takes prompt i mod P)")
+    check_condition(cfg.model, prompts, None)
+    if not prompts:
+        return None, None, None
+    encoder = run_text_encoder(cfg, args.text_encoder)
+    return prompts, encode_prompts(encoder, prompts), encoder
 
 
 def check_args(args) -> None:
@@ -172,7 +196,8 @@ def evaluate(args, engine, out_dir: Path, run: Path | None, step: int | None) ->
     torch.manual_seed(args.seed + engine.rank)  # per-rank seed for anything not drawn from a chunk generator
     model, cfg = load_for_inference(args.checkpoint, use_ema=not args.raw, device=engine.device)
     diffusion = build_diffusion(cfg.diffusion)
-    plan = build_plan(args, cfg)
+    prompts, captions, encoder = load_prompts(args, cfg)
+    plan = build_plan(args, cfg, captions)
     name = args.name or default_name(args, plan)
     stem = out_dir / name / (f"step_{step:07d}" if step is not None else "weights")
     result_path, work_path = stem.with_suffix(".json"), stem.with_suffix(".work")
@@ -196,9 +221,13 @@ def evaluate(args, engine, out_dir: Path, run: Path | None, step: int | None) ->
                 "weights": "raw" if args.raw else "ema",
                 "features": extractor.identity(), "pr_num_samples": keep, "world_size": engine.world_size,
                 **plan_settings(plan)}
+    if prompts is not None:
+        settings.update(prompts=prompts, prompts_file=str(Path(args.prompts_file).resolve()),
+                        text_encoder=encoder["path"], text_max_length=encoder["max_length"])
     started = time.perf_counter()
     work = WorkDir(work_path, settings, engine)
-    stats = sample_statistics(plan, model, diffusion, decoder, extractor, engine, work, keep=keep, progress=progress)
+    stats = sample_statistics(plan, model, diffusion, decoder, extractor, engine, work, keep=keep, progress=progress,
+                              captions=captions)
     elapsed = time.perf_counter() - started
     if engine.is_main:
         metrics = compare(stats, reference, k=PR_K)

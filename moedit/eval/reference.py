@@ -115,8 +115,9 @@ class ReferenceSource:
 
         # A fixed, seeded order over the whole epoch: no workers, every shard, no resampling.
         base = run_data_cfg if spec is None else replace(run_data_cfg, path=spec, manifest=None)
+        # fields=[]: the reference needs the images only (a text run's shards also hold caption features)
         self.data_cfg = replace(base, num_workers=0, resampled=False, split="shard", drop_last=False,
-                                shuffle=True, prepare=None)
+                                shuffle=True, prepare=None, fields=[])
         manifest = load_manifest(manifest_path(self.data_cfg))
         self.available = manifest.num_samples
         self.identity = {"shards": self.data_cfg.path, "manifest": manifest.to_json()}
