@@ -296,6 +296,16 @@ def test_truncated_newest_checkpoint_resumes_from_the_previous_through_the_cli(t
     assert verify_checkpoint(run / "checkpoints" / "step_0000008") is None
 
 
+def test_resuming_a_run_of_another_model_is_a_named_error(tmp_path, digits_dir):
+    cfg = tiny_config(tmp_path, digits_dir)
+    assert moedit("train", cfg, "train.steps=2").returncode == 0
+    proc = moedit("train", cfg, "train.steps=4", "model.hidden_size=64")  # same run directory
+    assert proc.returncode != 0
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "does not fit the model this config builds" in line and "step_0000002" in line, proc.stderr
+    assert "train.resume=never" in line and "Traceback" not in proc.stderr
+
+
 # --- item 5: atomic replacement, unique temp names -----------------------------------------------------
 
 

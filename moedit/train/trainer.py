@@ -166,7 +166,15 @@ class Trainer:
         if ckpt is None:
             return
         blob = load_checkpoint(ckpt, self.engine.rank)
-        self.engine.load_training_state(ckpt, blob)
+        try:
+            self.engine.load_training_state(ckpt, blob)
+        except (RuntimeError, ValueError, KeyError) as exc:  # torch's size / key / group mismatches
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+            first = next((line for line in lines if not line.endswith(":")), lines[0])[:200].rstrip(".")
+            raise MoeditError(
+                f"{ckpt}: does not fit the model this config builds ({self.cfg.model.name}): {first}. The run "
+                f"directory holds a run of another model or optimizer setup; use a new train.run_dir, or "
+                f"train.resume=never to start over here") from exc
         if blob["meta"].get("imported"):
             # A converted or upcycled checkpoint (moedit convert / upcycle): weights only. Training
             # starts at step 0 with a fresh optimizer and data order.
