@@ -221,3 +221,23 @@ def test_evaluate_takes_a_prompts_file_for_text_runs(text_run, class_run, tmp_pa
     assert "text-to-image model (model.condition = text): pass --prompts-file FILE" in capsys.readouterr().err
     assert evaluate_cli([str(class_run), *common, "--name", "r", "--prompts-file", str(listed)]) == 2
     assert "--prompt/--prompts-file: this run is conditioned on class" in capsys.readouterr().err
+
+
+def test_routing_report_shows_the_expert_load_by_prompt(text_run, sampled, tmp_path, capsys):
+    info = json.loads((sampled / "a.json").read_text())
+    assert cli.main(["analyze", "routing", str(text_run), "--samples", str(sampled / "a.json"),
+                     "--out", str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report" / "routing_report.json").read_text())
+    samples = report["runs"][0]["samples"]
+    assert samples["prompts"] == PROMPTS and samples["num_samples"] == 6
+    recorded = [layer["tokens_per_expert_by_prompt"] for layer in info["routing"]["layers"]]
+    assert [layer["tokens_per_expert_by_prompt"] for layer in samples["layers"]] == recorded
+    assert all(layer["mi_prompt_nats"] is not None for layer in samples["layers"])
+    markdown = (tmp_path / "report" / "routing_report.md").read_text()
+    total = np.sum([np.asarray(t) for t in recorded], axis=0)  # (P + 1, E) over layers
+    for name, row in zip([*PROMPTS, "(null caption)"], total):
+        assert f"| {name} | {int(row.sum())} |" in markdown
+    assert "Prompt x expert routing share" in (tmp_path / "report" / "routing_report.html").read_text()
+    capsys.readouterr()
+    assert cli.main(["analyze", "routing", str(text_run), "--samples", str(tmp_path / "none.json")]) == 2
+    assert "--samples" in capsys.readouterr().err

@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sum the last N logging intervals for the headline metrics "
                         "(0 = all; default 5)")
     parser.add_argument("--no-html", action="store_true", help="write only JSON and Markdown")
+    parser.add_argument("--samples", metavar="FILE.json",
+                        help="also report the routing of a `moedit sample` JSON (of a text run: expert load by "
+                        "prompt); only with one RUN")
     probe = parser.add_argument_group("offline probe (runs the EMA model of a checkpoint)")
     probe.add_argument("--probe", action="store_true",
                        help="also run the model over held-out shards and record per-token routing")
@@ -72,8 +75,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise MoeditError("several runs given: pass --out DIR for the comparison report")
     if args.last < 0:
         raise MoeditError(f"--last {args.last}: must be >= 0")
-    if (args.checkpoint or args.from_trace or args.trace) and len(args.runs) > 1:
-        raise MoeditError("--checkpoint, --trace and --from-trace take one RUN only")
+    if (args.checkpoint or args.from_trace or args.trace or args.samples) and len(args.runs) > 1:
+        raise MoeditError("--checkpoint, --trace, --from-trace and --samples take one RUN only")
     if args.trace and not args.probe:
         raise MoeditError("--trace FILE records the probe's decisions: add --probe")
     if args.probe and args.from_trace:
@@ -165,11 +168,12 @@ def main(args: argparse.Namespace) -> int:
 
     _check_args(args)
     want_probe = bool(args.probe or args.from_trace)
+    samples = routing_sources.read_samples(args.samples) if args.samples else None
     entries = []
     for run_dir in args.runs:
-        run = routing_sources.read_run(run_dir, require_routing=not want_probe)
+        run = routing_sources.read_run(run_dir, require_routing=not (want_probe or samples))
         probe = _probe_run(args, run)
-        entries.append(routing_report.run_entry(run, args.last or None, probe))
+        entries.append(routing_report.run_entry(run, args.last or None, probe, samples))
     report = routing_report.build_report(entries)
     out = Path(args.out) if args.out else Path(args.runs[0]) / "analysis" / "routing"
     paths = routing_report.write_report(report, out, write_html=not args.no_html)

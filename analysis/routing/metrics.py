@@ -203,7 +203,8 @@ def layer_metrics(layer: dict) -> dict:
     counts = [layer.get(f"predictor_{name}") or 0 for name in ("tp", "fp", "fn", "tn")]
     out["predictor"] = predictor_scores(*counts) if sum(counts) > 0 else None
     for name, key in (("noise", "tokens_per_expert_by_noise"),
-                      ("class", "tokens_per_expert_by_class")):
+                      ("class", "tokens_per_expert_by_class"),
+                      ("prompt", "tokens_per_expert_by_prompt")):
         table = layer.get(key)
         out[f"mi_{name}_nats"] = mutual_information(table) if table is not None else None
         out[f"mi_{name}_norm"] = (normalised_mutual_information(table)
@@ -216,7 +217,7 @@ def summarise_layers(layers: Iterable[dict]) -> dict:
     layers = list(layers)
     keys_mean = ("cv_population", "cv_sample", "max_over_mean", "dead_fraction",
                  "router_entropy_norm", "load_entropy_norm", "drop_rate", "capacity_used",
-                 "mi_noise_nats", "mi_class_nats")
+                 "mi_noise_nats", "mi_class_nats", "mi_prompt_nats")
     out = {}
     for key in keys_mean:
         values = [m[key] for m in layers if m.get(key) is not None]

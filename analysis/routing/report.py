@@ -17,7 +17,8 @@ from moedit.analysis.routing import plots
 from moedit.analysis.routing import sources
 
 FORMAT = "moedit-routing-report-v1"
-TABLE_KEYS = ("tokens_per_expert_by_noise", "tokens_per_expert_by_class")
+TABLE_KEYS = ("tokens_per_expert_by_noise", "tokens_per_expert_by_class", "tokens_per_expert_by_prompt")
+SOURCES = (("logs", "training logs"), ("probe", "offline probe"), ("samples", "moedit sample"))
 
 
 def jsonable(value):
@@ -48,16 +49,31 @@ def analyse_logs(run: sources.RunLogs, last: int | None) -> dict:
             "summary": rm.summarise_layers(layers), "history": sources.history(run)}
 
 
-def run_entry(run: sources.RunLogs, last: int | None, probe: dict | None) -> dict:
+def analyse_samples(samples: dict) -> dict:
+    """Metrics of the routing statistics a `moedit sample` JSON recorded (sources.read_samples), with
+    its per-prompt expert load (tokens_per_expert_by_prompt: a row per prompt, the last the null caption)."""
+    layers = []
+    for layer in samples["routing"]["layers"]:
+        metrics = rm.layer_metrics(layer)
+        for key in TABLE_KEYS:
+            metrics[key] = layer.get(key)
+        layers.append(metrics)
+    return {"noise_bin_edges": samples["routing"]["noise_bin_edges"], "file": samples["file"],
+            "num_samples": samples.get("num_samples"), "prompts": samples.get("prompts"),
+            "layers": layers, "summary": rm.summarise_layers(layers)}
+
+
+def run_entry(run: sources.RunLogs, last: int | None, probe: dict | None, samples: dict | None = None) -> dict:
     return jsonable({"name": run.name, "path": str(run.path), "model": sources.describe_model(run),
-                     "logs": analyse_logs(run, last) if run.routing else None, "probe": probe})
+                     "logs": analyse_logs(run, last) if run.routing else None, "probe": probe,
+                     "samples": analyse_samples(samples) if samples else None})
 
 
 def build_report(entries: list[dict]) -> dict:
     comparison = []
     for entry in entries:
         row = {"run": entry["name"], **{k: entry["model"].get(k) for k in ("router", "num_experts")}}
-        for source in ("logs", "probe"):
+        for source, _ in SOURCES:
             if entry.get(source):
                 row.update({f"{source}/{k}": v for k, v in entry[source]["summary"].items()})
         comparison.append(row)
@@ -75,7 +91,7 @@ def figures(report: dict) -> list[tuple[str, str, bytes]]:
     runs = report["runs"]
     multi = len(runs) > 1
     if multi:
-        summaries = [(r["name"], (r["logs"] or r["probe"])["summary"]) for r in runs]
+        summaries = [(r["name"], (r["logs"] or r["probe"] or r["samples"])["summary"]) for r in runs]
         out.append(("Comparison", "Headline metrics per run.", plots.comparison_plot(summaries)))
         out.append(("Comparison", "Load balance over training, all runs.",
                     plots.history_plot([(r["name"], r["logs"]["history"]) for r in runs
@@ -84,7 +100,7 @@ def figures(report: dict) -> list[tuple[str, str, bytes]]:
                     plots.capacity_curves([(r["name"], r["probe"]["layers"]) for r in runs
                                            if r["probe"]])))
     for run in runs:
-        for source, label in (("logs", "training logs"), ("probe", "offline probe")):
+        for source, label in SOURCES:
             data = run.get(source)
             if not data:
                 continue
@@ -99,6 +115,13 @@ def figures(report: dict) -> list[tuple[str, str, bytes]]:
             out.append((section, "Class x expert routing share per layer.",
                         plots.table_heatmaps(layers, "tokens_per_expert_by_class",
                                              "class label", None, "class x expert")))
+            prompts = data.get("prompts") if source == "samples" else None
+            if prompts:
+                ticks = [p if len(p) <= 24 else p[:21] + "..." for p in prompts] + ["(null caption)"]
+                out.append((section, "Prompt x expert routing share per layer (last row: the null caption "
+                            "of guidance's unconditional forwards).",
+                            plots.table_heatmaps(layers, "tokens_per_expert_by_prompt", "prompt", ticks,
+                                                 "prompt x expert")))
             if source == "logs" and not multi:
                 out.append((section, "Load-balance metrics over training steps.",
                             plots.history_plot([(run["name"], data["history"])])))
@@ -126,7 +149,7 @@ LAYER_COLUMNS = [("block", "block"), ("tokens", "tokens"), ("cv_population", "CV
                  ("max_violation", "MaxVio"), ("dead_fraction", "dead"),
                  ("router_entropy_norm", "entropy/logE"), ("drop_rate", "drop rate"),
                  ("capacity_used", "capacity"), ("mi_noise_nats", "MI noise [nats]"),
-                 ("mi_class_nats", "MI class [nats]")]
+                 ("mi_class_nats", "MI class [nats]"), ("mi_prompt_nats", "MI prompt [nats]")]
 
 
 def _layer_rows(layers: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -156,7 +179,8 @@ def _summary_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     keys = ["run", "router", "num_experts", "logs/cv_population_mean", "logs/max_violation_max",
             "logs/dead_fraction_mean", "logs/router_entropy_norm_mean", "logs/drop_rate_mean",
             "logs/mi_noise_nats_mean", "probe/cv_population_mean", "probe/capacity_used_mean",
-            "probe/mi_noise_nats_mean", "probe/mi_class_nats_mean"]
+            "probe/mi_noise_nats_mean", "probe/mi_class_nats_mean", "samples/capacity_used_mean",
+            "samples/mi_prompt_nats_mean"]
     keys = [k for k in keys if any(row.get(k) is not None for row in report["comparison"])]
     return keys, [[_fmt(row.get(k)) for k in keys] for row in report["comparison"]]
 
@@ -180,16 +204,40 @@ def to_markdown(report: dict) -> str:
     for run in report["runs"]:
         parts += [f"## {run['name']}", "", f"Path: `{run['path']}`; model: "
                   + ", ".join(f"{k} {v}" for k, v in run["model"].items() if v is not None), ""]
-        for source in ("logs", "probe"):
+        for source, _ in SOURCES:
             data = run.get(source)
             if not data:
                 continue
-            where = (f"training steps {data['window']['first_step']}..{data['window']['last_step']}"
-                     f" ({data['window']['intervals']} intervals)" if source == "logs"
-                     else f"{data['forwards']} forwards, {_fmt(data['samples'])} samples")
+            if source == "logs":
+                where = (f"training steps {data['window']['first_step']}..{data['window']['last_step']}"
+                         f" ({data['window']['intervals']} intervals)")
+            elif source == "probe":
+                where = f"{data['forwards']} forwards, {_fmt(data['samples'])} samples"
+            else:
+                where = f"{data['file']}, {_fmt(data['num_samples'])} images"
             parts += [f"### {source} ({where})", "", _md_table(*_layer_rows(data["layers"])), ""]
+            if source == "samples" and data.get("prompts"):
+                parts += ["Expert load by prompt (share of the prompt's tokens per expert, summed over layers):",
+                          "", _md_table(*prompt_load_rows(data)), ""]
     parts += ["Figures: see routing_report.html (self-contained).", ""]
     return "\n".join(parts)
+
+
+def prompt_load_rows(samples: dict) -> tuple[list[str], list[list[str]]]:
+    """A row per prompt (and the null caption): its tokens and each expert's share of them, summed
+    over the MoE layers that recorded tokens_per_expert_by_prompt."""
+    tables = [np.asarray(m["tokens_per_expert_by_prompt"], dtype=float) for m in samples["layers"]
+              if m.get("tokens_per_expert_by_prompt") is not None]
+    if not tables or len({t.shape for t in tables}) != 1:
+        return ["prompt"], []
+    total = np.sum(tables, axis=0)  # (P + 1, E)
+    names = [*samples["prompts"], "(null caption)"]
+    header = ["prompt", "tokens", *[f"expert {e}" for e in range(total.shape[1])]]
+    rows = []
+    for name, row in zip(names, total):
+        share = row / row.sum() if row.sum() else row
+        rows.append([name, _fmt(int(row.sum())), *[_fmt(float(v)) for v in share]])
+    return header, rows
 
 
 CSS = """body{font-family:sans-serif;max-width:1200px;margin:1em auto;color:#111;background:#fff}
@@ -215,10 +263,13 @@ def to_html(report: dict, figs: list[tuple[str, str, bytes]]) -> str:
     for run in report["runs"]:
         parts.append(f"<h2>{html.escape(run['name'])}</h2><p class='note'>"
                      f"{html.escape(run['path'])}</p>")
-        for source in ("logs", "probe"):
+        for source, _ in SOURCES:
             if run.get(source):
                 parts.append(f"<h3>{source}: per layer</h3>")
                 parts.append(_html_table(*_layer_rows(run[source]["layers"])))
+                if source == "samples" and run[source].get("prompts"):
+                    parts.append("<h3>samples: expert load by prompt (shares, summed over layers)</h3>")
+                    parts.append(_html_table(*prompt_load_rows(run[source])))
     section = None
     for name, caption, png in figs:
         if name != section:

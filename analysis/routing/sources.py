@@ -108,6 +108,26 @@ def read_run(path: str | Path, require_routing: bool = True) -> RunLogs:
     return run
 
 
+def read_samples(path: str | Path) -> dict:
+    """The routing statistics a `moedit sample` JSON recorded: {"file", "routing": snapshot,
+    "num_samples", "prompts"}; a text run's layers carry tokens_per_expert_by_prompt."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MoeditError(f"--samples {path}: no such file (give the JSON `moedit sample` wrote)") from None
+    except json.JSONDecodeError as exc:
+        raise MoeditError(f"--samples {path}: not valid JSON ({exc.msg})") from None
+    if not isinstance(data, dict) or "routing" not in data:
+        raise MoeditError(f"--samples {path}: no routing statistics (not a JSON of `moedit sample`, or one "
+                          "written before it recorded them)")
+    routing = _check_snapshot(data["routing"], str(path))
+    if not routing["layers"]:
+        raise MoeditError(f"--samples {path}: the sampled model has no MoE layers")
+    return {"file": str(path), "routing": routing, "num_samples": data.get("num_samples"),
+            "prompts": data.get("prompts")}
+
+
 def merged_window(run: RunLogs, last: int | None) -> tuple[dict, dict]:
     """Sum the last `last` intervals (all when None); returns (snapshot, window info)."""
     rows = run.routing if not last else run.routing[-last:]
