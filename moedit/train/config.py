@@ -227,11 +227,6 @@ def validate(cfg: Config) -> None:
             "takes its micro-batch from parallel.micro_batch and parallel.num_microbatches; set "
             "train.micro_batch_size=0 and parallel.micro_batch instead"
         )
-    if cfg.parallel.engine == "megatron" and cfg.model.is_text:
-        raise ConfigError(
-            f"model.condition = text with parallel.engine = megatron: the megatron engine does not build "
-            f"cross-attention yet; train '{cfg.flavor}' with parallel.engine=local, ddp or deepspeed"
-        )
     if cfg.parallel.megatron_optimizer == "distributed" and cfg.train.device == "cpu":
         raise ConfigError(
             "parallel.megatron_optimizer = distributed with train.device = cpu: Megatron's distributed optimizer "

@@ -1,5 +1,7 @@
 """The DiT on Megatron-Core equals the single-device DiT: outputs and gradients (float32, 1e-5
-relative) at TP=2 (sequence parallel), EP=2, PP=2 (1F1B, 2 micro-batches) and one rank.
+relative) at TP=2 (sequence parallel), EP=2, PP=2 (1F1B, 2 micro-batches) and one rank; the text
+model (cross-attention, caption embedder with a pooled vector, qk-norm at TP=2) at TP=2 (sequence
+parallel) and PP=2, with padded caption tokens, a dropped caption and an empty one in the batch.
 
 Every rank builds the same single-device reference from one seed, loads its slice of those
 weights into the Megatron model, runs one Megatron training step's forward and backward
@@ -24,11 +26,11 @@ from harness import init_model_parallel, run_distributed  # noqa: E402
 MICRO_BATCH, NUM_MICRO = 2, 2
 
 
-def _config(flavor: str):
+def _config(flavor: str, **fields):
     from moedit.models.flavors import FLAVORS
 
     cfg = FLAVORS[flavor]
-    cfg = dataclasses.replace(cfg, depth=4, class_dropout_prob=0.0)
+    cfg = dataclasses.replace(cfg, depth=4, class_dropout_prob=0.0, **fields)
     if cfg.moe is not None:  # MoE in blocks 1 and 3: every pipeline stage holds one
         cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, every=2, first=1))
     return cfg
@@ -47,22 +49,33 @@ def _reference(cfg, seed: int):
 
 
 def _batches(cfg, replicas: int, seed: int):
-    """[replica][micro] -> dict(x, t, y, target): the global batch, identical on every rank."""
+    """[replica][micro] -> dict(x, t, target, cond): the global batch, identical on every rank. cond
+    holds the model's keyword inputs: y, or for a text model text, text_mask and drop_text (padded
+    captions of different lengths; micro-batch 1 has a dropped caption and an empty one)."""
     g = torch.Generator().manual_seed(seed + 1)
     s, c = cfg.input_size, cfg.in_channels
     out = []
     for _ in range(replicas):
         micro = []
-        for _ in range(NUM_MICRO):
-            micro.append(dict(x=torch.randn(MICRO_BATCH, c, s, s, generator=g),
-                              t=torch.rand(MICRO_BATCH, generator=g),
-                              y=torch.randint(0, cfg.num_classes, (MICRO_BATCH,), generator=g),
-                              target=torch.randn(MICRO_BATCH, cfg.out_channels, s, s, generator=g)))
+        for i in range(NUM_MICRO):
+            batch = dict(x=torch.randn(MICRO_BATCH, c, s, s, generator=g), t=torch.rand(MICRO_BATCH, generator=g),
+                         target=torch.randn(MICRO_BATCH, cfg.out_channels, s, s, generator=g))
+            if cfg.is_text:
+                L = cfg.text_len
+                lengths = torch.randint(1, L, (MICRO_BATCH,), generator=g)
+                if i == 1:
+                    lengths[-1] = 0  # no real token: the null caption
+                batch["cond"] = dict(text=torch.randn(MICRO_BATCH, L, cfg.text_dim, generator=g),
+                                     text_mask=torch.arange(L)[None] < lengths[:, None],
+                                     drop_text=torch.arange(MICRO_BATCH) == (0 if i == 1 else -1))
+            else:
+                batch["cond"] = dict(y=torch.randint(0, cfg.num_classes, (MICRO_BATCH,), generator=g))
+            micro.append(batch)
         out.append(micro)
     return out
 
 
-def _parity_worker(rank, world_size, flavor, tp, pp, ep, seed, dispatcher=False):
+def _parity_worker(rank, world_size, flavor, tp, pp, ep, seed, dispatcher=False, fields=None):
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -71,7 +84,7 @@ def _parity_worker(rank, world_size, flavor, tp, pp, ep, seed, dispatcher=False)
     from moedit.engines.megatron.model import DiTMoELayer, build_megatron_model, transformer_config
 
     init_model_parallel(tp=tp, pp=pp, ep=ep)
-    cfg = _config(flavor)
+    cfg = _config(flavor, **(fields or {}))
     ref = _reference(cfg, seed)
     config = transformer_config(cfg, tensor=tp, pipeline=pp, expert=ep, sequence_parallel=tp > 1,
                                 use_cpu_initialization=True)
@@ -91,7 +104,7 @@ def _parity_worker(rank, world_size, flavor, tp, pp, ep, seed, dispatcher=False)
 
     def forward_step(data_iterator, module):
         b = next(data_iterator)
-        out = module(b["x"], b["t"], b["y"])
+        out = module(b["x"], t=b["t"], **b["cond"])
 
         def loss_func(output):
             outputs.append(output.detach())
@@ -111,7 +124,7 @@ def _parity_worker(rank, world_size, flavor, tp, pp, ep, seed, dispatcher=False)
     total, ref_out = 0.0, []
     for r, micro in enumerate(batches):
         for b in micro:
-            out = ref(b["x"], b["t"], b["y"])
+            out = ref(b["x"], b["t"], **b["cond"])
             if r == parallel_state.get_data_parallel_rank():
                 ref_out.append(out.detach())
             aux = ref.aux_losses()
@@ -153,7 +166,11 @@ def _check(results, rtol=1e-5):
     _check_main_replicas(results)
     grads, ref_grads = results[0]["grads"], results[0]["ref_grads"]
     assert set(grads) == set(ref_grads), set(grads) ^ set(ref_grads)
-    worst = max(((_rel(grads[k], ref_grads[k]), k) for k in ref_grads), key=lambda e: e[0])
+    # A bias added to every key shifts each query's scores by a constant, which softmax ignores: the
+    # qk-norm's key bias has zero gradient, and both sides hold only rounding noise (~1e-11).
+    zero = [k for k in ref_grads if k.endswith("k_norm.bias")]
+    assert all(float(grads[k].abs().max()) < 1e-8 and float(ref_grads[k].abs().max()) < 1e-8 for k in zero)
+    worst = max(((_rel(grads[k], ref_grads[k]), k) for k in ref_grads if k not in zero), key=lambda e: e[0])
     assert worst[0] < rtol, f"gradient {worst[1]}: relative error {worst[0]:.2e}"
     checked = 0
     for r in results:
@@ -185,6 +202,23 @@ def test_megatron_dispatcher_path_matches_single_device():
     results = run_distributed(_parity_worker, 1, "tiny-diffmoe", 1, 1, 1, 0, True, timeout=240)
     _check(results)
     assert results[0]["local_path"] and not any(results[0]["local_path"])
+
+
+# the text flavor's extras: a pooled caption vector (partial gradients under sequence parallelism
+# through c as well as through the keys and values), qk-norm in both attentions at TP=2
+TEXT_FIELDS = {"tp2": {"text_pooled": True, "qk_norm": True}, "pp2": {"text_pooled": True}}
+
+
+@pytest.mark.parametrize("layout", list(TEXT_FIELDS))
+def test_megatron_text_dit_matches_single_device(layout):
+    tp, pp, ep, world = LAYOUTS[layout]
+    results = run_distributed(_parity_worker, world, "tiny-diffmoe-t", tp, pp, ep, 0, False, TEXT_FIELDS[layout],
+                              timeout=240)
+    _check(results)
+    grads = results[0]["grads"]
+    assert grads["caption_embedder.null_caption"].abs().max() > 0  # the dropped and the empty caption
+    assert grads["caption_embedder.pool_fc2.weight"].abs().max() > 0
+    assert any(".cross_attn.k_norm." in k for k in grads) == TEXT_FIELDS[layout].get("qk_norm", False)
 
 
 @pytest.mark.slow

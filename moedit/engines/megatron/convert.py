@@ -7,8 +7,10 @@ Three forms of the same weights:
 - local: what one rank's `MegatronDiT` holds, a slice of the global form that the model's own
   `sharded_state_dict()` describes (offsets for TP, EP and the pipeline stage's layers).
 
-canonical <-> global is a renaming plus the qkv row order; global -> local slices by the
-offsets Megatron computes, so no layout logic is repeated here.
+canonical <-> global is a renaming plus the row order of the fused projections (self-attention's
+qkv, a text model's cross-attention kv: canonical [k (all heads), v], Megatron per head [k_h, v_h]);
+non-block modules (embedders, the caption embedder, the final layer) keep their names. global ->
+local slices by the offsets Megatron computes, so no layout logic is repeated here.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ _BLOCK_RENAMES = (
     ("attn.proj.", "self_attention.linear_proj."),
     ("attn.q_norm.", "self_attention.q_layernorm."),
     ("attn.k_norm.", "self_attention.k_layernorm."),
+    ("cross_attn.q.", "cross_attention.linear_q."),
+    ("cross_attn.kv.", "cross_attention.linear_kv."),
+    ("cross_attn.proj.", "cross_attention.linear_proj."),
+    ("cross_attn.q_norm.", "cross_attention.q_layernorm."),
+    ("cross_attn.k_norm.", "cross_attention.k_layernorm."),
     ("mlp.fc1.", "mlp.linear_fc1."),
     ("mlp.fc2.", "mlp.linear_fc2."),
     ("mlp.router.", "mlp.router.impl."),
@@ -34,20 +41,27 @@ _BLOCK_RENAMES = (
 )
 
 
-def _qkv_to_megatron(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows [q (all heads), k, v] -> [per head: q_h, k_h, v_h] (weight (3D, D) or bias (3D,))."""
+# Fused projections: (canonical prefix, Megatron prefix, parts: q/k/v or k/v)
+_FUSED = (("attn.qkv.", "self_attention.linear_qkv.", 3), ("cross_attn.kv.", "cross_attention.linear_kv.", 2))
+
+
+def _fused_to_megatron(t: torch.Tensor, heads: int, parts: int) -> torch.Tensor:
+    """Rows [q (all heads), k, v] -> [per head: q_h, k_h, v_h] (weight (parts*D, D) or bias (parts*D,));
+    parts = 2: kv rows [k, v] -> [per head: k_h, v_h]."""
     rest = t.shape[1:]
-    return t.reshape(3, heads, -1, *rest).transpose(0, 1).reshape(t.shape)
+    return t.reshape(parts, heads, -1, *rest).transpose(0, 1).reshape(t.shape)
 
 
-def _qkv_to_canonical(t: torch.Tensor, heads: int) -> torch.Tensor:
+def _fused_to_canonical(t: torch.Tensor, heads: int, parts: int) -> torch.Tensor:
     rest = t.shape[1:]
-    return t.reshape(heads, 3, -1, *rest).transpose(0, 1).reshape(t.shape)
+    return t.reshape(heads, parts, -1, *rest).transpose(0, 1).reshape(t.shape)
 
 
-def _rename_blocks(state: dict[str, torch.Tensor], src: str, dst: str, pairs, qkv) -> dict[str, torch.Tensor]:
-    """Keys `{src}.{i}.{a}...` -> `{dst}.{i}.{b}...` for (a, b) in `pairs`, qkv rows reordered by `qkv`;
-    keys outside the blocks keep their names; Megatron's `_extra_state` entries are dropped."""
+def _rename_blocks(state: dict[str, torch.Tensor], src: str, dst: str, pairs, reorder) -> dict[str, torch.Tensor]:
+    """Keys `{src}.{i}.{a}...` -> `{dst}.{i}.{b}...` for (a, b) in `pairs`, fused rows reordered by
+    `reorder(tensor, parts)`; keys outside the blocks keep their names; Megatron's `_extra_state`
+    entries are dropped."""
+    fused = {prefix: parts for canonical, megatron, parts in _FUSED for prefix in (canonical, megatron)}
     out = {}
     for key, value in state.items():
         if key.endswith("_extra_state"):
@@ -59,24 +73,21 @@ def _rename_blocks(state: dict[str, torch.Tensor], src: str, dst: str, pairs, qk
         index, rest = m.groups()
         for old, new in pairs:
             if rest.startswith(old):
-                out[f"{dst}.{index}.{new}{rest[len(old):]}"] = qkv(value) if old in _QKV else value
+                out[f"{dst}.{index}.{new}{rest[len(old):]}"] = reorder(value, fused[old]) if old in fused else value
                 break
         else:
             raise KeyError(f"{key!r} has no counterpart in the {'Megatron' if src == 'blocks' else 'canonical'} model")
     return out
 
 
-_QKV = ("attn.qkv.", "self_attention.linear_qkv.")
-
-
 def canonical_to_global(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return _rename_blocks(state, "blocks", "decoder.layers", _BLOCK_RENAMES,
-                          lambda t: _qkv_to_megatron(t, cfg.num_heads))
+                          lambda t, parts: _fused_to_megatron(t, cfg.num_heads, parts))
 
 
 def global_to_canonical(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return _rename_blocks(state, "decoder.layers", "blocks", [(b, a) for a, b in _BLOCK_RENAMES],
-                          lambda t: _qkv_to_canonical(t, cfg.num_heads))
+                          lambda t, parts: _fused_to_canonical(t, cfg.num_heads, parts))
 
 
 def _sharded_tensors(model) -> list:

@@ -152,15 +152,14 @@ class MegatronEngine(MegatronCheckpointing, DDPEngine):
                                      clip_grad=o.grad_clip, bf16=self.params_bf16)
 
     def _mark_pipeline_copies(self) -> None:
-        """Megatron's norm skips parameters marked `shared`: the timestep/label embedders live on every
-        pipeline stage with gradients summed over stages, so only the first stage's copy counts."""
+        """Megatron's norm skips parameters marked `shared`: the timestep/label/caption embedders live on
+        every pipeline stage with gradients summed over stages, so only the first stage's copy counts."""
         from megatron.core import parallel_state
 
         if parallel_state.get_pipeline_model_parallel_rank() == 0:
             return
-        for name in ("t_embedder", "y_embedder"):
-            module = getattr(self.model, name, None)
-            for p in module.parameters() if module is not None else []:
+        for module in self.model.conditioning_embedders():
+            for p in module.parameters():
                 p.shared = True
 
     def instantiated_params(self) -> int:

@@ -13,9 +13,20 @@ Conventions (as NVIDIA's own diffusion code builds a DiT on Megatron):
 - adaLN linears, embedders, routers and the final layer are replicated across tensor-parallel
   ranks; under sequence parallelism each rank sees part of the tokens, so their gradients are
   partial and are marked `sequence_parallel` (Megatron's finalize_model_grads sums them over TP);
-- timestep / label embedders live on every pipeline stage; their parameters are marked
+- timestep / label / caption embedders live on every pipeline stage; their parameters are marked
   `pipeline_parallel` and the config `has_cond_embedder`, so Megatron's finalize_model_grads sums
-  their gradients over the pipeline group; every stage gets (t, y) from its data iterator.
+  their gradients over the pipeline group; every stage gets (t, y) or (t, text, text_mask,
+  drop_text) from its data iterator.
+
+Text models: every layer has a cross-attention sublayer (Megatron's `CrossAttention`: linear_q
+and linear_kv column-parallel, linear_proj row-parallel, so heads split over tensor-parallel ranks
+as in self-attention). The projected caption (the context, [L, b, h]) is whole on every rank,
+also under sequence parallelism: queries come from the gathered sequence (linear_q gathers it,
+linear_proj scatters the output back), keys and values from the whole context. Megatron's own
+cross-attention expects a sequence-split context (T5's encoder output) and would gather it;
+`ContextColumnLinear` does not. Under sequence parallelism it also leaves the context's gradient
+partial (this rank's heads), like the conditioning vector's, and the caption embedder is marked
+`sequence_parallel` like the timestep embedder, so finalize_model_grads sums it over TP once.
 
 Routing pool: the DiffMoE pool is the whole micro-batch, as on one device. Under sequence
 parallelism a router gathers its input over the tensor-parallel group, decides on the full pool
@@ -26,6 +37,7 @@ ranks is the loss once.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -39,14 +51,20 @@ from megatron.core.tensor_parallel import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import (
+    CrossAttention,
+    CrossAttentionSubmodules,
+    SelfAttention,
+    SelfAttentionSubmodules,
+)
 from megatron.core.transformer.enums import AttnMaskType, ModelType
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_layer import MoELayer as MegatronMoELayer
 from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import (
@@ -59,7 +77,8 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from moedit.models.config import ModelConfig
 from moedit.models.experts import GroupedExperts
-from moedit.models.layers import FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
+from moedit.models.dit import DiT
+from moedit.models.layers import CaptionEmbedder, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
 from moedit.models.moe import RoutingContext, RoutingStats, run_experts
 from moedit.models.routers import AUX_COEF_FIELDS, DiffMoERouter, RoutingDecision, build_router
 
@@ -144,8 +163,11 @@ class LocalColumnLinear(ColumnParallelLinear):
 class SDPACoreAttention(MegatronModule):
     """Megatron core-attention interface over F.scaled_dot_product_attention (flash on H100).
 
-    query/key/value [s, b, heads_local, head_dim] -> [s, b, heads_local * head_dim]. Bidirectional:
-    a DiT attends over all image tokens, so every mask argument must be empty.
+    query [sq, b, heads_local, head_dim], key/value [sk, b, heads_local, head_dim] ->
+    [sq, b, heads_local * head_dim]. Self-attention is bidirectional over all image tokens (no
+    mask). Cross-attention (`attention_type` "cross") takes `attention_mask` (b, sk) bool in
+    moedit's convention, True = a real caption token (Megatron's masks mean the opposite): padded
+    tokens get exactly zero weight, as in the single-device `CrossAttention`.
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
@@ -153,16 +175,71 @@ class SDPACoreAttention(MegatronModule):
                  cp_comm_type: str | None = None, pg_collection=None):
         super().__init__(config=config)
         self.softmax_scale = softmax_scale
+        self.cross = attention_type == "cross"
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
-            raise ValueError("SDPACoreAttention: a DiT attends over all tokens; masks and packed sequences "
-                             "are not supported")
+        if attention_bias is not None or packed_seq_params is not None or (attention_mask is not None
+                                                                             and not self.cross):
+            raise ValueError("SDPACoreAttention: a DiT attends over all tokens (cross-attention: a key padding "
+                             "mask only); biases, self-attention masks and packed sequences are not supported")
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # (b, heads, s, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale)
+        mask = None
+        if attention_mask is not None:
+            b, sk = key.shape[1], key.shape[0]
+            if attention_mask.shape != (b, sk) or attention_mask.dtype != torch.bool:
+                raise ValueError(f"SDPACoreAttention: cross-attention mask of shape {tuple(attention_mask.shape)} "
+                                 f"and dtype {attention_mask.dtype}: expected ({b}, {sk}) bool")
+            mask = attention_mask[:, None, None, :]  # (b, 1, 1, sk) broadcasts over heads and queries
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+class ContextColumnLinear(LocalColumnLinear):
+    """Column-parallel linear for a context that is whole on every tensor-parallel rank (the
+    projected caption): never gathers its input over the sequence. Under sequence parallelism
+    the input gradient is not all-reduced either: it stays this rank's part (its heads), and
+    the context's producer (the caption embedder) is marked `sequence_parallel`, so
+    finalize_model_grads sums its parameter gradients over TP. Without sequence parallelism
+    Megatron's usual all-reduce makes the gradient whole, as for every replicated module."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.disable_grad_reduce = self.sequence_parallel
+        self.sequence_parallel = False
+        self.allreduce_dgrad = self.tp_group.size() > 1 and not self.disable_grad_reduce
+
+
+@dataclass
+class DiTCrossAttentionSubmodules(CrossAttentionSubmodules):
+    q_layernorm: type | None = None
+    k_layernorm: type | None = None
+
+
+class DiTCrossAttention(CrossAttention):
+    """Megatron's cross-attention with the model zoo's optional qk-norm (per head, before the
+    scores), which Megatron's `CrossAttention` lacks. Named q_layernorm / k_layernorm as in
+    self-attention, so finalize_model_grads sums their gradients over tensor-parallel ranks."""
+
+    def __init__(self, config: TransformerConfig, submodules: DiTCrossAttentionSubmodules, layer_number: int,
+                 attn_mask_type: AttnMaskType = AttnMaskType.padding, cp_comm_type: str | None = None,
+                 pg_collection=None):
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number,
+                         attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
+        self.q_layernorm, self.k_layernorm = (
+            build_module(norm, hidden_size=self.hidden_size_per_attention_head, config=config,
+                         eps=config.layernorm_epsilon) if norm is not None else None
+            for norm in (submodules.q_layernorm, submodules.k_layernorm))
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states, output_gate=False, split_qkv=True):
+        query, key, value = super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate,
+                                                                split_qkv)
+        if self.q_layernorm is not None:
+            query = self.q_layernorm(query)
+        if self.k_layernorm is not None:
+            key = self.k_layernorm(key)
+        return query, key, value
 
 
 # ----- MoE: moedit routers and experts behind Megatron's interfaces --------------------------------
@@ -299,9 +376,12 @@ class DiTMoELayer(MegatronMoELayer):
 
 # ----- the adaLN-Zero layer ------------------------------------------------------------------------
 class AdaLNZeroLayer(TransformerLayer):
-    """DiT block on Megatron: x + gate * attn(modulate(LN(x))), x + gate * mlp(modulate(LN(x))).
+    """DiT block on Megatron: x + gate * attn(modulate(LN(x))), x + gate * mlp(modulate(LN(x))); a
+    text model's block has x + cross_attn(LN(x), context) between them (pre-norm without affine,
+    not modulated, as the single-device block's norm_cross).
 
-    `attention_mask` carries the conditioning c (b, h); the adaLN linear is replicated."""
+    `attention_mask` carries the conditioning c (b, h); the adaLN linear is replicated. `context`
+    [L, b, h] and `context_mask` (b, L) bool (True = real token) are the projected caption."""
 
     def __init__(self, config: TransformerConfig, submodules: TransformerLayerSubmodules, layer_number: int = 1,
                  hidden_dropout: float | None = None, pg_collection=None, vp_stage: int | None = None):
@@ -312,7 +392,8 @@ class AdaLNZeroLayer(TransformerLayer):
         if config.sequence_parallel:
             _mark(self.adaLN_modulation, sequence_parallel=True)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None, **kwargs):
         c = attention_mask  # (b, h)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             m.unsqueeze(0) for m in self.adaLN_modulation(c).chunk(6, dim=-1))  # each (1, b, h)
@@ -321,8 +402,12 @@ class AdaLNZeroLayer(TransformerLayer):
         attn, bias = self.self_attention(_compute_dtype(_ln_modulate(x, shift_msa, scale_msa, eps)),
                                          attention_mask=None)
         x = _gated_residual(x, gate_msa, attn, bias)
+        if isinstance(self.cross_attention, CrossAttention):
+            out, bias = self.cross_attention(_compute_dtype(F.layer_norm(x, x.shape[-1:], eps=eps)),
+                                             attention_mask=context_mask, key_value_states=_compute_dtype(context))
+            x = x + (out if bias is None else out + bias)
         out, bias = self.mlp(_compute_dtype(_ln_modulate(x, shift_mlp, scale_mlp, eps)))
-        return _gated_residual(x, gate_mlp, out, bias), None
+        return _gated_residual(x, gate_mlp, out, bias), context  # the block hands context to the next layer
 
 
 def layer_spec(cfg: ModelConfig, block_index: int, num_noise_bins: int) -> ModuleSpec:
@@ -342,7 +427,17 @@ def layer_spec(cfg: ModelConfig, block_index: int, num_noise_bins: int) -> Modul
     else:
         mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=LocalColumnLinear,
                                                                linear_fc2=RowParallelLinear))
-    return ModuleSpec(module=AdaLNZeroLayer, submodules=TransformerLayerSubmodules(self_attention=attention, mlp=mlp))
+    cross = IdentityOp
+    if cfg.is_text:
+        cross = ModuleSpec(
+            module=DiTCrossAttention,
+            params={"attn_mask_type": AttnMaskType.padding},
+            submodules=DiTCrossAttentionSubmodules(
+                linear_q=LocalColumnLinear, linear_kv=ContextColumnLinear, core_attention=SDPACoreAttention,
+                linear_proj=RowParallelLinear, q_layernorm=_HeadNorm if qk_norm else None,
+                k_layernorm=_HeadNorm if qk_norm else None))
+    return ModuleSpec(module=AdaLNZeroLayer, submodules=TransformerLayerSubmodules(
+        self_attention=attention, cross_attention=cross, mlp=mlp))
 
 
 class _HeadNorm(nn.LayerNorm):
@@ -382,11 +477,12 @@ class MegatronDiT(MegatronModule):
         if pre_process:
             self.x_embedder = PatchEmbed(p, cfg.in_channels, D).to(dtype)
             self.pos_embed = nn.Parameter(sincos_2d(D, self.grid, self.grid).unsqueeze(0).to(dtype), requires_grad=False)
-        # Conditioning on every stage (each computes c for its own layers)
+        # Conditioning on every stage (each computes c, and a text model's context, for its own layers)
         self.t_embedder = TimestepEmbedder(D).to(dtype)
-        self.y_embedder = LabelEmbedder(cfg.num_classes, D).to(dtype) if cfg.num_classes else None
-        shared = [self.t_embedder] + ([self.y_embedder] if self.y_embedder is not None else [])
-        for m in shared:
+        self.y_embedder = LabelEmbedder(cfg.num_classes, D).to(dtype) if cfg.num_classes and not cfg.is_text else None
+        self.caption_embedder = (CaptionEmbedder(cfg.text_dim, cfg.text_len, D, pooled=cfg.text_pooled).to(dtype)
+                                 if cfg.is_text else None)
+        for m in self.conditioning_embedders():
             _mark(m, pipeline_parallel=True, sequence_parallel=config.sequence_parallel)
 
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
@@ -402,6 +498,10 @@ class MegatronDiT(MegatronModule):
             self.final_layer = FinalLayer(D, p, cfg.out_channels).to(dtype)
             if config.sequence_parallel:
                 _mark(self.final_layer, sequence_parallel=True)
+
+    def conditioning_embedders(self) -> list[nn.Module]:
+        """The embedders every pipeline stage holds a copy of (gradients summed over stages)."""
+        return [m for m in (self.t_embedder, self.y_embedder, self.caption_embedder) if m is not None]
 
     # --- pipeline plumbing -----------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
@@ -432,11 +532,23 @@ class MegatronDiT(MegatronModule):
         return level.clamp(0.0, 1.0)
 
     # --- forward ---------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor | None, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, H, W) on the first stage (ignored elsewhere), t (B,), y (B,) labels after dropout."""
+    # The single-device model's checks and caption embedding (it reads only cfg and caption_embedder).
+    _caption = DiT._caption
+
+    def forward(self, x: torch.Tensor | None, t: torch.Tensor, y: torch.Tensor | None = None,
+                text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+                drop_text: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W) on the first stage (ignored elsewhere), t (B,), y (B,) labels after dropout;
+        a text model takes text (B, L, text_dim), text_mask (B, L) and drop_text (B,) on every stage
+        instead of y, as `DiT.forward`. Pass all but x by keyword (Float16Module casts positionals)."""
         c = self.t_embedder(t)
-        labels = None
-        if self.y_embedder is not None:
+        labels = context = context_mask = None
+        if self.caption_embedder is not None:
+            tokens, context_mask, pooled = self._caption(t.shape[0], text, text_mask, drop_text)
+            context = tokens.transpose(0, 1).contiguous()  # [L, b, h]: whole on every rank, also under SP
+            if pooled is not None:
+                c = c + pooled
+        elif self.y_embedder is not None:
             if y is None:
                 raise ValueError("model: class labels y are required (num_classes > 0)")
             labels = y
@@ -451,7 +563,7 @@ class MegatronDiT(MegatronModule):
             h = (self.x_embedder(x.to(self.pos_embed.dtype)) + self.pos_embed).transpose(0, 1).contiguous()  # [s, b, h]
             if self.sequence_parallel:
                 h = scatter_to_sequence_parallel_region(h)
-        h = self.decoder(hidden_states=h, attention_mask=c)
+        h = self.decoder(hidden_states=h, attention_mask=c, context=context, context_mask=context_mask)
         if not self.post_process:
             return h
         out = self.final_layer(h.transpose(0, 1), c)  # (b, s_local, p*p*C)
@@ -480,7 +592,7 @@ class MegatronDiT(MegatronModule):
         shared = make_sharded_tensors_for_checkpoint(local, prefix, {}, sharded_offsets)
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         for key, sh in shared.items():
-            if key.startswith(("t_embedder.", "y_embedder.")):  # on every stage: one main replica
+            if key.startswith(("t_embedder.", "y_embedder.", "caption_embedder.")):  # every stage: one main replica
                 sh.replica_id = (pp_rank, *sh.replica_id[1:])
         out.update(shared)
         return out
@@ -560,5 +672,6 @@ def build_megatron_model(cfg: ModelConfig, config: TransformerConfig, vp_stage: 
                        vp_stage=vp_stage)
 
 
-__all__ = ["AdaLNZeroLayer", "DiTMoELayer", "MegatronDiT", "MegatronExperts", "MegatronRouter", "SDPACoreAttention",
-           "build_megatron_model", "layer_spec", "transformer_config"]
+__all__ = ["AdaLNZeroLayer", "ContextColumnLinear", "DiTCrossAttention", "DiTMoELayer", "MegatronDiT",
+           "MegatronExperts", "MegatronRouter", "SDPACoreAttention", "build_megatron_model", "layer_spec",
+           "transformer_config"]
