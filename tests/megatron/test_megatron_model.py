@@ -1,7 +1,8 @@
 """The DiT on Megatron-Core equals the single-device DiT: outputs and gradients (float32, 1e-5
 relative) at TP=2 (sequence parallel), EP=2, PP=2 (1F1B, 2 micro-batches) and one rank; the text
-model (cross-attention, caption embedder with a pooled vector, qk-norm at TP=2) at TP=2 (sequence
-parallel) and PP=2, with padded caption tokens, a dropped caption and an empty one in the batch.
+model (cross-attention, caption embedder with a pooled vector, qk-norm at TP=2) at TP=2 (with and
+without sequence parallelism) and PP=2, with padded caption tokens, a dropped caption and an empty
+one in the batch.
 
 Every rank builds the same single-device reference from one seed, loads its slice of those
 weights into the Megatron model, runs one Megatron training step's forward and backward
@@ -75,7 +76,7 @@ def _batches(cfg, replicas: int, seed: int):
     return out
 
 
-def _parity_worker(rank, world_size, flavor, tp, pp, ep, seed, dispatcher=False, fields=None):
+def _parity_worker(rank, world_size, flavor, tp, pp, ep, seed, dispatcher=False, fields=None, sequence_parallel=True):
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -86,7 +87,7 @@ def _parity_worker(rank, world_size, flavor, tp, pp, ep, seed, dispatcher=False,
     init_model_parallel(tp=tp, pp=pp, ep=ep)
     cfg = _config(flavor, **(fields or {}))
     ref = _reference(cfg, seed)
-    config = transformer_config(cfg, tensor=tp, pipeline=pp, expert=ep, sequence_parallel=tp > 1,
+    config = transformer_config(cfg, tensor=tp, pipeline=pp, expert=ep, sequence_parallel=sequence_parallel and tp > 1,
                                 use_cpu_initialization=True)
     model = build_megatron_model(cfg, config)
     load_canonical(model, ref.state_dict(), cfg)
@@ -204,21 +205,25 @@ def test_megatron_dispatcher_path_matches_single_device():
     assert results[0]["local_path"] and not any(results[0]["local_path"])
 
 
-# the text flavor's extras: a pooled caption vector (partial gradients under sequence parallelism
-# through c as well as through the keys and values), qk-norm in both attentions at TP=2
-TEXT_FIELDS = {"tp2": {"text_pooled": True, "qk_norm": True}, "pp2": {"text_pooled": True}}
+# text layout -> (flavor, TP, PP, sequence parallel, model fields): a pooled caption vector (under
+# sequence parallelism its gradient is partial through c as well as through the keys and values),
+# qk-norm in both attentions at TP=2; TP=2 without sequence parallelism (a dense model) all-reduces
+# the caption's gradient instead
+TEXT_LAYOUTS = {"tp2": ("tiny-diffmoe-t", 2, 1, True, {"text_pooled": True, "qk_norm": True}),
+                "tp2-no-sp": ("tiny-dense-t", 2, 1, False, {"text_pooled": True}),
+                "pp2": ("tiny-diffmoe-t", 1, 2, False, {"text_pooled": True})}
 
 
-@pytest.mark.parametrize("layout", list(TEXT_FIELDS))
+@pytest.mark.parametrize("layout", list(TEXT_LAYOUTS))
 def test_megatron_text_dit_matches_single_device(layout):
-    tp, pp, ep, world = LAYOUTS[layout]
-    results = run_distributed(_parity_worker, world, "tiny-diffmoe-t", tp, pp, ep, 0, False, TEXT_FIELDS[layout],
+    flavor, tp, pp, sequence_parallel, fields = TEXT_LAYOUTS[layout]
+    results = run_distributed(_parity_worker, tp * pp, flavor, tp, pp, 1, 0, False, fields, sequence_parallel,
                               timeout=240)
     _check(results)
     grads = results[0]["grads"]
     assert grads["caption_embedder.null_caption"].abs().max() > 0  # the dropped and the empty caption
     assert grads["caption_embedder.pool_fc2.weight"].abs().max() > 0
-    assert any(".cross_attn.k_norm." in k for k in grads) == TEXT_FIELDS[layout].get("qk_norm", False)
+    assert any(".cross_attn.k_norm." in k for k in grads) == fields.get("qk_norm", False)
 
 
 @pytest.mark.slow
