@@ -122,10 +122,11 @@ class MegatronEngine(MegatronCheckpointing, DDPEngine):
         self._mark_pipeline_copies()
         self.wrapped = DistributedDataParallel(config, ddp_config(distributed), module)
         self.optimizer = self._build_optimizer()
-        # fp32 EMA of every parameter shard. Under the distributed optimizer it follows the bf16
-        # parameters (cast to fp32), not the fp32 master weights: each rank holds the masters of only
-        # a 1/DP slice of its shard, so following them would need an all-gather every step.
-        self._ema_pairs = [(p.detach().clone().float(), p) for p in model.parameters()]
+        # fp32 EMA of every parameter shard and floating state buffer (DiffMoE thresholds; not the
+        # routing statistics), as on the other engines. Under the distributed optimizer it follows
+        # the bf16 parameters (cast to fp32), not the fp32 master weights: each rank holds the masters
+        # of only a 1/DP slice of its shard, so following them would need an all-gather every step.
+        self._ema_pairs = [(t.detach().clone().float(), t) for t in ema_tracked(model)]
         if self.params_bf16:
             self._load_canonical_ema(canonical.state_dict())  # the fp32 initialisation, not its bf16 rounding
         self._optimizer_stepped = False
@@ -234,21 +235,21 @@ class MegatronEngine(MegatronCheckpointing, DDPEngine):
 
     @contextmanager
     def _parameters_as_ema(self):
-        """The model's parameter slots temporarily hold the fp32 EMA tensors (not copies rounded to the
-        parameter dtype): gathers and loads through the model's sharded state dict then read or fill
-        the EMA. The slots are swapped, not `p.data`: setting a bf16 parameter's data to an fp32 tensor
-        resets its gradient accumulator, and with it the hook through which Megatron DDP collects
-        the gradient (every later gradient would be lost)."""
+        """The model's parameter (and tracked buffer) slots temporarily hold the fp32 EMA tensors (not
+        copies rounded to the parameter dtype): gathers and loads through the model's sharded state
+        dict then read or fill the EMA. The slots are swapped, not `p.data`: setting a bf16 parameter's
+        data to an fp32 tensor resets its gradient accumulator, and with it the hook through which
+        Megatron DDP collects the gradient (every later gradient would be lost)."""
         ema_of = {id(p): e for e, p in self._ema_pairs}
-        slots = [(module, name, p) for module in self.model.modules() for name, p in module._parameters.items()
-                 if p is not None and id(p) in ema_of]
-        for module, name, p in slots:
-            module._parameters[name] = ema_of[id(p)]
+        slots = [(table, name, p) for module in self.model.modules() for table in (module._parameters, module._buffers)
+                 for name, p in table.items() if p is not None and id(p) in ema_of]
+        for table, name, p in slots:
+            table[name] = ema_of[id(p)]
         try:
             yield
         finally:
-            for module, name, p in slots:
-                module._parameters[name] = p
+            for table, name, p in slots:
+                table[name] = p
 
     # --- collectives and logging --------------------------------------------------------------
     def routing_stats(self):
@@ -268,6 +269,17 @@ class MegatronEngine(MegatronCheckpointing, DDPEngine):
             parallel_state.destroy_model_parallel()
         finally:
             super().shutdown()
+
+
+def ema_tracked(model) -> list[torch.Tensor]:
+    """What the EMA follows: every parameter and every floating buffer of the state dict except the
+    routing statistics (so the DiffMoE thresholds, as `moedit.engines.base.ema_tensor_pairs`)."""
+    from moedit.models.stats import routing_stat_tensors
+
+    stats = {id(t) for t in routing_stat_tensors(model)}
+    persistent = {id(t) for t in model.state_dict(keep_vars=True).values()}
+    return list(model.parameters()) + [b for b in model.buffers()
+                                       if b.is_floating_point() and id(b) not in stats and id(b) in persistent]
 
 
 def owned_params(model) -> list[torch.nn.Parameter]:
@@ -292,4 +304,4 @@ def global_grad_norm(owned_grads: list[torch.Tensor], device: torch.device) -> t
     return sq.sqrt()
 
 
-__all__ = ["MegatronEngine", "global_grad_norm", "owned_params"]
+__all__ = ["MegatronEngine", "ema_tracked", "global_grad_norm", "owned_params"]
