@@ -27,7 +27,11 @@ allocation and the trainer's setup fall before; --warmup must be a positive mult
 per process, step ms, MFU per GPU (as the trainer logs it), the peak GPU memory rank 0 logged, and
 the ratio of each row's images/s to the first row of the same global batch (the engine
 comparison) and its step time to the dense DiT of the same size, batch, engine and process count
-where one was run (the MoE overhead). Each row's output goes to RUNS/<row>.log.
+where one was run (the MoE overhead); a text flavor's (`-T`) to its class-conditional twin. Text
+rows train on synthetic latents with captions whose features are random (`moedit prepare
+--text-encoder random:WIDTH`, --text-samples of them, at the flavor's text_len x text_dim: T5-XXL's
+120 x 4096 for the `-T` flavors), so they pay for reading and attending to such features without
+a T5. Each row's output goes to RUNS/<row>.log.
 """
 
 from __future__ import annotations
@@ -112,6 +116,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--latent-shape", default="4,32,32", help="C,H,W of the synthetic latents at --data")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--samples", type=int, default=8192, help="synthetic latents to prepare")
+    parser.add_argument("--text-samples", type=int, default=1024,
+                        help="synthetic latents with captions for text flavors (random features: about 1 MB each "
+                             "at T5-XXL's 120 x 4096)")
     parser.add_argument("--num-workers", type=int, default=4, help="data.num_workers of every rank")
     parser.add_argument("--runs", default=None, help="where the run directories and logs go (default: a temp dir)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per row")
@@ -130,14 +137,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def text_shape(flavor: str) -> tuple[int, int] | None:
+    """(text_len, text_dim) of a text flavor, None for a class one."""
+    from moedit.models.flavors import get_flavor
+
+    cfg = get_flavor(flavor)
+    return (cfg.text_len, cfg.text_dim) if cfg.condition == "text" else None
+
+
+def text_data(args: argparse.Namespace, shape: tuple[int, int]) -> str:
+    """Synthetic latents with captions and random text features of `shape` (prepared once): a text
+    row pays for reading and attending to T5-sized features without needing a T5."""
+    path = f"{args.data}_text{shape[0]}x{shape[1]}"
+    if not (Path(path) / "dataset.json").is_file():
+        subprocess.run([sys.executable, "-m", "moedit.cli", "prepare", "--source", "synthetic", "--output", path,
+                        "--latent-shape", args.latent_shape, "--num-classes", str(args.num_classes),
+                        "--num-samples", str(args.text_samples), "--text-encoder", f"random:{shape[1]}",
+                        "--text-max-length", str(shape[0]), "--no-progress"], cwd=ROOT, check=True)
+    return path
+
+
 def command(row: Row, run_dir: Path, args: argparse.Namespace) -> list[str]:
     c, h, _ = (int(v) for v in args.latent_shape.split(","))
+    text = text_shape(row.flavor)
     overrides = [
         f"model.flavor={row.flavor}", f"model.input_size={h}", f"model.in_channels={c}",
-        f"model.num_classes={args.num_classes}",
+        *([] if text else [f"model.num_classes={args.num_classes}"]),
         f"train.global_batch_size={row.batch}", f"parallel.engine={row.engine}",
         f"train.run_dir={run_dir}", "train.resume=never", f"train.steps={args.steps}",
-        f"data.path={args.data}", f"data.num_workers={args.num_workers}", "data.shuffle_buffer=1000",
+        f"data.path={text_data(args, text) if text else args.data}", f"data.num_workers={args.num_workers}",
+        "data.shuffle_buffer=1000",
         f"logging.log_every={args.log_every}", "logging.tensorboard=false", "logging.progress=lines",
         "train.sample_every=0", "train.num_sample_images=0", f"checkpoint.every={10 * args.steps}",
         *args.overrides, *row.overrides,
@@ -193,6 +222,11 @@ def run_row(row: Row, runs: Path, args: argparse.Namespace) -> dict:
     return out
 
 
+def twin_of(flavor: str) -> str:
+    """The flavor a row's step time is compared with: a text flavor's class twin, an MoE flavor's dense DiT."""
+    return flavor[: -len("-T")] if flavor.endswith(("-T", "-t")) else DENSE_OF.get(flavor, "")
+
+
 def table(rows: list[dict]) -> str:
     first_of_batch: dict[int, dict] = {}
     same: dict[tuple, dict] = {}
@@ -201,13 +235,13 @@ def table(rows: list[dict]) -> str:
             first_of_batch.setdefault(r["batch"], r)
             same.setdefault((r["flavor"], r["batch"], r["engine"], r["nproc"]), r)
     lines = ["| row | procs | img/s | img/s per proc | step ms | MFU per GPU | peak GiB (rank 0) | img/s vs first row "
-             "of batch | step vs dense | exit |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "of batch | step vs dense (text: vs class) | exit |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "step_ms" not in r:
             lines.append(f"| {r['row']} | {r['nproc']} | - | - | - | - | - | - | - | {r['exit']} |")
             continue
         base = first_of_batch[r["batch"]]
-        twin = same.get((DENSE_OF.get(r["flavor"], ""), r["batch"], r["engine"], r["nproc"]))
+        twin = same.get((twin_of(r["flavor"]), r["batch"], r["engine"], r["nproc"]))
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "-"
         vs_dense = f"{r['step_ms'] / twin['step_ms']:.3f}x" if twin else "-"

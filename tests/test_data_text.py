@@ -370,3 +370,31 @@ def test_transformers_loads_only_on_the_text_paths():
             "moedit.data.sources; print('transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_synthetic_captions_with_random_features_for_benchmarks(tmp_path):
+    """`--source synthetic --text-encoder random:W`: no model; each caption's features are seeded by
+    its text, over 2 + its word count tokens, zeros and a false mask after; a bad width is named."""
+    import webdataset as wds
+
+    from moedit.data.text import RandomTextFeatures
+
+    out = tmp_path / "syn"
+    assert cli_main(["prepare", "--source", "synthetic", "--output", str(out), "--latent-shape", "4,4,4",
+                     "--num-samples", "8", "--text-encoder", "random:16", "--text-max-length", "6",
+                     "--no-progress"]) == 0
+    manifest = json.loads((out / "dataset.json").read_text())
+    assert manifest["text_encoder"] == {"path": "random:16", "type": "random", "width": 16, "max_length": 6}
+    samples = list(wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False))
+    assert len(samples) == 8
+    captions = [s["txt"].decode() for s in samples]
+    expected, mask = RandomTextFeatures("random:16").encode(captions, 6)
+    for s, e, m, caption in zip(samples, expected, mask, captions):
+        assert int(m.sum()) == min(6, 2 + len(caption.split()))
+        np.testing.assert_array_equal(np.load(io.BytesIO(s["text_mask.npy"])), m.numpy())
+        np.testing.assert_array_equal(np.load(io.BytesIO(s["text.npy"])), e.numpy().astype(np.float16))
+    again, _ = RandomTextFeatures("random:16").encode(captions[:1] * 2, 6)
+    assert torch.equal(again[0], again[1]) and not torch.equal(expected[0], expected[1] if captions[1] != captions[0]
+                                                                else expected[0] + 1)
+    with pytest.raises(MoeditError, match="random features need a width"):
+        RandomTextFeatures("random:wide")

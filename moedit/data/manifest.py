@@ -19,7 +19,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "dataset.json"
 LATENT_DTYPES = ("float16", "float32")
 ENCODER_TYPES = ("identity", "autoencoderkl", "none")
-TEXT_ENCODER_TYPES = ("clip", "t5")
+TEXT_ENCODER_TYPES = ("clip", "t5", "random")  # random: benchmark features, no model
 TEXT_ENCODER_KEYS = ("path", "type", "width", "max_length")
 
 

@@ -63,7 +63,8 @@ class PrepareSpec:
     def fingerprint(self) -> str:
         data = dataclasses.asdict(self)
         data["vae"] = os.path.abspath(self.vae) if self.vae else None
-        data["text_encoder"] = os.path.abspath(self.text_encoder) if self.text_encoder else None
+        data["text_encoder"] = (os.path.abspath(self.text_encoder) if self.text_encoder and not self.text_encoder.startswith("random:")
+                                else self.text_encoder)  # random:WIDTH stays as given
         for defaults, where in ((_FINGERPRINT_DEFAULTS, data), (_SOURCE_FINGERPRINT_DEFAULTS, data["source"])):
             for key, value in defaults.items():
                 if where[key] == value:
@@ -100,8 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="store captions and their text-encoder features (implied by --text-encoder); "
                              "digits without --text-encoder: a tiny random stand-in encoder")
     parser.add_argument("--text-encoder", metavar="DIR",
-                        help="local transformers CLIP text model or T5 encoder directory (with its tokenizer)")
-    parser.add_argument("--text-max-length", type=int, help="tokens per caption, padded or cut (default: clip 77, t5 120)")
+                        help="local transformers CLIP text model or T5 encoder directory (with its tokenizer); "
+                             "random:WIDTH: random features per caption, no model (benchmarks)")
+    parser.add_argument("--text-max-length", type=int, help="tokens per caption, padded or cut (default: clip 77, t5 and random 120)")
     parser.add_argument("--caption-column", default="caption", help="hf/parquet caption column")
     parser.add_argument("--caption-key", default="caption",
                         help="webdataset: key of the caption in KEY.json (when a sample has no KEY.txt)")
@@ -339,8 +341,8 @@ def _text_encoder(spec: PrepareSpec, output: str) -> tuple[Any, PrepareSpec]:
         path = make_tiny_text_encoder(os.path.join(output, STAND_IN_DIR))
     kind, width, _ = read_encoder_config(path)  # no path: the error says to pass --text-encoder DIR
     spec = dataclasses.replace(spec, text_encoder=path, text_max_length=spec.text_max_length or default_max_length(kind))
-    _check_text_width(output, {"path": os.path.abspath(path), "type": kind, "width": width,
-                               "max_length": spec.text_max_length})
+    _check_text_width(output, {"path": path if kind == "random" else os.path.abspath(path), "type": kind,
+                               "width": width, "max_length": spec.text_max_length})
     return load_text_encoder(path), spec
 
 

@@ -4,8 +4,8 @@ with `captions` on, `caption(index)` the item's caption.
 An image is a PIL image, or for `digits` a float32 array (1, H, W) already in [-1, 1].
 Sources are opened once per preparation process, so they keep no open handles when pickled.
 Captions: folder `ROOT/<class>/<stem>.txt` beside each image; webdataset `KEY.txt`, else the
-`caption_key` of `KEY.json`; hf/parquet the `caption_column`; digits made from the label
-(moedit.data.text.digit_caption). A source opened with captions on checks that every item it will
+`caption_key` of `KEY.json`; hf/parquet the `caption_column`; digits (and synthetic, for
+benchmarks) made from the label (moedit.data.text.digit_caption). A source opened with captions on checks that every item it will
 use has one, so a missing caption is an error before any encoding starts.
 """
 
@@ -317,9 +317,6 @@ class SyntheticSource:
     """Random latents with a class-dependent mean: learnable, deterministic per index."""
 
     def __init__(self, spec: SourceSpec):
-        if spec.captions:
-            raise MoeditError("--source synthetic has no captions (it makes latents, not images); use digits, "
-                              "folder, webdataset, hf or parquet")
         self.spec = spec
         self.class_names = [str(i) for i in range(spec.num_classes)]
         c, h, w = spec.latent_shape
@@ -334,6 +331,13 @@ class SyntheticSource:
         label = int(rng.integers(self.spec.num_classes))
         noise = rng.standard_normal(self.spec.latent_shape, dtype=np.float32)
         return self.means[label] + 0.5 * noise, label
+
+    def caption(self, index: int) -> str:
+        """A digit caption of the item's class modulo 10 (words the tiny stand-in encoder knows);
+        for benchmarks and tests of the text path, where what the caption says does not matter."""
+        from moedit.data.text import digit_caption
+
+        return digit_caption(self.get(index)[1] % 10, index)
 
 
 def open_source(spec: SourceSpec) -> Any:

@@ -23,8 +23,10 @@ from typing import Any
 
 from moedit.errors import MoeditError
 
-TEXT_ENCODER_TYPES = ("clip", "t5")
-DEFAULT_MAX_LENGTH = {"clip": 77, "t5": 120}
+TEXT_ENCODER_TYPES = ("clip", "t5", "random")
+DEFAULT_MAX_LENGTH = {"clip": 77, "t5": 120, "random": 120}
+RANDOM_PREFIX = "random:"
+"""`--text-encoder random:WIDTH`: no model, random features per caption (benchmarks of the text path)."""
 # config.json model_type -> encoder type
 MODEL_TYPES = {"clip_text_model": "clip", "clip": "clip", "t5": "t5"}
 TEXT_ENCODER_HELP = (
@@ -66,6 +68,8 @@ def read_encoder_config(path: str | os.PathLike | None) -> tuple[str, int, dict[
     if not path:
         raise MoeditError(f"captions need a text encoder: {TEXT_ENCODER_HELP}")
     path = os.fspath(path)
+    if path.startswith(RANDOM_PREFIX):
+        return "random", RandomTextFeatures.parse_width(path), {}
     if not os.path.isdir(path):
         raise MoeditError(f"text encoder directory {path} not found: {TEXT_ENCODER_HELP}")
     config_path = os.path.join(path, "config.json")
@@ -155,10 +159,52 @@ class TextEncoder:
         return torch.cat(features), torch.cat(masks)
 
 
-def load_text_encoder(path: str | os.PathLike | None, device: str = "cpu") -> TextEncoder:
-    """A frozen local text encoder (CLIP text model or T5 encoder, by config.json model_type).
-    Errors, one line each: no path, a missing directory, no config.json, another model type, or
-    weights/tokenizer transformers cannot load."""
+class RandomTextFeatures:
+    """`--text-encoder random:WIDTH`: no model; each caption gets standard-normal features seeded by
+    its text (the same caption, the same features) over 2 + its word count tokens (capped at the
+    max length), zeros and a false mask after. For measuring the text path's cost (benchmarks/
+    train.py's text rows: T5-XXL's 4096 x 120 without a T5), not for learning from captions."""
+
+    kind = "random"
+
+    def __init__(self, spec: str):
+        self.width, self.path = self.parse_width(spec), spec
+
+    @staticmethod
+    def parse_width(spec: str) -> int:
+        try:
+            width = int(spec[len(RANDOM_PREFIX):])
+        except ValueError:
+            width = 0
+        if width < 1:
+            raise MoeditError(f"--text-encoder {spec}: random features need a width, e.g. {RANDOM_PREFIX}4096")
+        return width
+
+    def manifest_entry(self, max_length: int) -> dict[str, Any]:
+        return {"path": self.path, "type": self.kind, "width": self.width, "max_length": int(max_length)}
+
+    def encode(self, captions: list[str], max_length: int, batch_size: int = 64) -> tuple[Any, Any]:
+        import hashlib
+
+        import numpy as np
+        import torch
+
+        features = torch.zeros(len(captions), max_length, self.width)
+        mask = torch.zeros(len(captions), max_length, dtype=torch.bool)
+        for i, caption in enumerate(captions):
+            seed = int.from_bytes(hashlib.sha256(str(caption).encode()).digest()[:8], "little")
+            n = min(max_length, 2 + len(str(caption).split()))
+            values = np.random.default_rng(seed).standard_normal((n, self.width), dtype=np.float32)
+            features[i, :n], mask[i, :n] = torch.from_numpy(values), True
+        return features, mask
+
+
+def load_text_encoder(path: str | os.PathLike | None, device: str = "cpu") -> TextEncoder | RandomTextFeatures:
+    """A frozen local text encoder (CLIP text model or T5 encoder, by config.json model_type), or
+    random features for `random:WIDTH`. Errors, one line each: no path, a missing directory, no
+    config.json, another model type, or weights/tokenizer transformers cannot load."""
+    if path is not None and os.fspath(path).startswith(RANDOM_PREFIX):
+        return RandomTextFeatures(os.fspath(path))
     return TextEncoder(path, device)
 
 
