@@ -1,4 +1,4 @@
-"""The engine interface: how the one training loop (`moedit.train.trainer.Trainer`) runs on one
+"""The engine interface: how the one training loop (the train package's `Trainer`) runs on one
 process or many.
 
 An engine owns the process group, the device, the wrapping of the single-device model (DDP,
@@ -269,7 +269,7 @@ class Engine:
 
     def load_training_state(self, ckpt: Path, blob: dict[str, Any]) -> None:
         """Restore the weights, the EMA and (unless the checkpoint is an import: weights only) the
-        optimizer from a checkpoint (`blob` = `moedit.train.checkpoint.load_checkpoint`'s result)."""
+        optimizer from a checkpoint (`blob`: what the train package's `load_checkpoint` returned)."""
         if not blob["meta"].get("imported"):
             if "optimizer" not in blob["state"]:  # named before the world size: the likelier mistake
                 engine = blob["meta"].get("engine", "another")

@@ -1,6 +1,6 @@
 """Config sections the engines own: `parallel` (which engine, and Megatron-Core's layout) and
-`deepspeed` (ZeRO). `moedit.train.config.Config` holds one of each; engines receive them as
-arguments and never import the train package."""
+`deepspeed` (ZeRO). The training config (`Config` of the train package) holds one of each;
+engines receive them as arguments and never import the train package."""
 
 from __future__ import annotations
 
