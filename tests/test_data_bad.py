@@ -112,7 +112,7 @@ def test_config_validation_names_field_and_value():
         DataConfig(path="x", max_skip_fraction=1.5)
     with pytest.raises(ValueError, match=r"data.path = 'pipe:cat a.tar': a pipe: URL needs data.manifest"):
         DataConfig(path="pipe:cat a.tar")
-    with pytest.raises(ValueError, match=r"data.prepare = 'mnist': use one of digits, digits_text, synthetic or null"):
+    with pytest.raises(ValueError, match=r"data.prepare = 'mnist': use one of digits, digits_text, digits_repa, synthetic or null"):
         DataConfig(path="x", prepare="mnist")
     with pytest.raises(ValueError, match=r"data.split = 'rank'"):
         DataConfig(path="x", split="rank")

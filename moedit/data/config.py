@@ -8,7 +8,7 @@ from moedit.data.samples import check_field_name
 
 BAD_DATA_POLICIES = ("raise", "skip")
 SPLITS = ("shard", "sample")
-BUILTIN_SOURCES = ("digits", "digits_text", "synthetic")
+BUILTIN_SOURCES = ("digits", "digits_text", "digits_repa", "synthetic")
 
 
 @dataclass
@@ -23,7 +23,9 @@ class DataConfig:
     prepare: str | None = None
     """Built-in dataset to prepare into `path` when its dataset.json is missing: `digits`,
     `digits_text` (digits with captions made from the labels, encoded by a tiny random stand-in
-    text encoder) or `synthetic` (see moedit.data.prepare.prepare_builtin). None: the shards must exist. A `data.path`
+    text encoder), `digits_repa` (digits with REPA features `repa`, float16 (64, 32): a fixed
+    random map of the pixels pooled onto the 8 x 8 token grid) or `synthetic` (see
+    moedit.data.prepare.prepare_builtin). None: the shards must exist. A `data.path`
     given on the command line is never filled with it (a typo must not become a fresh dataset)
     unless `data.prepare` is given on the command line too; `moedit train` names the error."""
 

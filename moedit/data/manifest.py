@@ -21,6 +21,8 @@ LATENT_DTYPES = ("float16", "float32")
 ENCODER_TYPES = ("identity", "autoencoderkl", "none")
 TEXT_ENCODER_TYPES = ("clip", "t5", "random")  # random: benchmark features, no model
 TEXT_ENCODER_KEYS = ("path", "type", "width", "max_length")
+REPA_ENCODER_TYPES = ("dinov2", "random")  # random: a fixed random map of pooled pixels, no model
+REPA_ENCODER_KEYS = ("path", "type", "width", "grid", "image_size")
 
 
 @dataclass
@@ -62,6 +64,10 @@ class Manifest:
     text_encoder: dict[str, Any] | None = None
     """The frozen text encoder that made the `text` field: {"path", "type" (clip | t5), "width",
     "max_length"}; None when the shards hold no text features."""
+    repa_encoder: dict[str, Any] | None = None
+    """The frozen vision encoder that made the `repa` field (float16 (grid^2, width) patch features
+    on the model's token grid): {"path", "type" (dinov2 | random), "width", "grid", "image_size"
+    (the encoder's input size; None for random)}; None when the shards hold no REPA features."""
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     root: str = ""
@@ -119,13 +125,33 @@ class Manifest:
                 raise MoeditError(f"{where}: field 'text' has shape {text['shape']}, but the text_encoder gives "
                                   f"[max_length, width] = [{encoder['max_length']}, {encoder['width']}]")
 
+        self._validate_repa(where)
+
+    def _validate_repa(self, where: str) -> None:
+        encoder = self.repa_encoder
+        if encoder is None:
+            return
+        if not isinstance(encoder, dict) or sorted(encoder) != sorted(REPA_ENCODER_KEYS):
+            raise MoeditError(f"{where}: repa_encoder {encoder!r} must have exactly the keys {list(REPA_ENCODER_KEYS)}")
+        if encoder["type"] not in REPA_ENCODER_TYPES:
+            raise MoeditError(f"{where}: repa_encoder type {encoder['type']!r} must be one of {REPA_ENCODER_TYPES}")
+        repa = self.fields.get("repa")
+        if repa is not None and repa["shape"] != [encoder["grid"] ** 2, encoder["width"]]:
+            raise MoeditError(f"{where}: field 'repa' has shape {repa['shape']}, but the repa_encoder gives "
+                              f"[grid^2, width] = [{encoder['grid'] ** 2}, {encoder['width']}]")
+
     def field_spec(self, name: str) -> tuple[str, tuple[int, ...]]:
         """(dtype, shape) of a stored field; a one-line MoeditError when the manifest lacks it."""
         spec = self.fields.get(name)
         if spec is None:
             stored = ", ".join(sorted(self.fields)) or "none"
-            hint = ("prepare the shards with captions (`moedit prepare ... --text-encoder DIR`, see docs/data.md)"
-                    if name in ("text", "text_mask", "txt") else "prepare shards that store it")
+            if name in ("text", "text_mask", "txt"):
+                hint = "prepare the shards with captions (`moedit prepare ... --text-encoder DIR`, see docs/data.md)"
+            elif name == "repa":
+                hint = ("prepare the shards with REPA features (`moedit prepare ... --repa-encoder DIR`, or "
+                        "data.prepare: digits_repa; see docs/data.md)")
+            else:
+                hint = "prepare shards that store it"
             raise MoeditError(f"{os.path.join(self.root, MANIFEST_NAME)} does not list field {name!r} that "
                               f"data.fields asks for (stored fields: {stored}): {hint}, or remove {name!r} "
                               "from data.fields")
@@ -137,8 +163,9 @@ class Manifest:
         # Latent-only datasets keep the manifest they always had (older readers take it unchanged).
         if not data["fields"]:
             data.pop("fields")
-        if data["text_encoder"] is None:
-            data.pop("text_encoder")
+        for key in ("text_encoder", "repa_encoder"):
+            if data[key] is None:
+                data.pop(key)
         return data
 
     def shard(self, name: str) -> ShardInfo:
