@@ -171,6 +171,15 @@ class ModelConfig:
     MLP) to the timestep embedding, so adaLN sees the caption too."""
     caption_dropout: float = 0.1
     """Text: training probability of replacing a caption by the learned null caption (for CFG)."""
+    repa_depth: int = 0
+    """REPA: the block (1 = the first) whose output the training-only projector aligns with encoder
+    features; 0 = no projector. Filled by the trainer from `train.repa` (docs/training.md, REPA)."""
+    repa_dim: int = 0
+    """REPA: width C of the encoder features (read from the data by the trainer); 0 = no projector."""
+    repa_hidden: int = 0
+    """REPA: hidden width of the projector MLP (train.repa.projector_hidden)."""
+    repa_coef: float = 0.0
+    """REPA: weight lambda of the `repa` term (train.repa.coef); 0 trains exactly as without REPA."""
 
     def __post_init__(self) -> None:
         s = "model"
@@ -197,6 +206,7 @@ class ModelConfig:
         if not 0 <= self.class_dropout_prob < 1:
             _fail(s, "class_dropout_prob", self.class_dropout_prob, "must be in [0, 1)")
         self._check_condition()
+        self._check_repa()
         if self.moe is not None:
             if self.moe.first >= self.depth:
                 _fail("moe", "first", self.moe.first, f"must be in [0, depth={self.depth})")
@@ -219,6 +229,22 @@ class ModelConfig:
             _fail(s, "text_len", self.text_len, "a text model needs the caption length in tokens (>= 1, e.g. 120)")
         if not 0 <= self.caption_dropout < 1:
             _fail(s, "caption_dropout", self.caption_dropout, "must be in [0, 1)")
+
+    def _check_repa(self) -> None:
+        s = "model"
+        if not 0 <= self.repa_depth <= self.depth:
+            _fail(s, "repa_depth", self.repa_depth, f"must be in [1, depth={self.depth}] (0: no REPA projector)")
+        for name in ("repa_dim", "repa_hidden", "repa_coef"):
+            if getattr(self, name) < 0:
+                _fail(s, name, getattr(self, name), "must be >= 0")
+        if self.repa_depth and (self.repa_dim < 1 or self.repa_hidden < 1):
+            _fail(s, "repa_depth", self.repa_depth, "a REPA projector needs repa_dim and repa_hidden >= 1 (the "
+                  "trainer sets all four from train.repa and the data; set repa_depth=0 for none)")
+
+    @property
+    def has_repa(self) -> bool:
+        """Whether the model holds the training-only REPA projector."""
+        return self.repa_depth > 0
 
     @property
     def is_text(self) -> bool:

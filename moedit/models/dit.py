@@ -25,6 +25,7 @@ from moedit.models.layers import (
     sincos_2d,
 )
 from moedit.models.moe import MoELayer, RoutingContext
+from moedit.models.repa import REPA_TERM, build_projector, repa_loss
 from moedit.models.routers import AUX_COEF_FIELDS, DiffMoERouter
 
 TIME_CONVENTIONS = ("flow", "ddpm")
@@ -82,6 +83,10 @@ class DiT(nn.Module):
         self.final_layer = FinalLayer(D, p, cfg.out_channels)
         self.time_convention, self.num_timesteps = "flow", 1000
         self.initialize_weights()
+        # Training-only (REPA), built after the DiT's own init and off the global RNG: the DiT's
+        # weights are those of the same model without it. Inference loads strip it (moedit.models.repa).
+        self.repa_projector = build_projector(cfg) if cfg.has_repa else None
+        self.last_repa: torch.Tensor | None = None  # the `repa` term of the latest forward
 
     def initialize_weights(self) -> None:
         """DiT's init: xavier Linear, zero adaLN and output (adaLN-Zero), N(0, 0.02) embeddings."""
@@ -142,14 +147,20 @@ class DiT(nn.Module):
             raise ValueError(f"model timesteps t have shape {tuple(t.shape)}: expected ({x.shape[0]},)")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, text: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None, drop_text: torch.Tensor | None = None) -> torch.Tensor:
+                text_mask: torch.Tensor | None = None, drop_text: torch.Tensor | None = None,
+                repa_target: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W), t (B,) -> (B, out_channels, H, W).
 
         Class models: y (B,) long (num_classes = the null class). Text models (y is ignored): text
         (B, L, text_dim) caption features, text_mask (B, L) bool (True = real token; None: all real),
         drop_text (B,) bool (True: the learned null caption instead, for CFG; None: all False).
-        Without text every sample must be dropped (the unconditional model)."""
+        Without text every sample must be dropped (the unconditional model).
+        repa_target (B, T, repa_dim), a REPA model in training: the clean image's encoder features in
+        token order; the forward then records the auxiliary term `repa` (see `aux_losses`)."""
         self._check_input(x, t)
+        self.last_repa = None
+        if repa_target is not None:
+            self._check_repa_target(x.shape[0], repa_target)
         h = self.x_embedder(x) + self.pos_embed  # (B, T, D), T = (H/p) * (W/p)
         c = self.t_embedder(t)  # (B, D)
         labels = context = context_mask = None
@@ -168,9 +179,23 @@ class DiT(nn.Module):
             level = self.noise_level(t)
             bins = torch.bucketize(level, self._inner_edges, right=True)  # (B,)
             ctx = RoutingContext(x.shape[0], level, bins, labels)
-        for block in self.blocks:
+        for index, block in enumerate(self.blocks):
             h = block(h, c, ctx, context, context_mask)
+            if repa_target is not None and index + 1 == self.cfg.repa_depth:
+                # lambda = 0: a logged diagnostic that nothing trains (no graph, no gradient)
+                with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.repa_coef != 0):
+                    self.last_repa = repa_loss(self.repa_projector(h), repa_target)  # h (B, T, D)
         return self.unpatchify(self.final_layer(h, c))
+
+    def _check_repa_target(self, batch: int, target: torch.Tensor) -> None:
+        m = self.cfg
+        if self.repa_projector is None:
+            raise ValueError("model: repa_target given to a model without a REPA projector (model.repa_depth = 0; "
+                             "enable train.repa)")
+        if target.shape != (batch, m.num_tokens, m.repa_dim) or not target.is_floating_point():
+            raise ValueError(f"model: repa_target has shape {tuple(target.shape)} and dtype {target.dtype}: expected "
+                             f"floating ({batch}, {m.num_tokens}, {m.repa_dim}) for T = {m.num_tokens} tokens and "
+                             f"model.repa_dim = {m.repa_dim}")
 
     def _caption(self, batch: int, text: torch.Tensor | None, text_mask: torch.Tensor | None,
                  drop_text: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -206,19 +231,25 @@ class DiT(nn.Module):
         return [b.mlp for b in self.blocks if isinstance(b.mlp, MoELayer)]
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
-        """Unweighted auxiliary terms of the latest forward, summed over MoE layers."""
+        """Unweighted auxiliary terms of the latest forward: the MoE layers' summed over layers, and
+        `repa` when the forward had a repa_target."""
         total: dict[str, torch.Tensor] = {}
         for layer in self.moe_layers():
             for name, value in layer.last_aux.items():
                 total[name] = total[name] + value if name in total else value
+        if self.last_repa is not None:
+            total[REPA_TERM] = self.last_repa
         return total
 
     def aux_loss_coefs(self) -> dict[str, float]:
         """Weight of each term `aux_losses` can return for this model."""
-        if self.cfg.moe is None:
-            return {}
-        terms = self.moe_layers()[0].aux_terms() if self.moe_layers() else ()
-        return {name: float(getattr(self.cfg.moe, AUX_COEF_FIELDS[name])) for name in terms}
+        coefs = {}
+        if self.cfg.moe is not None and self.moe_layers():
+            for name in self.moe_layers()[0].aux_terms():
+                coefs[name] = float(getattr(self.cfg.moe, AUX_COEF_FIELDS[name]))
+        if self.repa_projector is not None:
+            coefs[REPA_TERM] = float(self.cfg.repa_coef)
+        return coefs
 
     def threshold_buffers(self) -> list[torch.Tensor]:
         """DiffMoE per-expert thresholds, for engines to average across data-parallel ranks in place."""

@@ -556,9 +556,12 @@ def load_checkpoint(ckpt: Path, rank: int) -> dict[str, Any]:
 
 
 def export_safetensors(ckpt: Path, out: Path, use_ema: bool = True) -> Path:
-    """Weights (EMA by default) as one safetensors file with the resolved config beside it as JSON."""
-    weights = read_safetensors(ckpt / ("ema.safetensors" if use_ema else "model.safetensors"), "checkpoint file")
-    config = read_config_yaml(ckpt / "config.yaml")
+    """Weights (EMA by default) as one safetensors file with the resolved config beside it as JSON;
+    training-only modules (the REPA projector) are left out of both."""
+    from moedit.train.config import config_to_dict
+
+    weights, cfg = load_weights(ckpt, use_ema)
+    config = config_to_dict(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out), metadata={"moedit_config": json.dumps(config), "weights": "ema" if use_ema else "raw"})
     out.with_suffix(".json").write_text(json.dumps(config, indent=2))
@@ -593,15 +596,20 @@ def _find_weights(path: Path) -> tuple[Path, dict]:
 
 
 def load_weights(path: str | Path, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], Any]:
-    """(state dict, resolved Config) from a run directory, checkpoint directory or exported file;
-    damaged or foreign files are named errors."""
+    """(state dict, resolved Config) of the inference model from a run directory, checkpoint directory
+    or exported file: training-only weights (the REPA projector) stripped and `cfg.model` without
+    them (`moedit.models.repa.strip_training_only`); damaged or foreign files are named errors."""
+    from moedit.models.repa import strip_training_only
     from moedit.train.config import config_from_dict
 
     location, cfg_dict = _find_weights(Path(path))
     cfg = config_from_dict(cfg_dict)
     if location.is_file():
-        return read_safetensors(location), cfg
-    return read_safetensors(location / ("ema.safetensors" if use_ema else "model.safetensors"), "checkpoint file"), cfg
+        weights = read_safetensors(location)
+    else:
+        weights = read_safetensors(location / ("ema.safetensors" if use_ema else "model.safetensors"), "checkpoint file")
+    weights, cfg.model = strip_training_only(weights, cfg.model)
+    return weights, cfg
 
 
 def load_for_inference(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):

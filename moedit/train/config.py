@@ -53,6 +53,42 @@ class OptimConfig:
 
 
 @dataclass
+class RepaConfig:
+    """REPA (Yu et al., ICLR 2025): align the hidden tokens after block `depth` with a frozen encoder's
+    patch features of the clean image, stored in the shards (docs/training.md, REPA)."""
+
+    enabled: bool = False
+    """Train with the REPA term (`loss/repa`); false: no projector, no feature field read."""
+    depth: int | None = None
+    """The block (1 = the first) whose output is aligned, in 1..model.depth. null: round(model.depth *
+    8 / 28), at least 1 (the paper's 8 for 28-block XL models; 2 for 6 blocks, 3 for 12, 7 for 24)."""
+    coef: float = 0.5
+    """lambda, the weight of the `repa` term in the loss (the paper: 0.5). 0 logs the term but trains
+    bitwise as without REPA."""
+    projector_hidden: int = 2048
+    """Hidden width of the 3-layer SiLU MLP projector (the paper: 2048)."""
+    field: str = "repa"
+    """The shards' per-sample field holding the encoder features, float16 (T, C) in the model's token
+    order; the trainer adds it to data.fields and sizes the projector's output by C."""
+
+    def __post_init__(self):
+        if self.depth is not None and self.depth < 1:
+            raise ValueError(f"train.repa.depth = {self.depth}: must be >= 1 (a block, counted from 1), or null "
+                             "for the default")
+        if self.coef < 0:
+            raise ValueError(f"train.repa.coef = {self.coef}: must be >= 0")
+        if self.projector_hidden < 1:
+            raise ValueError(f"train.repa.projector_hidden = {self.projector_hidden}: must be >= 1")
+        if not isinstance(self.field, str) or not self.field:
+            raise ValueError(f"train.repa.field = {self.field!r}: name the shards' feature field (e.g. repa)")
+
+
+def default_repa_depth(model_depth: int) -> int:
+    """REPA's aligned block scaled from the paper's 8 of 28: round(depth * 8 / 28), at least 1."""
+    return max(1, round(model_depth * 8 / 28))
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
     """Where checkpoints, logs and samples go (created if missing)."""
@@ -92,8 +128,12 @@ class TrainConfig:
     DiffMoE thresholds (on the device); it is reported, counted and acted on (on_nonfinite) when the
     flags are read. Needs an optimizer that can discard a step on the device (torch's fused AdamW:
     local, ddp and megatron with the torch optimizer); others check every step. false: every step."""
+    repa: RepaConfig = field(default_factory=RepaConfig)
+    """Representation alignment (REPA); see RepaConfig."""
 
     def __post_init__(self):
+        if isinstance(self.repa, dict):
+            self.repa = RepaConfig(**self.repa)
         if self.steps < 1:
             raise ValueError(f"train.steps = {self.steps}: must be >= 1")
         if self.global_batch_size < 1 or self.micro_batch_size < 0:
@@ -214,7 +254,27 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     if model.is_text and hasattr(cfg.data, "fields") and not cfg.data.fields:
         cfg.data.fields = ["text", "text_mask"]  # what a text model reads besides the latents
     validate(cfg)
+    _resolve_repa(cfg)
     return cfg
+
+
+def _resolve_repa(cfg: Config) -> None:
+    """train.repa enabled: its default depth resolved, its feature field added to data.fields. The
+    model's repa_* fields are the trainer's (it reads the feature width from the data)."""
+    repa = cfg.train.repa
+    if not repa.enabled:
+        return
+    depth = cfg.model.depth
+    if repa.depth is None:
+        repa.depth = default_repa_depth(depth)
+    if repa.depth > depth:
+        raise ConfigError(f"train.repa.depth = {repa.depth}: must be in 1..model.depth = {depth} (the block whose "
+                          "output is aligned)")
+    if cfg.parallel.engine == "megatron":
+        raise ConfigError("train.repa.enabled = true with parallel.engine = megatron: not supported yet; use "
+                          "parallel.engine=local, ddp or deepspeed")
+    if hasattr(cfg.data, "fields") and repa.field not in cfg.data.fields:
+        cfg.data.fields = [*cfg.data.fields, repa.field]
 
 
 def validate(cfg: Config) -> None:

@@ -13,6 +13,10 @@ term unweighted, `loss` their weighted sum (objective terms weight 1, auxiliary 
 Text models (`model.condition: text`) take the loader's fields text and text_mask; caption
 dropout (`model.caption_dropout`, the null caption) is drawn where label dropout is.
 
+REPA (`train.repa`): the trainer sets the model's repa_* fields from that section and the width of
+the shards' feature field, and hands each micro-batch's features to the model as `repa_target`;
+the model records the `repa` term among its auxiliary terms (weight `train.repa.coef`).
+
 Determinism: every micro-batch seeds its noise, t and label (or caption) dropout from (seed, step, global
 micro-batch index), where the global index of micro-batch `a` on data-parallel rank `r` is
 `a * replicas + r`. So a run resumed from a checkpoint, a run on N ranks, one rank accumulating N
@@ -80,6 +84,9 @@ class Trainer:
             from moedit.train.rundir import RunDirLock
 
             self._lock = RunDirLock.acquire(self.run_dir)
+        from moedit.train.repa import configure_repa
+
+        configure_repa(cfg)  # the model's REPA fields (before anything builds the model)
         self.micro_batch, self.accum_steps = engine.plan(cfg.model, cfg.train.global_batch_size,
                                                          cfg.train.micro_batch_size, cfg.train.seed)
         self.world = engine.data_world  # data-parallel replicas: what the loader and the loss means count
@@ -119,10 +126,14 @@ class Trainer:
         objective's (weight 1) then the MoE layers' auxiliary terms (their coefficients)."""
         from moedit.models.routers import AUX_COEF_FIELDS, aux_terms
 
+        from moedit.models.repa import REPA_TERM
+
         m = self.cfg.model
         self.term_coefs = {name: 1.0 for name in self.diffusion.term_names(m.learn_sigma)}
         for name in aux_terms(m.moe) if m.moe is not None else ():
             self.term_coefs[name] = float(getattr(m.moe, AUX_COEF_FIELDS[name]))
+        if m.has_repa:
+            self.term_coefs[REPA_TERM] = float(m.repa_coef)
         self.term_names = list(self.term_coefs)
 
     def _check_run_dir(self) -> None:
@@ -306,13 +317,17 @@ class Trainer:
                                       else torch.zeros(x.shape[0], dtype=torch.bool, device=self.device))
             elif dropped is not None:
                 batch["y"] = torch.where(dropped, torch.full_like(y, cfg.model.num_classes), y)
+            if "repa" in fields:  # the clean images' encoder features: data, drawn from no generator
+                batch["repa"] = fields["repa"][a :: self.accum_steps].to(self.device, torch.float32, non_blocking=True)
             out.append(batch)
         return out
 
     def _split_batch(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(x, y, named fields) from the loader's (x, y) or (x, y, fields); a text model needs the
-        fields text (B, L, text_dim) and text_mask (B, L) (data.fields)."""
+        fields text (B, L, text_dim) and text_mask (B, L) (data.fields), a REPA model its feature
+        field (B, T, repa_dim), returned as "repa"."""
         x, y, fields = (*batch, {}) if len(batch) == 2 else batch
+        out = self._repa_field(fields) if self.cfg.model.has_repa else {}
         if self.cfg.model.is_text:
             m = self.cfg.model
             missing = [k for k in ("text", "text_mask") if k not in fields]
@@ -324,17 +339,29 @@ class Trainer:
                 raise MoeditError(f"the data's text features have shape {tuple(text.shape[1:])} per sample (mask "
                                   f"{tuple(mask.shape[1:])}): the model expects ({m.text_len}, {m.text_dim}); set "
                                   f"model.text_len={text.shape[1]} and model.text_dim={text.shape[-1]} to match the shards")
-            return x, y, {"text": text, "text_mask": mask.bool()}
-        return x, y, {}  # other fields (caption strings, ...) do not reach the model
+            return x, y, {"text": text, "text_mask": mask.bool(), **out}
+        return x, y, out  # other fields (caption strings, ...) do not reach the model
+
+    def _repa_field(self, fields: dict) -> dict[str, torch.Tensor]:
+        m, name = self.cfg.model, self.cfg.train.repa.field
+        if name not in fields:
+            raise MoeditError(f"train.repa.enabled = true: the data loader gave no {name!r} field (data.fields must "
+                              f"include it, on shards prepared with encoder features)")
+        features = fields[name]
+        if features.shape[1:] != (m.num_tokens, m.repa_dim):
+            raise MoeditError(f"the data's {name!r} features have shape {tuple(features.shape[1:])} per sample: the "
+                              f"model expects ({m.num_tokens}, {m.repa_dim}) (T tokens, model.repa_dim)")
+        return {"repa": features}
 
     def _forward(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         x_t, t_model = self.diffusion.model_inputs(batch["x"], batch["noise"], batch["t"])
         batch["x_t"] = x_t
+        extra = {"repa_target": batch["repa"]} if "repa" in batch else {}
         with self._autocast(self.engine.forward_autocast):
             if "text" in batch:
                 return module(x_t, t=t_model, text=batch["text"], text_mask=batch["text_mask"],
-                              drop_text=batch["drop_text"])
-            return module(x_t, t=t_model, y=batch["y"])  # t, y by keyword: Megatron's bf16 wrapper casts positionals
+                              drop_text=batch["drop_text"], **extra)
+            return module(x_t, t=t_model, y=batch["y"], **extra)  # t, y by keyword: Megatron's bf16 wrapper casts positionals
 
     def _objective(self, out: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         terms = self.diffusion.loss_from_output(out.float(), batch["x"], batch["noise"], batch["t"], batch["x_t"])
