@@ -428,7 +428,7 @@ def _repa_encoder(spec: PrepareSpec, source: Any, encoder_fields: dict[str, Any]
     against features already in `output` before the weights load."""
     if not spec.repa_encoder:
         return None, spec
-    from moedit.data.repa import check_grid, load_repa_encoder, read_repa_config
+    from moedit.data.repa import check_grid, check_stored_shape, load_repa_encoder, read_repa_config
 
     kind, width, _ = read_repa_config(spec.repa_encoder)
     if kind == "dinov2" and spec.source.kind == "synthetic":
@@ -441,7 +441,8 @@ def _repa_encoder(spec: PrepareSpec, source: Any, encoder_fields: dict[str, Any]
             raise MoeditError("the latents are 1 pixel high: no default REPA grid (H // 2); pass --repa-grid")
     spec = dataclasses.replace(spec, repa_grid=check_grid(grid))
     path = spec.repa_encoder if kind == "random" else os.path.abspath(spec.repa_encoder)
-    _check_repa_shape(output, {"path": path, "width": width, "grid": grid})
+    check_stored_shape(output, [os.path.join(output, MANIFEST_NAME), os.path.join(output, PROGRESS_DIR, REPA_ENCODER_RECORD)],
+                       {"path": path, "width": width, "grid": grid})
     return load_repa_encoder(spec.repa_encoder, grid, spec.repa_image_size), spec
 
 
@@ -456,23 +457,6 @@ def _latent_height(spec: PrepareSpec, source: Any, encoder_fields: dict[str, Any
     from moedit.data.encoders import to_array
 
     return to_array(source.get(0)[0], None, spec.channels).shape[1]
-
-
-def _check_repa_shape(output: str, entry: dict[str, Any]) -> None:
-    """Resuming into an output whose shards hold REPA features of another width or grid is an error."""
-    for path, key in ((os.path.join(output, MANIFEST_NAME), "repa_encoder"),
-                      (os.path.join(output, PROGRESS_DIR, REPA_ENCODER_RECORD), None)):
-        if not os.path.isfile(path):
-            continue
-        with open(path) as f:
-            record = json.load(f)
-        record = record.get(key) if key else record
-        if record and (record.get("width"), record.get("grid")) != (entry["width"], entry["grid"]):
-            raise MoeditError(
-                f"{output} holds REPA features of width {record.get('width')} on a {record.get('grid')} x "
-                f"{record.get('grid')} grid (encoder {record.get('path')}), but encoder {entry['path']} gives width "
-                f"{entry['width']} on {entry['grid']} x {entry['grid']}: use the encoder and --repa-grid the shards "
-                "were made with, or a new --output")
 
 
 def _encoder_fields(spec: PrepareSpec) -> dict[str, Any]:

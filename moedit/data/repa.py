@@ -223,6 +223,24 @@ def repa_field(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {REPA_FIELD: {"dtype": "float16", "shape": [entry["grid"] ** 2, entry["width"]]}}
 
 
+def check_stored_shape(output: str, records: list[str], entry: dict[str, Any]) -> None:
+    """Resuming into an output whose shards hold REPA features of another width or grid is an error
+    (the fingerprint covers the encoder's path, not what the directory holds now). `records`: the
+    output's dataset.json (its `repa_encoder`) and the progress record of an interrupted run."""
+    for path in records:
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            record = json.load(f)
+        record = record.get("repa_encoder") if "shards" in record else record
+        if record and (record.get("width"), record.get("grid")) != (entry["width"], entry["grid"]):
+            raise MoeditError(
+                f"{output} holds REPA features of width {record.get('width')} on a {record.get('grid')} x "
+                f"{record.get('grid')} grid (encoder {record.get('path')}), but encoder {entry['path']} gives width "
+                f"{entry['width']} on {entry['grid']} x {entry['grid']}: use the encoder and --repa-grid the shards "
+                "were made with, or a new --output")
+
+
 def make_tiny_dinov2(directory: str | os.PathLike, seed: int = 0, *, hidden_size: int = 32, patch_size: int = 4,
                      image_size: int = 32) -> str:
     """Write a tiny RANDOM-weight DINOv2 (Dinov2Model: `hidden_size` wide, 2 layers, 2 heads,
