@@ -60,7 +60,7 @@ def _grad_norms(tp, pp, ep, seed):
 
     def forward_step(data_iterator, module):
         b = next(data_iterator)
-        out = module(b["x"], b["t"], b["y"])
+        out = module(b["x"], b["t"], **b["cond"])
         return out, lambda output: ((output - b["target"]).pow(2).mean(), {})
 
     get_forward_backward_func()(forward_step_func=forward_step,
@@ -76,7 +76,7 @@ def _grad_norms(tp, pp, ep, seed):
     total = 0.0
     for micro in batches:
         for b in micro:
-            out = ref(b["x"], b["t"], b["y"])
+            out = ref(b["x"], b["t"], **b["cond"])
             aux = ref.aux_losses()
             total = total + (out - b["target"]).pow(2).mean() + sum(coefs[k] * v for k, v in aux.items())
     (total / (len(batches) * NUM_MICRO)).backward()
