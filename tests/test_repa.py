@@ -315,3 +315,28 @@ def test_two_processes_match_one_process_accumulating(engine, tmp_path, repa_dig
     rows_one, rows_two = metrics(tmp_path / "single"), metrics(tmp_path / "two")
     for a, b in zip(rows_one, rows_two, strict=True):
         assert abs(a["loss/repa"] - b["loss/repa"]) <= 1e-5 and abs(a["loss"] - b["loss"]) <= 1e-5
+
+
+def test_features_computed_from_pixels_during_training_match_the_shards(tmp_path, digits_dir, repa_digits):
+    """train.repa.encoder = random:32 on plain digits computes each batch's targets from its clean
+    pixels (no shard field, no gradient): the same features digits_repa stores (float16 there),
+    so the runs log the same `loss/repa` to float16 precision; latent (non-pixel) data is refused."""
+    on_the_fly = make_trainer(tmp_path, digits_dir, "fly", repa={"enabled": True, "encoder": "random:32"})
+    assert "repa" not in on_the_fly.cfg.data.fields and on_the_fly.cfg.model.repa_dim == 32
+    batch = on_the_fly._micro_batches()[0]
+    assert batch["repa"].shape == (4, 64, 32) and not batch["repa"].requires_grad
+    on_the_fly.close()
+    assert make_trainer(tmp_path, digits_dir, "fly2", repa={"enabled": True, "encoder": "random:32"}).fit() == 0
+    assert make_trainer(tmp_path, repa_digits, "shards", repa={"enabled": True}).fit() == 0
+    fly, shards = metrics(tmp_path / "fly2"), metrics(tmp_path / "shards")
+    for a, b in zip(fly, shards, strict=True):
+        assert a["loss/repa"] == pytest.approx(b["loss/repa"], rel=2e-3, abs=1e-3)
+        assert a["loss/mse"] == pytest.approx(b["loss/mse"], rel=1e-6)  # same images, noise and t
+
+    from moedit.data.prepare import prepare_builtin
+
+    latents = tmp_path / "synthetic"
+    prepare_builtin("synthetic", latents, num_samples=64, latent_shape=(1, 8, 8), progress=False)
+    with pytest.raises(MoeditError, match=r"features are computed from pixels during training, but .* holds latents "
+                                          r"\(encoder type none\), not pixels"):
+        make_trainer(tmp_path, latents, "latents", repa={"enabled": True, "encoder": "random:32"})

@@ -70,6 +70,12 @@ class RepaConfig:
     field: str = "repa"
     """The shards' per-sample field holding the encoder features, float16 (T, C) in the model's token
     order; the trainer adds it to data.fields and sizes the projector's output by C."""
+    encoder: str | None = None
+    """null: features come from the shards (`field`). A local DINOv2 directory or `random:WIDTH`:
+    the trainer computes them from each batch's clean images instead (pixel-space data only, e.g.
+    the built-in digits), with the frozen encoder loaded at setup; `image_size` is its input size."""
+    image_size: int = 224
+    """With `encoder`: the DINOv2 input size the images are resized to (a multiple of its patch)."""
 
     def __post_init__(self):
         if self.depth is not None and self.depth < 1:
@@ -273,7 +279,7 @@ def _resolve_repa(cfg: Config) -> None:
     if cfg.parallel.engine == "megatron":
         raise ConfigError("train.repa.enabled = true with parallel.engine = megatron: not supported yet; use "
                           "parallel.engine=local, ddp or deepspeed")
-    if hasattr(cfg.data, "fields") and repa.field not in cfg.data.fields:
+    if repa.encoder is None and hasattr(cfg.data, "fields") and repa.field not in cfg.data.fields:
         cfg.data.fields = [*cfg.data.fields, repa.field]
 
 

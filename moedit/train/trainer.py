@@ -75,6 +75,7 @@ class Trainer:
         self._data_wait = 0.0
         self._last_log_time = time.time()
         self._sample_captions: tuple[torch.Tensor, torch.Tensor] | None = None  # text models' sample captions
+        self._repa_encoder = None  # train.repa.encoder: computes REPA targets from the clean pixels
 
     # --- setup ----------------------------------------------------------------------------
     def setup(self) -> "Trainer":
@@ -97,6 +98,10 @@ class Trainer:
                      precision=cfg.train.precision, compile=cfg.train.compile)
         self.model = engine.model
         self.data = self.build_data()
+        from moedit.train.repa import pixel_encoder
+
+        with torch.random.fork_rng(devices=[]):  # loading an encoder may draw; the run's stream must not move
+            self._repa_encoder = pixel_encoder(cfg, self.device)  # train.repa.encoder (None: shard features)
         self._init_terms()
         self._generator = torch.Generator(device=self.device)
         from moedit.models.stats import mutable_buffers
@@ -327,7 +332,7 @@ class Trainer:
         fields text (B, L, text_dim) and text_mask (B, L) (data.fields), a REPA model its feature
         field (B, T, repa_dim), returned as "repa"."""
         x, y, fields = (*batch, {}) if len(batch) == 2 else batch
-        out = self._repa_field(fields) if self.cfg.model.has_repa else {}
+        out = self._repa_field(fields, x) if self.cfg.model.has_repa else {}
         if self.cfg.model.is_text:
             m = self.cfg.model
             missing = [k for k in ("text", "text_mask") if k not in fields]
@@ -342,8 +347,11 @@ class Trainer:
             return x, y, {"text": text, "text_mask": mask.bool(), **out}
         return x, y, out  # other fields (caption strings, ...) do not reach the model
 
-    def _repa_field(self, fields: dict) -> dict[str, torch.Tensor]:
+    def _repa_field(self, fields: dict, x: torch.Tensor) -> dict[str, torch.Tensor]:
         m, name = self.cfg.model, self.cfg.train.repa.field
+        if self._repa_encoder is not None:  # train.repa.encoder: from the clean pixels, no gradient
+            with torch.no_grad():
+                return {"repa": self._repa_encoder.encode(list(x.float().cpu().numpy()))}
         if name not in fields:
             raise MoeditError(f"train.repa.enabled = true: the data loader gave no {name!r} field (data.fields must "
                               f"include it, on shards prepared with encoder features)")
