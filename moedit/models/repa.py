@@ -61,15 +61,21 @@ def build_projector(cfg: ModelConfig) -> RepaProjector:
     return projector
 
 
-def repa_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """-mean over tokens of cos(projected, target): (B, T, C) each -> (). Float32 at least (float64
-    stays float64); the target is data, so no gradient flows into it (nor into an encoder behind it)."""
+def repa_similarity(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """cos(projected, target) per token: (B, T, C) each -> (B, T). Float32 at least (float64 stays
+    float64); the target is data, so no gradient flows into it (nor into an encoder behind it). The
+    routing probe reads it per token (docs/routing_analysis.md, REPA similarity)."""
     def wide(t: torch.Tensor) -> torch.Tensor:
         return t if t.dtype == torch.float64 else t.float()
 
     predicted = F.normalize(wide(projected), dim=-1)
     aligned = F.normalize(wide(target.detach()).to(predicted.dtype), dim=-1)
-    return -(predicted * aligned).sum(dim=-1).mean()
+    return (predicted * aligned).sum(dim=-1)
+
+
+def repa_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-mean over tokens of cos(projected, target): (B, T, C) each -> ()."""
+    return -repa_similarity(projected, target).mean()
 
 
 def without_repa(cfg: ModelConfig) -> ModelConfig:
@@ -82,10 +88,11 @@ def without_repa(cfg: ModelConfig) -> ModelConfig:
 def strip_training_only(state: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """(state dict, model config) of the inference model: training-only weights (the REPA projector)
     removed and the config without them. The one helper every inference load uses (load_for_inference,
-    exports, upcycling, the routing probe through load_for_inference)."""
+    exports, upcycling); only the routing probe keeps the projector, for its REPA similarity
+    (load_for_inference(..., training_only=True))."""
     kept = {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
     return kept, without_repa(cfg)
 
 
-__all__ = ["REPA_TERM", "TRAINING_ONLY_PREFIXES", "RepaProjector", "build_projector", "repa_loss",
+__all__ = ["REPA_TERM", "TRAINING_ONLY_PREFIXES", "RepaProjector", "build_projector", "repa_loss", "repa_similarity",
            "strip_training_only", "without_repa"]

@@ -595,10 +595,13 @@ def _find_weights(path: Path) -> tuple[Path, dict]:
     raise MoeditError(f"{path}: not a run directory, checkpoint directory or exported .safetensors file")
 
 
-def load_weights(path: str | Path, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], Any]:
+def load_weights(path: str | Path, use_ema: bool = True,
+                 training_only: bool = False) -> tuple[dict[str, torch.Tensor], Any]:
     """(state dict, resolved Config) of the inference model from a run directory, checkpoint directory
     or exported file: training-only weights (the REPA projector) stripped and `cfg.model` without
-    them (`moedit.models.repa.strip_training_only`); damaged or foreign files are named errors."""
+    them (`moedit.models.repa.strip_training_only`); damaged or foreign files are named errors.
+    `training_only=True` keeps them as the checkpoint's canonical files hold them (the routing
+    probe's REPA similarity; an exported file has none)."""
     from moedit.models.repa import strip_training_only
     from moedit.train.config import config_from_dict
 
@@ -608,15 +611,18 @@ def load_weights(path: str | Path, use_ema: bool = True) -> tuple[dict[str, torc
         weights = read_safetensors(location)
     else:
         weights = read_safetensors(location / ("ema.safetensors" if use_ema else "model.safetensors"), "checkpoint file")
-    weights, cfg.model = strip_training_only(weights, cfg.model)
+    if not training_only:
+        weights, cfg.model = strip_training_only(weights, cfg.model)
     return weights, cfg
 
 
-def load_for_inference(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
-    """(model in eval mode, resolved Config) from a run dir, checkpoint dir or exported file."""
+def load_for_inference(path: str | Path, use_ema: bool = True, device: str | torch.device = "cpu",
+                       training_only: bool = False):
+    """(model in eval mode, resolved Config) from a run dir, checkpoint dir or exported file;
+    `training_only` as in load_weights."""
     from moedit.models import build_model
 
-    weights, cfg = load_weights(path, use_ema)
+    weights, cfg = load_weights(path, use_ema, training_only)
     model = build_model(cfg.model)
     try:
         model.load_state_dict(weights, strict=True)
