@@ -2,7 +2,8 @@
 
 Input is the capture contract of docs/DESIGN.md: per MoE layer per forward a dict with
 `selected` (S, E) bool, `scores` (S, E), `noise_level` (S,), `labels` (S,) and
-`predictor_prob` (S, E) or None. Everything is reduced to fixed-size counters as it arrives,
+`predictor_prob` (S, E) or None; for a REPA run the probe adds each token's REPA similarity (S,)
+per forward (`update(..., similarity=)`). Everything is reduced to fixed-size counters as it arrives,
 so memory does not grow with the number of samples; the only per-token state kept is the
 previous forward's selection per layer and stream (for adjacent-step consistency).
 """
@@ -60,6 +61,9 @@ class _Layer:
     next_sizes: np.ndarray = None  # (2, E) sizes |A_e| (this) and |B_f| (next; E_next == E)
     active_inter_union: np.ndarray = None  # (2,) tokens with >= 1 expert here and next
     step_pairs: dict = field(default_factory=dict)  # step -> [inter (E,), union (E,), noise, n]
+    similarity_load: np.ndarray = None  # (SIMILARITY_CELLS, E) assignments per REPA-similarity cell
+    similarity_sum: np.ndarray = None  # (E,) sum of the similarity over each expert's assignments
+    similarity_moments: np.ndarray = None  # (6,) rm.MOMENTS over tokens: s and experts per token k
 
     def __post_init__(self):
         experts = self.num_experts
@@ -74,17 +78,21 @@ class _Layer:
         self.next_inter = np.zeros((experts, experts))
         self.next_sizes = np.zeros((2, experts))
         self.active_inter_union = np.zeros(2)
+        self.similarity_load = np.zeros((rm.SIMILARITY_CELLS, experts))
+        self.similarity_sum = np.zeros(experts)
+        self.similarity_moments = np.zeros(len(rm.MOMENTS))
 
 
 class RoutingAccumulator:
     """Aggregates capture records forward by forward.
 
     `top_k` (token choice) or `capacity` (capacity routers) sets the ideal load tokens*k/E;
-    `predictor_threshold` turns predictor probabilities into decisions for precision/recall.
+    `predictor_threshold` turns predictor probabilities into decisions for precision/recall;
+    `similarity_bins` is the number of quantile bins of the REPA similarity (when it is given).
     """
 
     def __init__(self, noise_bin_edges, top_k: int | None = None, capacity: float | None = None,
-                 predictor_threshold: float = 0.5, train_capacity: float = 1.0):
+                 predictor_threshold: float = 0.5, train_capacity: float = 1.0, similarity_bins: int = 5):
         self.edges = np.asarray(noise_bin_edges, dtype=np.float64)
         if self.edges.ndim != 1 or self.edges.size < 2 or np.any(np.diff(self.edges) <= 0):
             raise ValueError(f"noise_bin_edges must be increasing with >= 2 entries, "
@@ -92,6 +100,10 @@ class RoutingAccumulator:
         self.top_k, self.capacity = top_k, capacity
         self.predictor_threshold = predictor_threshold
         self.train_capacity = train_capacity
+        if similarity_bins < 1:
+            raise ValueError(f"--repa-bins = {similarity_bins}: need at least 1 similarity bin")
+        self.similarity_bins = similarity_bins
+        self.similarity_tokens: np.ndarray | None = None  # (SIMILARITY_CELLS,) tokens; None: no REPA
         self.layers: dict[int, _Layer] = {}
         self.forwards = 0
         # block -> (stream, step, selected): only the latest stream is kept, so this state is
@@ -111,15 +123,23 @@ class RoutingAccumulator:
         return layer
 
     def update(self, records: list[dict], capacities: dict | None = None,
-               step: int | None = None, stream: int = 0):
+               step: int | None = None, stream: int = 0, similarity=None):
         """Add one model forward: `records` holds one capture dict per MoE layer, in order.
 
         `step`/`stream` identify a sampling step of one batch (trajectory mode) so that
-        consecutive steps of the same stream are compared; `capacities` is last_capacity().
+        consecutive steps of the same stream are compared; `capacities` is last_capacity();
+        `similarity` (S,): each token's REPA similarity, in the records' token order.
         """
         if not records:
             return
         self.forwards += 1
+        cells = None
+        if similarity is not None:
+            similarity = _numpy(similarity).astype(np.float64).reshape(-1)  # (S,)
+            cells = rm.similarity_cell(similarity)
+            if self.similarity_tokens is None:
+                self.similarity_tokens = np.zeros(rm.SIMILARITY_CELLS)
+            self.similarity_tokens += np.bincount(cells, minlength=rm.SIMILARITY_CELLS)
         previous = None  # (layer, selected) of the previous MoE layer in this forward
         for record in records:
             layer = self._layer(record)
@@ -130,6 +150,11 @@ class RoutingAccumulator:
             noise = _numpy(record["noise_level"]).astype(np.float64).reshape(-1)  # (S,)
             labels = _numpy(record["labels"]).astype(np.int64).reshape(-1)  # (S,)
             self._count(layer, selected, noise, labels, _numpy(record.get("scores")))
+            if cells is not None:
+                if similarity.shape[0] != selected.shape[0]:
+                    raise ValueError(f"block {layer.block}: {similarity.shape[0]} REPA similarities for "
+                                     f"{selected.shape[0]} routed tokens")
+                self._similarity(layer, selected, similarity, cells)
             if record.get("predictor_prob") is not None and record.get("scores") is not None:
                 self._predictor(layer, _numpy(record["predictor_prob"]),
                                 _numpy(record["scores"]))
@@ -173,6 +198,17 @@ class RoutingAccumulator:
             probs = probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-30)
             layer.entropy_sum += float(rm.entropy_nats(probs).sum())
             layer.entropy_count += tokens
+
+    @staticmethod
+    def _similarity(layer: _Layer, selected, similarity, cells):
+        experts = layer.num_experts
+        rows, cols = np.nonzero(selected)
+        layer.similarity_load += np.bincount(cells[rows] * experts + cols,
+                                             minlength=rm.SIMILARITY_CELLS * experts).reshape(-1, experts)
+        layer.similarity_sum += np.bincount(cols, weights=similarity[rows], minlength=experts)
+        k = selected.sum(axis=1).astype(np.float64)  # (S,) experts per token
+        layer.similarity_moments += [k.size, similarity.sum(), (similarity ** 2).sum(), k.sum(),
+                                     (k ** 2).sum(), (similarity * k).sum()]
 
     def _predictor(self, layer: _Layer, prob, scores):
         """Score the predictor against the selection training would make: each expert's
@@ -219,9 +255,32 @@ class RoutingAccumulator:
         blocks = sorted(self.layers)
         layers = [self._layer_result(self.layers[b], self.layers.get(n))
                   for b, n in zip(blocks, blocks[1:] + [None])]
-        return {"noise_bin_edges": self.edges.tolist(), "forwards": self.forwards,
-                "samples": None, "layers": layers,
-                "summary": rm.summarise_layers(layers)}
+        out = {"noise_bin_edges": self.edges.tolist(), "forwards": self.forwards,
+               "samples": None, "layers": layers,
+               "summary": rm.summarise_layers(layers)}
+        if self.similarity_tokens is not None:
+            out["repa"] = self.similarity_result()
+        return out
+
+    def similarity_result(self) -> dict:
+        """The REPA-similarity section (docs/routing_analysis.md): bins shared by every layer (the
+        similarity is one number per token), then each layer's rm.similarity_metrics."""
+        tokens = self.similarity_tokens
+        boundaries = rm.quantile_bin_cells(tokens, self.similarity_bins)
+        layers = []
+        for block in sorted(self.layers):
+            layer = self.layers[block]
+            metrics = rm.similarity_metrics(layer.similarity_load, tokens, layer.similarity_sum,
+                                            layer.similarity_moments, boundaries)
+            layers.append({"block": block, "router": layer.router, "num_experts": layer.num_experts, **metrics})
+        moments = dict(zip(rm.MOMENTS, next(iter(self.layers.values())).similarity_moments)) if self.layers else {}
+        return {"bins": len(boundaries) - 1 if boundaries else 0, "requested_bins": self.similarity_bins,
+                "cell_width": 2.0 / rm.SIMILARITY_CELLS,
+                "similarity_edges": [rm.cell_edge(c) for c in boundaries],
+                "tokens_by_bin": [float(tokens[a:b].sum()) for a, b in zip(boundaries, boundaries[1:])],
+                "tokens": float(tokens.sum()),
+                "mean_similarity": rm._ratio(moments.get("sum_s", 0.0), moments.get("n", 0.0)),
+                "layers": layers}
 
     def snapshot_layer(self, layer: _Layer) -> dict:
         """The layer's counters in snapshot_routing_stats form (for rm.layer_metrics)."""

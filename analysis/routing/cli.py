@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="guidance scale of probed trajectories (> 1 adds null-class tokens)")
     probe.add_argument("--sampler", default=None, help="sampler of probed trajectories "
                        "(default: the config's)")
+    probe.add_argument("--repa-bins", type=int, default=5, metavar="Q",
+                       help="REPA runs: quantile bins of the per-token REPA similarity for expert load by "
+                       "similarity (default 5)")
     probe.add_argument("--from-trace", metavar="FILE.npz",
                        help="analyse a trace written earlier instead of running the model")
 
@@ -81,8 +84,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise MoeditError("--trace FILE records the probe's decisions: add --probe")
     if args.probe and args.from_trace:
         raise MoeditError("--probe and --from-trace exclude each other: run the model or read a trace")
-    if args.num_samples < 1 or args.batch_size < 1 or args.sampling_steps < 1:
-        raise MoeditError("--num-samples, --batch-size and --sampling-steps must be >= 1")
+    if args.num_samples < 1 or args.batch_size < 1 or args.sampling_steps < 1 or args.repa_bins < 1:
+        raise MoeditError("--num-samples, --batch-size, --sampling-steps and --repa-bins must be >= 1")
 
 
 def _probe_run(args: argparse.Namespace, run) -> dict | None:
@@ -96,13 +99,15 @@ def _probe_run(args: argparse.Namespace, run) -> dict | None:
         from moedit.analysis.routing.accumulate import uniform_edges
         edges = uniform_edges(args.noise_bins)
     if args.from_trace:
-        return routing_trace.analyse_trace(args.from_trace, edges, args.predictor_threshold)
+        return routing_trace.analyse_trace(args.from_trace, edges, args.predictor_threshold,
+                                           similarity_bins=args.repa_bins)
     options = routing_probe.ProbeOptions(
         noise_levels=args.noise_levels, trajectory=args.trajectory,
         sampling_steps=args.sampling_steps, num_samples=args.num_samples,
         batch_size=args.batch_size, predictor_threshold=args.predictor_threshold,
         device=args.device, seed=args.seed, shards=args.shards, trace=args.trace,
-        trace_scores=args.trace_scores, cfg_scale=args.cfg_scale, sampler=args.sampler)
+        trace_scores=args.trace_scores, cfg_scale=args.cfg_scale, sampler=args.sampler,
+        repa_bins=args.repa_bins)
     source = args.checkpoint or run.path
     device = routing_probe._device(args.device)
     model, cfg = routing_probe.load_model(source, device)

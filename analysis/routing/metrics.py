@@ -10,6 +10,10 @@ Definitions follow docs/routing_analysis.md ("Metrics"):
 - Router entropy: mean over tokens of H(scores) / log E (1 = uniform scores, 0 = one-hot).
 - Mutual information between expert choice and a variable (noise bin, class) is the plug-in
   estimate from the (variable x expert) assignment counts, in nats.
+- REPA similarity (probe of a REPA run): each token's cosine similarity s between its projected
+  hidden state and its encoder feature is counted on SIMILARITY_CELLS cells over [-1, 1]; quantile
+  bins of s are unions of cells (`quantile_bin_cells`), and `similarity_metrics` gives per layer the
+  (bin x expert) load, each expert's mean s, Pearson r(s, experts per token) and MI(expert; s bin).
 A metric that is undefined (no tokens, E = 1, empty table) is None, never NaN, so that the
 JSON report stays valid.
 """
@@ -275,3 +279,84 @@ def _add_layer(acc: dict, layer: dict, where: str) -> None:
         acc[key] = acc[key] + value
     for key, value in (layer.get("aux") or {}).items():
         acc["aux"][key] = acc["aux"].get(key, 0.0) + float(value)
+
+
+# ----- REPA similarity (docs/routing_analysis.md, "REPA similarity") ----------------------------------
+SIMILARITY_CELLS = 200
+"""Cells of width 0.01 over [-1, 1] on which per-token REPA similarities are counted (fixed-size
+counters); similarity bins are unions of whole cells, so their edges are multiples of 0.01."""
+MOMENTS = ("n", "sum_s", "sum_ss", "sum_k", "sum_kk", "sum_sk")
+"""Running sums over tokens of similarity s and experts per token k, for Pearson r(s, k)."""
+
+
+def similarity_cell(similarity: np.ndarray) -> np.ndarray:
+    """Cell index of each cosine similarity: floor((s + 1) / 2 * SIMILARITY_CELLS), s = 1 in the last."""
+    cells = np.floor((np.asarray(similarity, dtype=np.float64) + 1.0) * (SIMILARITY_CELLS / 2))
+    return np.clip(cells, 0, SIMILARITY_CELLS - 1).astype(np.int64)
+
+
+def cell_edge(cell: int) -> float:
+    """Similarity at the lower edge of `cell` (cell SIMILARITY_CELLS: 1.0)."""
+    return round(-1.0 + 2.0 * cell / SIMILARITY_CELLS, 6)
+
+
+def quantile_bin_cells(tokens_by_cell: Sequence[float], bins: int) -> list[int]:
+    """Cell boundaries [c_0, ..., c_B] of up to `bins` quantile bins of similarity: c_0 is the lowest
+    occupied cell, c_B one past the highest, and c_q (0 < q < bins) the first cell index with
+    #{tokens in cells < c_q} >= q / bins of all tokens. Repeated boundaries merge, so tied
+    similarities give fewer bins; every bin holds tokens. [] when there are none."""
+    if bins < 1:
+        raise ValueError(f"similarity bins = {bins}: need at least 1")
+    tokens = np.asarray(tokens_by_cell, dtype=np.float64)
+    occupied = np.nonzero(tokens)[0]
+    if occupied.size == 0:
+        return []
+    cumulative = np.concatenate([[0.0], np.cumsum(tokens)])  # [c] = tokens in cells < c
+    total = cumulative[-1]
+    cuts = [int(np.searchsorted(cumulative, q * total / bins, side="left")) for q in range(1, bins)]
+    low, high = int(occupied[0]), int(occupied[-1]) + 1
+    return sorted({low, high, *(c for c in cuts if low < c < high)})
+
+
+def pearson_from_moments(moments: Sequence[float]) -> float | None:
+    """Pearson correlation of s and k from MOMENTS sums; None when either is constant."""
+    n, sum_s, sum_ss, sum_k, sum_kk, sum_sk = (float(v) for v in moments)
+    if n < 2:
+        return None
+    mean_s, mean_k = sum_s / n, sum_k / n
+    var_s, var_k = sum_ss / n - mean_s ** 2, sum_kk / n - mean_k ** 2
+    if var_s <= 1e-12 or var_k <= 1e-12 * max(1.0, mean_k ** 2):
+        return None
+    r = (sum_sk / n - mean_s * mean_k) / math.sqrt(var_s * var_k)
+    return float(min(1.0, max(-1.0, r)))
+
+
+def similarity_metrics(load_by_cell: np.ndarray, tokens_by_cell: Sequence[float],
+                       similarity_sum: Sequence[float], moments: Sequence[float], boundaries: list[int]) -> dict:
+    """One MoE layer against the REPA similarity s of its tokens.
+
+    load_by_cell (cells, E): (token, expert) assignments per similarity cell; tokens_by_cell (cells,);
+    similarity_sum (E,): sum of s over each expert's assignments; moments: MOMENTS over tokens;
+    boundaries: quantile_bin_cells. Returns per bin b and expert e: load_by_bin[b][e] (sums over bins
+    to the layer's load), share_by_bin (row-normalised, x E: 1 = the expert's fair share of the bin),
+    experts_per_token_by_bin (assignments / tokens of the bin); mean_similarity_by_expert (sum of s
+    over e's tokens / c_e); corr_similarity_experts = Pearson r(s, experts per token); mi_nats and
+    mi_norm = MI(expert; s bin) from load_by_bin as `mutual_information`."""
+    load_by_cell = np.asarray(load_by_cell, dtype=np.float64)
+    tokens_by_cell = np.asarray(tokens_by_cell, dtype=np.float64)
+    pairs = list(zip(boundaries, boundaries[1:]))
+    load = np.array([load_by_cell[a:b].sum(axis=0) for a, b in pairs]).reshape(len(pairs), -1)  # (bins, E)
+    tokens = np.array([tokens_by_cell[a:b].sum() for a, b in pairs])  # (bins,)
+    experts = load_by_cell.shape[1]
+    assigned = load.sum(axis=1)  # (bins,)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = load / assigned[:, None] * experts
+        per_token = assigned / tokens
+        mean_by_expert = np.asarray(similarity_sum, dtype=np.float64) / load_by_cell.sum(axis=0)
+    return {"tokens": float(tokens_by_cell.sum()), "load_by_bin": load.tolist(), "tokens_by_bin": tokens.tolist(),
+            "share_by_bin": [[_finite_or_none(v) for v in row] for row in share],
+            "experts_per_token_by_bin": [_finite_or_none(v) for v in per_token],
+            "mean_similarity_by_expert": [_finite_or_none(v) for v in mean_by_expert],
+            "corr_similarity_experts": pearson_from_moments(moments),
+            "mi_nats": mutual_information(load) if load.size else None,
+            "mi_norm": normalised_mutual_information(load) if load.size else None}

@@ -6,11 +6,15 @@ Two modes (docs/routing_analysis.md):
 - trajectories: full sampling runs from noise (`build_diffusion(cfg.diffusion).sample`),
   where DiffMoE's dynamic capacity shows; consecutive forwards of a trajectory are compared.
 Decisions are reduced on the fly (RoutingAccumulator); only --trace keeps per-token data.
+A REPA checkpoint probed at fixed noise levels over shards with its feature field also gets each
+token's REPA similarity (cos of the projected hidden state after block repa_depth and the token's
+encoder feature), so the report can set expert load against it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,16 +41,17 @@ class ProbeOptions:
     trace_scores: bool = False
     cfg_scale: float = 1.0  # > 1 doubles the batch with null-class tokens (they are counted too)
     sampler: str | None = None  # None: the config's default sampler
+    repa_bins: int = 5  # quantile bins of the REPA similarity (REPA checkpoints only)
 
 
 class _Session:
     """Model + capture list + accumulator (+ trace); `forward_done` drains the capture list."""
 
     def __init__(self, model, records: list, accumulator: RoutingAccumulator,
-                 writer: TraceWriter | None):
+                 writer: TraceWriter | None, repa: "RepaSimilarity | None" = None):
         from moedit.models.stats import last_capacity
 
-        self.model, self.records = model, records
+        self.model, self.records, self.repa = model, records, repa
         self.accumulator, self.writer = accumulator, writer
         self._last_capacity = last_capacity
         self.step: int | None = None
@@ -67,9 +72,35 @@ class _Session:
             raise MoeditError("the model ran but recorded no routing: it has no MoE layers "
                               "(a dense checkpoint?); the routing probe needs a MoE model")
         capacities = self._last_capacity(self.model)
-        self.accumulator.update(records, capacities, step=self.step, stream=self.stream)
+        similarity = self.repa.take() if self.repa is not None else None
+        self.accumulator.update(records, capacities, step=self.step, stream=self.stream, similarity=similarity)
         if self.writer is not None:
-            self.writer.add(records, capacities, self.step, self.stream)
+            self.writer.add(records, capacities, self.step, self.stream, similarity)
+
+
+class RepaSimilarity:
+    """Each token's REPA similarity in a forward: cos(repa_projector(h), target) of the hidden tokens h
+    after block repa_depth (a forward hook on that block; the model's forward is unchanged), for the
+    `target` features set before the forward. `take()` gives (B * T,) in the routing records' token
+    order (sample-major, as the MoE layers flatten (B, T)) and clears it."""
+
+    def __init__(self, model):
+        self.model, self.target, self.value = model, None, None
+        block = model.blocks[model.cfg.repa_depth - 1]
+        self.handle = block.register_forward_hook(lambda module, inputs, output: self._hook(output))
+
+    def _hook(self, h):
+        from moedit.models.repa import repa_similarity
+
+        if self.target is not None:
+            self.value = repa_similarity(self.model.repa_projector(h), self.target).reshape(-1)  # (B*T,), h (B, T, D)
+
+    def take(self):
+        value, self.value = self.value, None
+        return value
+
+    def close(self):
+        self.handle.remove()
 
 
 def _device(name: str | None) -> torch.device:
@@ -82,10 +113,12 @@ def _device(name: str | None) -> torch.device:
 
 
 def load_model(path: str | Path, device: torch.device):
-    """EMA model and config; a dense checkpoint is an error (nothing routes)."""
+    """EMA model and config with the training-only REPA projector when the checkpoint has one (the
+    REPA similarity; the forward without a target is the inference model's); a dense checkpoint is
+    an error (nothing routes)."""
     from moedit.train.checkpoint import load_for_inference
 
-    model, cfg = load_for_inference(path, use_ema=True, device=device)
+    model, cfg = load_for_inference(path, use_ema=True, device=device, training_only=True)
     if getattr(cfg.model, "moe", None) is None:
         raise MoeditError(f"checkpoint {path} is a dense model (model.moe is null): there is no "
                           "expert routing to analyse")
@@ -106,14 +139,25 @@ def probe(path: str | Path, edges, options: ProbeOptions, loaded=None) -> dict:
     accumulator = RoutingAccumulator(edges, top_k=moe.top_k if token_choice else None,
                                      capacity=None if token_choice else moe.capacity,
                                      predictor_threshold=options.predictor_threshold,
-                                     train_capacity=moe.capacity)
-    writer = TraceWriter(scores=options.trace_scores) if options.trace else None
+                                     train_capacity=moe.capacity, similarity_bins=options.repa_bins)
+    field = repa_field(cfg, options)
+    writer = TraceWriter(scores=options.trace_scores, repa_depth=cfg.model.repa_depth if field else 0) \
+        if options.trace else None
     diffusion = build_diffusion(cfg.diffusion)
-    with torch.no_grad(), capture_routing(model) as records:
-        session = _Session(model, records, accumulator, writer)
-        run = _run_trajectories if options.trajectory else _run_noise_levels
-        samples = run(session, cfg, diffusion, options, device)
+    repa = RepaSimilarity(model) if field else None
+    try:
+        with torch.no_grad(), capture_routing(model) as records:
+            session = _Session(model, records, accumulator, writer, repa)
+            if options.trajectory:
+                samples = _run_trajectories(session, cfg, diffusion, options, device)
+            else:
+                samples = _run_noise_levels(session, cfg, diffusion, options, device, field)
+    finally:
+        if repa is not None:
+            repa.close()
     result = accumulator.result()
+    if "repa" in result:
+        result["repa"].update(depth=cfg.model.repa_depth, field=field)
     result["samples"] = samples
     result.update(mode="trajectory" if options.trajectory else "noise_levels",
                   source=str(path), noise_levels=None if options.trajectory else options.noise_levels,
@@ -138,26 +182,65 @@ def _noised(diffusion, x: torch.Tensor, noise: torch.Tensor, level: float):
     return diffusion.q_sample(x, k, noise), k.float()
 
 
-def _held_out_loader(cfg, options: ProbeOptions):
-    from moedit.data import build_loader
-
-    data_cfg = cfg.data
+def _held_out_data(cfg, options: ProbeOptions):
+    """The data config of the held-out shards (unshuffled; --shards replaces the path)."""
     changes = {"shuffle": False, "resampled": False, "num_workers": 0}
     if options.shards:
         changes["path"] = options.shards
         changes["manifest"] = None
-    data_cfg = dataclasses.replace(data_cfg, **changes)
+    return dataclasses.replace(cfg.data, **changes)
+
+
+def repa_field(cfg, options: ProbeOptions) -> str | None:
+    """The shards' REPA feature field when the probe records REPA similarity: a REPA checkpoint
+    (with its projector), fixed noise levels, shards that hold the field; None otherwise (with a
+    note on stderr for a REPA checkpoint). Features of another shape are a named error."""
+    if not cfg.model.has_repa:
+        return None
+    from moedit.data import load_manifest
+    from moedit.data.manifest import manifest_path
+
+    field, m = cfg.train.repa.field, cfg.model
+    if options.trajectory:
+        print("routing probe: no REPA similarity for sampling trajectories (it needs the clean images' encoder "
+              "features: probe fixed noise levels)", file=sys.stderr)
+        return None
+    data_cfg = _held_out_data(cfg, options)
+    path = manifest_path(data_cfg)
+    manifest = load_manifest(path)
+    if field not in manifest.fields:
+        print(f"routing probe: no REPA similarity: {path} lists no {field!r} field (shards prepared with "
+              "--repa-encoder have it)", file=sys.stderr)
+        return None
+    _, shape = manifest.field_spec(field)
+    if list(shape) != [m.num_tokens, m.repa_dim]:
+        raise MoeditError(f"the held-out shards' {field!r} features have per-sample shape {list(shape)}, the "
+                          f"checkpoint's REPA projector needs ({m.num_tokens}, {m.repa_dim}): probe shards with "
+                          "the features the run was trained on (--shards)")
+    return field
+
+
+def _held_out_loader(cfg, options: ProbeOptions, field: str | None = None):
+    from moedit.data import build_loader
+
+    data_cfg = _held_out_data(cfg, options)
+    # the probe feeds latents and labels; REPA features only when it measures the similarity
+    fields = [name for name in data_cfg.fields if name != cfg.train.repa.field] + ([field] if field else [])
+    data_cfg = dataclasses.replace(data_cfg, fields=fields)
     return build_loader(data_cfg, batch_size=options.batch_size, rank=0, world_size=1,
                         seed=options.seed)
 
 
-def _run_noise_levels(session: _Session, cfg, diffusion, options: ProbeOptions, device):
+def _run_noise_levels(session: _Session, cfg, diffusion, options: ProbeOptions, device, field: str | None = None):
     generator = torch.Generator().manual_seed(options.seed)
     seen = 0
     bar = tqdm(total=options.num_samples, unit="sample", desc="routing probe")
-    for latents, labels in _held_out_loader(cfg, options):
+    for batch in _held_out_loader(cfg, options, field):
+        latents, labels = batch[0], batch[1]
         latents = latents[: options.num_samples - seen].to(device)  # (B, C, H, W)
         labels = labels[: latents.shape[0]].to(device)  # (B,)
+        if field:  # (B, T, C) encoder features of the clean images, float16 in the shards
+            session.repa.target = batch[2][field][: latents.shape[0]].to(device, torch.float32)
         for level in options.noise_levels:
             noise = torch.randn(latents.shape, generator=generator).to(device)
             x_t, t = _noised(diffusion, latents, noise, level)

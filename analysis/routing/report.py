@@ -133,6 +133,12 @@ def figures(report: dict) -> list[tuple[str, str, bytes]]:
                             plots.calibration_plot(layers)))
                 out.append((section, "Routing consistency between adjacent sampling steps.",
                             plots.step_consistency_plot(layers)))
+                if data.get("repa"):
+                    repa = data["repa"]
+                    out.append((section, "REPA similarity bin x expert routing share per layer (bins: quantiles "
+                                "of the tokens' REPA similarity, low to high).",
+                                plots.table_heatmaps(repa["layers"], "load_by_bin", "REPA similarity bin",
+                                                     _similarity_ticks(repa), "REPA similarity x expert")))
     return [(s, c, png) for s, c, png in out if png]
 
 
@@ -185,6 +191,45 @@ def _summary_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     return keys, [[_fmt(row.get(k)) for k in keys] for row in report["comparison"]]
 
 
+REPA_NOTES = ("REPA similarity s = cos(projector(h), encoder feature) per token, h = the hidden tokens after "
+              "block repa_depth (the training-only projector, from the checkpoint). Bins: quantiles of s over "
+              "the probed tokens (edges on a 0.01 grid; ties merge bins). Share = the bin's assignments to "
+              "the expert / all the bin's assignments x E (1 = fair share); experts/token = the bin's "
+              "assignments / its tokens. r = Pearson correlation of s and a token's number of experts "
+              "(capacity routers); MI(expert; s bin) in nats from the bin x expert assignments.")
+
+
+def _similarity_ticks(repa: dict) -> list[str]:
+    edges = repa["similarity_edges"]
+    return [f"{a:.2f}..{b:.2f}" for a, b in zip(edges, edges[1:])]
+
+
+def repa_tables(repa: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) of the REPA-similarity section: one summary row per MoE layer, then
+    per layer a row per similarity bin (its range, tokens, experts per token, each expert's share)
+    and a last row with each expert's mean similarity."""
+    header = ["block", "router", "tokens", "r(s, experts/token)", "MI(expert; s bin) [nats]", "MI norm",
+              "mean s of experts (min..max)"]
+    rows = []
+    for m in repa["layers"]:
+        means = [v for v in m["mean_similarity_by_expert"] if v is not None]
+        spread = f"{min(means):.3f}..{max(means):.3f}" if means else "-"
+        rows.append([_fmt(m["block"]), _fmt(m["router"]), _fmt(int(m["tokens"])), _fmt(m["corr_similarity_experts"]),
+                     _fmt(m["mi_nats"]), _fmt(m["mi_norm"]), spread])
+    tables = [(f"REPA similarity: per layer ({_fmt(int(repa['tokens']))} tokens, mean s "
+               f"{_fmt(repa['mean_similarity'])}, aligned block {repa.get('depth')})", header, rows)]
+    ticks = _similarity_ticks(repa)
+    for m in repa["layers"]:
+        experts = m["num_experts"]
+        header = ["s bin", "similarity", "tokens", "experts/token", *[f"e{e} share" for e in range(experts)]]
+        rows = [[str(b), tick, _fmt(int(tokens)), _fmt(per_token), *[_fmt(v) for v in share]]
+                for b, (tick, tokens, per_token, share) in enumerate(zip(
+                    ticks, repa["tokens_by_bin"], m["experts_per_token_by_bin"], m["share_by_bin"]))]
+        rows.append(["mean s", "", "", "", *[_fmt(v) for v in m["mean_similarity_by_expert"]]])
+        tables.append((f"REPA similarity: block {m['block']}", header, rows))
+    return tables
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -216,6 +261,10 @@ def to_markdown(report: dict) -> str:
             else:
                 where = f"{data['file']}, {_fmt(data['num_samples'])} images"
             parts += [f"### {source} ({where})", "", _md_table(*_layer_rows(data["layers"])), ""]
+            if source == "probe" and data.get("repa"):
+                parts += ["### REPA similarity", "", REPA_NOTES, ""]
+                for title, header, rows in repa_tables(data["repa"]):
+                    parts += [f"{title}:", "", _md_table(header, rows), ""]
             if source == "samples" and data.get("prompts"):
                 parts += ["Expert load by prompt (share of the prompt's tokens per expert, summed over layers):",
                           "", _md_table(*prompt_load_rows(data)), ""]
@@ -267,6 +316,10 @@ def to_html(report: dict, figs: list[tuple[str, str, bytes]]) -> str:
             if run.get(source):
                 parts.append(f"<h3>{source}: per layer</h3>")
                 parts.append(_html_table(*_layer_rows(run[source]["layers"])))
+                if source == "probe" and run[source].get("repa"):
+                    parts.append(f"<h3>REPA similarity</h3><p class='note'>{html.escape(REPA_NOTES)}</p>")
+                    for title, header, rows in repa_tables(run[source]["repa"]):
+                        parts.append(f"<h4>{html.escape(title)}</h4>" + _html_table(header, rows))
                 if source == "samples" and run[source].get("prompts"):
                     parts.append("<h3>samples: expert load by prompt (shares, summed over layers)</h3>")
                     parts.append(_html_table(*prompt_load_rows(run[source])))

@@ -10,6 +10,7 @@ Layout (format "moedit-routing-trace-v1"), N = tokens over all forwards, L = MoE
     noise_level        (N,) float16;  labels (N,) int32 (-1 = unconditional)
     selected_<l>       (N, ceil(E/8)) uint8   bit-packed (S, E) selection masks
     scores_<l>, predictor_<l>  (N, E) float16   only with scores=True
+    repa_similarity    (N,) float32, repa_depth ()   only for a REPA probe (each token's REPA similarity)
 Bit-packing keeps a 16-expert decision at 2 bytes per token and layer.
 """
 
@@ -29,8 +30,8 @@ FORMAT = "moedit-routing-trace-v1"
 class TraceWriter:
     """Collects forwards in memory (this is the one part whose memory grows with samples)."""
 
-    def __init__(self, scores: bool = False):
-        self.scores = scores
+    def __init__(self, scores: bool = False, repa_depth: int = 0):
+        self.scores, self.repa_depth = scores, repa_depth
         self.layers: list[tuple[int, int, str]] | None = None  # (block, E, router)
         self.forwards: list[tuple[int, int, int]] = []  # (tokens, step, stream)
         self.capacity: list[list[float]] = []
@@ -38,7 +39,7 @@ class TraceWriter:
         self.labels: list[np.ndarray] = []
         self.arrays: dict[str, list[np.ndarray]] = {}
 
-    def add(self, records: list[dict], capacities: dict | None, step: int | None, stream: int):
+    def add(self, records: list[dict], capacities: dict | None, step: int | None, stream: int, similarity=None):
         layers = [(int(r["block"]), int(r["num_experts"]), str(r["router"])) for r in records]
         if self.layers is None:
             self.layers = layers
@@ -49,6 +50,8 @@ class TraceWriter:
         self.capacity.append([float((capacities or {}).get(b, np.nan)) for b, _, _ in layers])
         self.noise.append(_numpy(records[0]["noise_level"]).astype(np.float16).reshape(-1))
         self.labels.append(_numpy(records[0]["labels"]).astype(np.int32).reshape(-1))
+        if similarity is not None:
+            self.arrays.setdefault("repa_similarity", []).append(_numpy(similarity).astype(np.float32).reshape(-1))
         for index, record in enumerate(records):
             selected = _numpy(record["selected"]).astype(bool)  # (S, E)
             self.arrays.setdefault(f"selected_{index}", []).append(np.packbits(selected, axis=1))
@@ -72,6 +75,8 @@ class TraceWriter:
                 "capacity": np.asarray(self.capacity, dtype=np.float32),
                 "noise_level": np.concatenate(self.noise), "labels": np.concatenate(self.labels)}
         data.update({key: np.concatenate(parts) for key, parts in self.arrays.items()})
+        if "repa_similarity" in data:
+            data["repa_depth"] = np.array(self.repa_depth, dtype=np.int64)
         np.savez_compressed(path, **data)
         return path
 
@@ -102,6 +107,8 @@ def load_trace(path: str | Path) -> dict[str, np.ndarray]:
     tokens = int(data["forward_tokens"].sum())
     if data["noise_level"].shape != (tokens,) or data["labels"].shape != (tokens,):
         raise _corrupt(path, f"noise_level/labels do not hold {tokens} tokens")
+    if "repa_similarity" in data and data["repa_similarity"].shape != (tokens,):
+        raise _corrupt(path, f"repa_similarity does not hold {tokens} tokens")
     if data["capacity"].shape != (forwards, layers):
         raise _corrupt(path, f"capacity has shape {data['capacity'].shape}")
     for index, experts in enumerate(data["num_experts"]):
@@ -117,7 +124,8 @@ def load_trace(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def iter_trace(data: dict[str, np.ndarray]):
-    """Yield (records, capacities, step, stream) per forward, in the capture format."""
+    """Yield (records, capacities, step, stream, similarity) per forward, in the capture format
+    (similarity: the tokens' REPA similarity (S,), or None)."""
     offset = 0
     for forward, tokens in enumerate(data["forward_tokens"]):
         rows = slice(offset, offset + int(tokens))
@@ -136,7 +144,8 @@ def iter_trace(data: dict[str, np.ndarray]):
         capacity = {int(b): float(c) for b, c in zip(data["blocks"], data["capacity"][forward])
                     if np.isfinite(c)}
         step = int(data["forward_step"][forward])
-        yield records, capacity, (None if step < 0 else step), int(data["forward_stream"][forward])
+        similarity = data["repa_similarity"][rows] if "repa_similarity" in data else None
+        yield records, capacity, (None if step < 0 else step), int(data["forward_stream"][forward]), similarity
 
 
 def _float(array: np.ndarray | None, rows: slice) -> np.ndarray | None:
@@ -144,16 +153,18 @@ def _float(array: np.ndarray | None, rows: slice) -> np.ndarray | None:
 
 
 def analyse_trace(path: str | Path, edges, predictor_threshold: float = 0.5,
-                  top_k: int | None = None, capacity: float | None = None) -> dict:
+                  top_k: int | None = None, capacity: float | None = None, similarity_bins: int = 5) -> dict:
     """Replay a trace through the accumulator; returns the probe result dict."""
     data = load_trace(path)
     routers = {str(r) for r in data["routers"]}
     if top_k is None and capacity is None and "token_choice" not in routers:
         capacity = 1.0  # capacity routers are trained at C = 1 unless told otherwise
     accumulator = RoutingAccumulator(edges, top_k=top_k, capacity=capacity,
-                                     predictor_threshold=predictor_threshold)
-    for records, capacities, step, stream in iter_trace(data):
-        accumulator.update(records, capacities, step=step, stream=stream)
+                                     predictor_threshold=predictor_threshold, similarity_bins=similarity_bins)
+    for records, capacities, step, stream, similarity in iter_trace(data):
+        accumulator.update(records, capacities, step=step, stream=stream, similarity=similarity)
     result = accumulator.result()
+    if "repa" in result:
+        result["repa"].update(depth=int(data.get("repa_depth", 0)), field=None)
     result.update(mode="trace", source=str(path))
     return result
