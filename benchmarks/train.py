@@ -31,7 +31,10 @@ where one was run (the MoE overhead); a text flavor's (`-T`) to its class-condit
 rows train on synthetic latents with captions whose features are random (`moedit prepare
 --text-encoder random:WIDTH`, --text-samples of them, at the flavor's text_len x text_dim: T5-XXL's
 120 x 4096 for the `-T` flavors), so they pay for reading and attending to such features without
-a T5. Each row's output goes to RUNS/<row>.log.
+a T5. A row with `train.repa.enabled=true` trains on the same latents with a `repa` field of
+--repa-width random features on the patch-2 token grid (`moedit prepare --repa-encoder
+random:WIDTH`), so REPA's overhead is the step time against the same row without it. Each row's
+output goes to RUNS/<row>.log.
 """
 
 from __future__ import annotations
@@ -119,6 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--text-samples", type=int, default=1024,
                         help="synthetic latents with captions for text flavors (random features: about 1 MB each "
                              "at T5-XXL's 120 x 4096)")
+    parser.add_argument("--repa-width", type=int, default=768,
+                        help="width of the random REPA features of rows with train.repa.enabled=true (DINOv2-B: 768)")
     parser.add_argument("--num-workers", type=int, default=4, help="data.num_workers of every rank")
     parser.add_argument("--runs", default=None, help="where the run directories and logs go (default: a temp dir)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per row")
@@ -157,15 +162,32 @@ def text_data(args: argparse.Namespace, shape: tuple[int, int]) -> str:
     return path
 
 
+def repa_data(args: argparse.Namespace) -> str:
+    """Synthetic latents with a `repa` field of --repa-width random features on the patch-2 token
+    grid (prepared once): a REPA row pays for reading the targets and the projector and its loss."""
+    _, h, _ = (int(v) for v in args.latent_shape.split(","))
+    path = f"{args.data}_repa{args.repa_width}"
+    if not (Path(path) / "dataset.json").is_file():
+        subprocess.run([sys.executable, "-m", "moedit.cli", "prepare", "--source", "synthetic", "--output", path,
+                        "--latent-shape", args.latent_shape, "--num-classes", str(args.num_classes),
+                        "--num-samples", str(args.samples), "--repa-encoder", f"random:{args.repa_width}",
+                        "--repa-grid", str(h // 2), "--no-progress"], cwd=ROOT, check=True)
+    return path
+
+
 def command(row: Row, run_dir: Path, args: argparse.Namespace) -> list[str]:
     c, h, _ = (int(v) for v in args.latent_shape.split(","))
     text = text_shape(row.flavor)
+    repa = "train.repa.enabled=true" in [*args.overrides, *row.overrides]
+    if text and repa:
+        raise ValueError(f"{row.spec}: a text row with REPA: prepare such data yourself and pass --data")
+    data = text_data(args, text) if text else repa_data(args) if repa else args.data
     overrides = [
         f"model.flavor={row.flavor}", f"model.input_size={h}", f"model.in_channels={c}",
         *([] if text else [f"model.num_classes={args.num_classes}"]),
         f"train.global_batch_size={row.batch}", f"parallel.engine={row.engine}",
         f"train.run_dir={run_dir}", "train.resume=never", f"train.steps={args.steps}",
-        f"data.path={text_data(args, text) if text else args.data}", f"data.num_workers={args.num_workers}",
+        f"data.path={data}", f"data.num_workers={args.num_workers}",
         "data.shuffle_buffer=1000",
         f"logging.log_every={args.log_every}", "logging.tensorboard=false", "logging.progress=lines",
         "train.sample_every=0", "train.num_sample_images=0", f"checkpoint.every={10 * args.steps}",
