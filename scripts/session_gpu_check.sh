@@ -19,8 +19,13 @@ tests=${TESTS:-"tests/test_models_gpu.py tests/test_models_fused.py tests/test_m
 if [ "$tests" != none ]; then
   step gpu_tests "${TESTS_LIMIT:-180}" python3 -m pytest -q -p no:cacheprovider -m gpu $tests
 fi
-read -r -a rows <<< "${ROWS:-DiffMoE-L-E8:32:local DiffMoE-L-E8:32:megatron DiffMoE-L-E8:128:local DiffMoE-L-E8:128:megatron DiT-L/2:128:local}"
-step train_bench "${BENCH_LIMIT:-420}" python3 benchmarks/train.py --rows "${rows[@]}" --steps "${STEPS:-50}" \
+# issue 23 (megatron vs local at 32 and 128), 24 (targets; deferred checks off = the per-step-sync
+# baseline), 25 (text model vs its class twin), 26 (REPA overhead at 32)
+default_rows="DiffMoE-L-E8:32:local DiffMoE-L-E8:32:megatron DiffMoE-L-E8:128:local DiffMoE-L-E8:128:megatron"
+default_rows+=" DiT-L/2:128:local DiffMoE-L-E8:32:local:train.deferred_checks=false"
+default_rows+=" DiffMoE-L-E8:32:local:train.repa.enabled=true DiffMoE-L-E16:32:local DiffMoE-L-E16-T:32:local"
+read -r -a rows <<< "${ROWS:-$default_rows}"
+step train_bench "${BENCH_LIMIT:-430}" python3 benchmarks/train.py --rows "${rows[@]}" --steps "${STEPS:-40}" \
   --warmup "${WARMUP:-20}" --log-every 10 --runs /tmp/train_bench_runs --json "$out/train.json"
 echo "total $(($(date +%s) - start)) s, $failures failed step(s)"
 cat "$out/summary.txt"
