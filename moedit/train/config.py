@@ -276,9 +276,6 @@ def _resolve_repa(cfg: Config) -> None:
     if repa.depth > depth:
         raise ConfigError(f"train.repa.depth = {repa.depth}: must be in 1..model.depth = {depth} (the block whose "
                           "output is aligned)")
-    if cfg.parallel.engine == "megatron":
-        raise ConfigError("train.repa.enabled = true with parallel.engine = megatron: not supported yet; use "
-                          "parallel.engine=local, ddp or deepspeed")
     if repa.encoder is None and hasattr(cfg.data, "fields") and repa.field not in cfg.data.fields:
         cfg.data.fields = [*cfg.data.fields, repa.field]
 

@@ -52,7 +52,8 @@ def _reference(cfg, seed: int):
 def _batches(cfg, replicas: int, seed: int):
     """[replica][micro] -> dict(x, t, target, cond): the global batch, identical on every rank. cond
     holds the model's keyword inputs: y, or for a text model text, text_mask and drop_text (padded
-    captions of different lengths; micro-batch 1 has a dropped caption and an empty one)."""
+    captions of different lengths; micro-batch 1 has a dropped caption and an empty one); a REPA
+    model's repa_target too."""
     g = torch.Generator().manual_seed(seed + 1)
     s, c = cfg.input_size, cfg.in_channels
     out = []
@@ -71,6 +72,8 @@ def _batches(cfg, replicas: int, seed: int):
                                      drop_text=torch.arange(MICRO_BATCH) == (0 if i == 1 else -1))
             else:
                 batch["cond"] = dict(y=torch.randint(0, cfg.num_classes, (MICRO_BATCH,), generator=g))
+            if cfg.has_repa:  # the clean images' encoder features, in token order
+                batch["cond"]["repa_target"] = torch.randn(MICRO_BATCH, cfg.num_tokens, cfg.repa_dim, generator=g)
             micro.append(batch)
         out.append(micro)
     return out
@@ -101,11 +104,12 @@ def _parity_worker(rank, world_size, flavor, tp, pp, ep, seed, dispatcher=False,
     replicas = parallel_state.get_data_parallel_world_size()
     batches = _batches(cfg, replicas, seed)
     mine = batches[parallel_state.get_data_parallel_rank()]
-    outputs = []
+    outputs, aux = [], []
 
     def forward_step(data_iterator, module):
         b = next(data_iterator)
         out = module(b["x"], t=b["t"], **b["cond"])
+        aux.append(model.aux_losses())  # this stage's unweighted terms of the micro-batch
 
         def loss_func(output):
             outputs.append(output.detach())
@@ -122,17 +126,19 @@ def _parity_worker(rank, world_size, flavor, tp, pp, ep, seed, dispatcher=False,
 
     # single-device reference: mean over replicas and micro-batches of loss + weighted aux losses
     coefs = ref.aux_loss_coefs()
-    total, ref_out = 0.0, []
+    total, ref_out, ref_aux = 0.0, [], []
     for r, micro in enumerate(batches):
         for b in micro:
             out = ref(b["x"], b["t"], **b["cond"])
+            terms = ref.aux_losses()
             if r == parallel_state.get_data_parallel_rank():
                 ref_out.append(out.detach())
-            aux = ref.aux_losses()
-            total = total + (out - b["target"]).pow(2).mean() + sum(coefs[k] * v for k, v in aux.items())
+                ref_aux.append({k: v.detach() for k, v in terms.items()})
+            total = total + (out - b["target"]).pow(2).mean() + sum(coefs[k] * v for k, v in terms.items())
     (total / (len(batches) * NUM_MICRO)).backward()
     ref_grads = {k: p.grad for k, p in ref.named_parameters() if p.grad is not None}
     return {"outputs": outputs, "ref_outputs": ref_out if outputs else [], "grads": grads, "ref_grads": ref_grads,
+            "aux": aux, "ref_aux": ref_aux,
             "thresholds": [b.clone() for b in model.threshold_buffers()],
             "main_replicas": _main_replica_slices(model),
             "local_path": [m.local_path for m in moe_layers]}

@@ -9,7 +9,9 @@ Three forms of the same weights:
 
 canonical <-> global is a renaming plus the row order of the fused projections (self-attention's
 qkv, a text model's cross-attention kv: canonical [k (all heads), v], Megatron per head [k_h, v_h]);
-non-block modules (embedders, the caption embedder, the final layer) keep their names. global ->
+non-block modules (embedders, the caption embedder, the final layer, the training-only REPA
+projector `repa_projector.fc{1,2,3}.*` on the stage that holds block repa_depth) keep their names,
+so canonical checkpoints hold the projector and `strip_training_only` drops it as on one device. global ->
 local slices by the offsets Megatron computes, so no layout logic is repeated here.
 """
 

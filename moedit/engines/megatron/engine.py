@@ -14,7 +14,8 @@ What differs from the default engine hooks (moedit/engines/base.py), and why:
 - `forward_backward` is `get_forward_backward_func()` over the micro-batches (1F1B when
   pipeline > 1), then Megatron's `finalize_model_grads` (data-parallel reduction, sequence-parallel
   and pipeline-shared parameters). The objective's terms exist on the last stage, the auxiliary
-  terms on the stages that hold MoE layers (their gradient enters through MoEAuxLossAutoScaler);
+  terms on the stages that hold MoE layers and REPA's on the stage that holds block repa_depth
+  (their gradient enters through MoEAuxLossAutoScaler);
 - the optimizer (`parallel.megatron_optimizer`): by default torch AdamW on each rank's fp32
   shards with the norm over owned shards computed here; opt-in (GPU only) Megatron's distributed
   optimizer over bf16 parameters (`Float16Module`; fp32 master weights and Adam states sharded over
@@ -174,6 +175,7 @@ class MegatronEngine(MegatronCheckpointing, DDPEngine):
     def forward_backward(self, micro_batches, forward, objective):
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
         n = len(micro_batches)
         sums: dict[str, torch.Tensor] = {}
@@ -194,6 +196,9 @@ class MegatronEngine(MegatronCheckpointing, DDPEngine):
 
             return output, loss_func
 
+        # The weight of the terms added through MoEAuxLossAutoScaler (MoE layers, REPA): 1 / n, as the
+        # schedule's objective. The schedule sets it only for MoE models; a dense REPA model needs it too.
+        MoEAuxLossAutoScaler.set_loss_scale(torch.full((1,), 1.0 / n, device=self.device))
         get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[self.wrapped],
             num_microbatches=n, seq_length=self.model_cfg.num_tokens, micro_batch_size=self.micro_batch,

@@ -33,6 +33,15 @@ parallelism a router gathers its input over the tensor-parallel group, decides o
 (identically on every TP rank) and keeps its own rows, so TP does not change the routing. Each
 TP rank then carries the full auxiliary loss: it is added with weight 1 / TP so the sum over
 ranks is the loss once.
+
+REPA (a model with `ModelConfig.has_repa`): the training-only projector lives on the pipeline stage
+that holds block `repa_depth` (global layer number). A forward hook on that layer takes its output,
+gathers the tokens over the tensor-parallel group under sequence parallelism, and computes the
+`repa` term on the whole micro-batch in the single-device (b, s, h) order, on every TP rank. The
+gather's backward keeps this rank's slice of the (whole) hidden-state gradient, so each rank adds
+the term with weight 1 and the projector's gradient is whole on every rank: it is replicated like a
+tensor-parallel copy, not marked `sequence_parallel`. The weighted term enters the loss through
+MoEAuxLossAutoScaler on the layer's output, as the routers' terms do.
 """
 
 from __future__ import annotations
@@ -80,6 +89,7 @@ from moedit.models.experts import GroupedExperts
 from moedit.models.dit import DiT
 from moedit.models.layers import CaptionEmbedder, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
 from moedit.models.moe import RoutingContext, RoutingStats, run_experts
+from moedit.models.repa import REPA_TERM, build_projector, repa_loss
 from moedit.models.routers import AUX_COEF_FIELDS, DiffMoERouter, RoutingDecision, build_router
 
 
@@ -498,6 +508,13 @@ class MegatronDiT(MegatronModule):
             self.final_layer = FinalLayer(D, p, cfg.out_channels).to(dtype)
             if config.sequence_parallel:
                 _mark(self.final_layer, sequence_parallel=True)
+        # REPA: on the stage that holds block repa_depth only (its weights come from the canonical model)
+        self.repa_projector = None
+        self.last_repa: torch.Tensor | None = None  # the `repa` term of the latest forward (this stage)
+        self._repa_target: torch.Tensor | None = None  # set for the duration of a forward
+        if cfg.has_repa and offset < cfg.repa_depth <= offset + n_local:
+            self.repa_projector = build_projector(cfg).to(dtype)
+            self.decoder.layers[cfg.repa_depth - 1 - offset].register_forward_hook(self._align)
 
     def conditioning_embedders(self) -> list[nn.Module]:
         """The embedders every pipeline stage holds a copy of (gradients summed over stages)."""
@@ -522,6 +539,8 @@ class MegatronDiT(MegatronModule):
         for router in self.moe_layers():
             for name, value in (getattr(router, "last_aux", None) or {}).items():
                 total[name] = total[name] + value if name in total else value
+        if self.last_repa is not None:
+            total[REPA_TERM] = self.last_repa
         return total
 
     def set_time_convention(self, convention: str, num_timesteps: int = 1000) -> None:
@@ -534,13 +553,26 @@ class MegatronDiT(MegatronModule):
     # --- forward ---------------------------------------------------------------------------
     # The single-device model's checks and caption embedding (it reads only cfg and caption_embedder).
     _caption = DiT._caption
+    _check_repa_target = DiT._check_repa_target
 
     def forward(self, x: torch.Tensor | None, t: torch.Tensor, y: torch.Tensor | None = None,
                 text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
-                drop_text: torch.Tensor | None = None) -> torch.Tensor:
+                drop_text: torch.Tensor | None = None, repa_target: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W) on the first stage (ignored elsewhere), t (B,), y (B,) labels after dropout;
         a text model takes text (B, L, text_dim), text_mask (B, L) and drop_text (B,) on every stage
-        instead of y, as `DiT.forward`. Pass all but x by keyword (Float16Module casts positionals)."""
+        instead of y, as `DiT.forward`. A REPA model in training takes repa_target (B, T, repa_dim) on
+        every stage (the stage holding block repa_depth records the `repa` term; the others ignore
+        it). Pass all but x by keyword (Float16Module casts positionals)."""
+        self.last_repa = None
+        if repa_target is not None and (self.repa_projector is not None or not self.cfg.has_repa):
+            self._check_repa_target(t.shape[0], repa_target)
+            self._repa_target = repa_target
+        try:
+            return self._forward(x, t, y, text, text_mask, drop_text)
+        finally:
+            self._repa_target = None
+
+    def _forward(self, x, t, y, text, text_mask, drop_text) -> torch.Tensor:
         c = self.t_embedder(t)
         labels = context = context_mask = None
         if self.caption_embedder is not None:
@@ -572,6 +604,26 @@ class MegatronDiT(MegatronModule):
             out = gather_from_sequence_parallel_region(out.transpose(0, 1).contiguous(),
                                                        tensor_parallel_output_grad=False).transpose(0, 1)
         return self.unpatchify(out)
+
+    def _align(self, layer: nn.Module, inputs, output: tuple[torch.Tensor, torch.Tensor | None]):
+        """Forward hook of layer repa_depth: the `repa` term on its output hidden states [s_local, b, h]
+        (the single-device model's h after that block), recorded unweighted in `last_repa` and added
+        to the loss with weight repa_coef through the returned hidden states."""
+        target = self._repa_target
+        if target is None:
+            return None
+        h, context = output
+        tokens = h
+        if self.sequence_parallel:
+            # the whole sequence on every TP rank; the backward keeps this rank's slice of the gradient
+            tokens = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)  # [s, b, h]
+        # lambda = 0: a logged diagnostic that nothing trains (no graph, no gradient)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.repa_coef != 0):
+            term = repa_loss(self.repa_projector(tokens.transpose(0, 1)), target)  # tokens (b, s, h)
+        self.last_repa = term.detach()  # no graph kept past the step (see MegatronRouter.decide)
+        if term.requires_grad:
+            h = MoEAuxLossAutoScaler.apply(h, self.cfg.repa_coef * term)
+        return h, context
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         B, p, c, g = x.shape[0], self.cfg.patch_size, self.cfg.out_channels, self.grid
