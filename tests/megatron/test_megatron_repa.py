@@ -9,7 +9,9 @@
 - Trainer level: 4 steps on digits_repa (2 micro-batches per step) on the local and the megatron
   engine (TP = PP = EP = 1) log the same `loss`, `loss/repa` and other terms to 1e-6, for
   tiny-diffmoe and for the dense tiny model (whose REPA gradient needs the engine to set the
-  weight of MoEAuxLossAutoScaler, which Megatron's schedule sets for MoE models only).
+  weight of MoEAuxLossAutoScaler, which Megatron's schedule sets for MoE models only); the
+  gathered canonical checkpoints hold the same weights, the projector's under its canonical name,
+  and load_for_inference strips it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import os
 
 import pytest
+from safetensors.torch import load_file
 
 pytest.importorskip("megatron.core")
 pytest.importorskip("psutil")
@@ -90,7 +93,7 @@ def _train(rank, world_size, data, run_dir, engine, flavor):
                   "ema_decay": 0.9, "num_sample_images": 0, "run_dir": str(run_dir), "device": "cpu",
                   "precision": "fp32", "repa": {"enabled": True, "depth": 3, "projector_hidden": 16, "coef": 0.5}},
         "logging": {"log_every": 1, "tensorboard": False, "progress": "none"},
-        "checkpoint": {"every": 100, "keep_last": 1},
+        "checkpoint": {"every": STEPS, "keep_last": 1},
         "parallel": parallel,
     })
     trainer = Trainer(cfg).setup()
@@ -123,3 +126,14 @@ def test_trainer_logs_the_same_terms_on_local_and_megatron(flavor, tmp_path, rep
             assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-6), (k, a, b)
     repa = [r["loss/repa"] for r in rows["local"]]
     assert all(-1 < v < 0.5 for v in repa) and len(set(repa)) == STEPS  # a live term, not a constant placeholder
+    # the gathered canonical files hold the projector (trained, as on one device) under its canonical name
+    for name in ("model.safetensors", "ema.safetensors"):
+        local, megatron = (load_file(tmp_path / e / "checkpoints" / f"step_{STEPS:07d}" / name)
+                           for e in ("local", "megatron"))
+        assert local.keys() == megatron.keys() and sum(k.startswith(PROJECTOR) for k in local) == 6
+        for k, tensor in local.items():
+            assert (megatron[k] - tensor).abs().max() <= 1e-5 * (1 + tensor.abs().max()), (name, k)
+    from moedit.train.checkpoint import load_for_inference
+
+    model, cfg = load_for_inference(tmp_path / "megatron")  # strip_training_only, as for a local run
+    assert model.repa_projector is None and not cfg.model.has_repa
