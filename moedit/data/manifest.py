@@ -19,9 +19,11 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "dataset.json"
 LATENT_DTYPES = ("float16", "float32")
 ENCODER_TYPES = ("identity", "autoencoderkl", "none")
-TEXT_ENCODER_TYPES = ("clip", "t5", "random")  # random: benchmark features, no model
+# random: benchmark features, no model; unknown: features of shards indexed with --source shards (path None)
+TEXT_ENCODER_TYPES = ("clip", "t5", "random", "unknown")
 TEXT_ENCODER_KEYS = ("path", "type", "width", "max_length")
-REPA_ENCODER_TYPES = ("dinov2", "random")  # random: a fixed random map of pooled pixels, no model
+# random: a fixed random map of pooled pixels, no model; unknown: indexed with --source shards (path None)
+REPA_ENCODER_TYPES = ("dinov2", "random", "unknown")
 REPA_ENCODER_KEYS = ("path", "type", "width", "grid", "image_size")
 
 
@@ -62,12 +64,14 @@ class Manifest:
     `KEY.<name>.npy`, dtype "str" is UTF-8 text `KEY.<name>` (text fields: `text` float16
     (max_length, width), `text_mask` bool (max_length,), `txt` the caption). Empty: none."""
     text_encoder: dict[str, Any] | None = None
-    """The frozen text encoder that made the `text` field: {"path", "type" (clip | t5), "width",
-    "max_length"}; None when the shards hold no text features."""
+    """The frozen text encoder that made the `text` field: {"path", "type" (clip | t5 | random |
+    unknown), "width", "max_length"}; None when the shards hold no text features. Type unknown
+    (path None): shards indexed with `--source shards`, whose encoder the shards cannot name."""
     repa_encoder: dict[str, Any] | None = None
     """The frozen vision encoder that made the `repa` field (float16 (grid^2, width) patch features
-    on the model's token grid): {"path", "type" (dinov2 | random), "width", "grid", "image_size"
-    (the encoder's input size; None for random)}; None when the shards hold no REPA features."""
+    on the model's token grid): {"path", "type" (dinov2 | random | unknown), "width", "grid",
+    "image_size" (the encoder's input size; None for random and unknown)}; None when the shards hold
+    no REPA features. Type unknown (path None): shards indexed with `--source shards`."""
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     root: str = ""

@@ -511,12 +511,18 @@ def main(args: argparse.Namespace) -> int:
     text = ""
     if manifest.text_encoder:
         encoder = manifest.text_encoder
+        origin = encoder["path"] or "an unknown encoder: `moedit sample --prompt` needs --text-encoder DIR"
         text = (f", captions with {encoder['type']} text features {encoder['max_length']} x {encoder['width']} "
-                f"(from {encoder['path']})")
+                f"(from {origin})")
     if manifest.repa_encoder:
         repa = manifest.repa_encoder
         text += (f", REPA features {repa['grid'] ** 2} x {repa['width']} on a {repa['grid']} x {repa['grid']} grid "
-                 f"(from {repa['path']})")
+                 f"(from {repa['path'] or 'an unknown encoder'})")
+    described = ({"text", "text_mask", "txt"} if manifest.text_encoder else set()) | \
+        ({"repa"} if manifest.repa_encoder else set())
+    other = sorted(set(manifest.fields) - described)
+    if other:
+        text += f", fields {', '.join(other)}"
     print(f"wrote {len(manifest.shards)} shards, {manifest.num_samples} samples of latent shape "
           f"{manifest.latent_shape} ({manifest.latent_dtype}){text} and {os.path.join(args.output, MANIFEST_NAME)}")
     return 0

@@ -61,7 +61,8 @@ def check_condition(cfg_model, prompts: list[str], classes: str | None) -> None:
 
 def run_text_encoder(cfg, override: str | None) -> dict:
     """{"path", "max_length", "source"} of the encoder a text run conditions on: `--text-encoder`
-    over the data manifest's `text_encoder` entry; max_length is the model's text_len."""
+    over the data manifest's `text_encoder` entry (one without a path, type unknown, needs
+    `--text-encoder`); max_length is the model's text_len."""
     from moedit.data import load_manifest
     from moedit.data.manifest import manifest_path
     from moedit.data.text import read_encoder_config
@@ -79,6 +80,10 @@ def run_text_encoder(cfg, override: str | None) -> dict:
                           f"text_len {cfg.model.text_len}")
     if override:
         path, source = str(override), "--text-encoder"
+    elif entry and entry["path"] is None:
+        raise MoeditError(f"{where} records a text_encoder of type {entry['type']} with no path (shards indexed with "
+                          "`moedit prepare --source shards` cannot name their encoder): pass --text-encoder DIR, the "
+                          "encoder that made the shards' text features")
     elif entry:
         path, source = str(entry["path"]), str(where)
     else:
