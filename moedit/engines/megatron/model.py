@@ -3,7 +3,8 @@
 The model zoo's modules are reused, not copied: the embedders and final layer are
 `moedit.models.layers`, the routers are `moedit.models.routers` (wrapped to return Megatron's
 (probs, routing_map) pair), the experts are `moedit.models.experts.GroupedExperts` behind
-Megatron's experts interface, and routing statistics are the same `RoutingStats` buffers.
+Megatron's experts interface, and routing statistics are the same `RoutingStats` buffers. The
+wrappers live in moe.py; attention, the fused adaLN pieces and the linears in layers.py.
 Megatron supplies tensor-parallel attention and dense MLPs, the MoE token dispatcher (alltoall
 across expert-parallel ranks), the pipeline schedules and distributed checkpointing.
 
@@ -46,7 +47,6 @@ MoEAuxLossAutoScaler on the layer's output, as the routers' terms do.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -55,14 +55,12 @@ from torch import nn
 
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import (
-    ColumnParallelLinear,
     RowParallelLinear,
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
 from megatron.core.transformer.attention import (
     CrossAttention,
-    CrossAttentionSubmodules,
     SelfAttention,
     SelfAttentionSubmodules,
 )
@@ -70,10 +68,9 @@ from megatron.core.transformer.enums import AttnMaskType, ModelType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.moe.moe_layer import MoELayer as MegatronMoELayer
 from megatron.core.transformer.moe.moe_layer import MoESubmodules
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import (
@@ -81,307 +78,28 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
     get_transformer_layer_offset,
 )
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+from moedit.engines.megatron.layers import (
+    ContextColumnLinear,
+    DiTCrossAttention,
+    DiTCrossAttentionSubmodules,
+    HeadNorm,
+    LocalColumnLinear,
+    SDPACoreAttention,
+    compute_dtype,
+    gated_residual,
+    gelu_tanh,
+    ln_modulate,
+    mark_params,
+)
+from moedit.engines.megatron.moe import DiTMoELayer, MegatronExperts, MegatronRouter
 from moedit.models.config import ModelConfig
-from moedit.models.experts import GroupedExperts
 from moedit.models.dit import DiT
 from moedit.models.layers import CaptionEmbedder, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
-from moedit.models.moe import RoutingContext, RoutingStats, run_experts
+from moedit.models.moe import RoutingContext
 from moedit.models.repa import REPA_TERM, build_projector, repa_loss
-from moedit.models.routers import AUX_COEF_FIELDS, DiffMoERouter, RoutingDecision, build_router
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
-    """Under autocast, hand tensor-parallel linears their compute dtype: with sequence parallelism
-    their backward reduce-scatters the input gradient into a buffer of the input's dtype."""
-    if x.is_cuda and torch.is_autocast_enabled("cuda"):
-        return x.to(torch.get_autocast_dtype("cuda"))
-    return x
-
-
-def _ln_modulate_eager(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """adaLN: LayerNorm without affine, then x * (1 + scale) + shift; x [s, b, h], shift/scale [1, b, h]."""
-    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale) + shift
-
-
-def _gated_residual_eager(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x + gate * (y + bias), gate [1, b, h]."""
-    return x + gate * (y if bias is None else y + bias)
-
-
-# Inductor options for the compiled adaLN pieces. multi_kernel: a row reduction wider than 1024
-# (the LayerNorm over DiT-XL's 1152 channels) also gets a one-pass kernel, and the faster of the two
-# is kept after timing both on the first calls (the looped kernel alone: 9.3 ms of a DiT-XL/2 step
-# on an H100, one pass: 4.1 ms). No FX graph cache: in torch 2.11 a process that loads such kernels
-# from it fails (TypeError in MultiKernelCall.load_cache), so each process compiles them afresh.
-COMPILE_OPTIONS = {"triton.multi_kernel": 1, "fx_graph_cache": False}
-
-
-class _OnCuda:
-    """`fn` compiled (one fused kernel forward and backward) for CUDA tensors, eager elsewhere.
-
-    The adaLN modulation and the gated residual broadcast a per-sample vector over the sequence;
-    eager PyTorch runs those as generic (non-vectorised) broadcast kernels, and with their
-    backward reductions they took about a quarter of a DiT-XL/2 step on an H100."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.compiled = None
-
-    def __call__(self, x, *args):
-        if not x.is_cuda:
-            return self.fn(x, *args)
-        if self.compiled is None:
-            self.compiled = torch.compile(self.fn, dynamic=False, options=dict(COMPILE_OPTIONS) or None)
-        return self.compiled(x, *args)
-
-
-_ln_modulate = _OnCuda(_ln_modulate_eager)
-_gated_residual = _OnCuda(_gated_residual_eager)
-
-
-def _mark(module: nn.Module, **attrs) -> None:
-    for p in module.parameters():
-        for name, value in attrs.items():
-            setattr(p, name, value)
-
-
-class LocalColumnLinear(ColumnParallelLinear):
-    """ColumnParallelLinear that, with no tensor-parallel peers, is `F.linear`: the bias is added in
-    the GEMM's epilogue. Megatron's own path adds it in a separate broadcast pass over the output
-    (for DiT-XL/2's qkv, 0.3 ms per layer on an H100). Parameters and checkpoints are unchanged."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.local = self.tp_group.size() == 1 and not self.config.defer_embedding_wgrad_compute
-
-    def forward(self, input_: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output=None):
-        if not self.local or weight is not None or self.config._cpu_offloading_context is not None:
-            return super().forward(input_, weight, runtime_gather_output)
-        if self.skip_bias_add:
-            return F.linear(input_, self.weight), self.bias
-        return F.linear(input_, self.weight, self.bias), None
-
-
-# ----- attention ---------------------------------------------------------------------------------
-class SDPACoreAttention(MegatronModule):
-    """Megatron core-attention interface over F.scaled_dot_product_attention (flash on H100).
-
-    query [sq, b, heads_local, head_dim], key/value [sk, b, heads_local, head_dim] ->
-    [sq, b, heads_local * head_dim]. Self-attention is bidirectional over all image tokens (no
-    mask). Cross-attention (`attention_type` "cross") takes `attention_mask` (b, sk) bool in
-    moedit's convention, True = a real caption token (Megatron's masks mean the opposite): padded
-    tokens get exactly zero weight, as in the single-device `CrossAttention`.
-    """
-
-    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
-                 attention_type: str, attention_dropout: float | None = None, softmax_scale: float | None = None,
-                 cp_comm_type: str | None = None, pg_collection=None):
-        super().__init__(config=config)
-        self.softmax_scale = softmax_scale
-        self.cross = attention_type == "cross"
-
-    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
-        if attention_bias is not None or packed_seq_params is not None or (attention_mask is not None
-                                                                             and not self.cross):
-            raise ValueError("SDPACoreAttention: a DiT attends over all tokens (cross-attention: a key padding "
-                             "mask only); biases, self-attention masks and packed sequences are not supported")
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # (b, heads, s, head_dim)
-        mask = None
-        if attention_mask is not None:
-            b, sk = key.shape[1], key.shape[0]
-            if attention_mask.shape != (b, sk) or attention_mask.dtype != torch.bool:
-                raise ValueError(f"SDPACoreAttention: cross-attention mask of shape {tuple(attention_mask.shape)} "
-                                 f"and dtype {attention_mask.dtype}: expected ({b}, {sk}) bool")
-            mask = attention_mask[:, None, None, :]  # (b, 1, 1, sk) broadcasts over heads and queries
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
-        s, b = query.shape[0], query.shape[1]
-        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
-
-
-class ContextColumnLinear(LocalColumnLinear):
-    """Column-parallel linear for a context that is whole on every tensor-parallel rank (the
-    projected caption): never gathers its input over the sequence. Under sequence parallelism
-    the input gradient is not all-reduced either: it stays this rank's part (its heads), and
-    the context's producer (the caption embedder) is marked `sequence_parallel`, so
-    finalize_model_grads sums its parameter gradients over TP. Without sequence parallelism
-    Megatron's usual all-reduce makes the gradient whole, as for every replicated module."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.disable_grad_reduce = self.sequence_parallel
-        self.sequence_parallel = False
-        self.allreduce_dgrad = self.tp_group.size() > 1 and not self.disable_grad_reduce
-
-
-@dataclass
-class DiTCrossAttentionSubmodules(CrossAttentionSubmodules):
-    q_layernorm: type | None = None
-    k_layernorm: type | None = None
-
-
-class DiTCrossAttention(CrossAttention):
-    """Megatron's cross-attention with the model zoo's optional qk-norm (per head, before the
-    scores), which Megatron's `CrossAttention` lacks. Named q_layernorm / k_layernorm as in
-    self-attention, so finalize_model_grads sums their gradients over tensor-parallel ranks."""
-
-    def __init__(self, config: TransformerConfig, submodules: DiTCrossAttentionSubmodules, layer_number: int,
-                 attn_mask_type: AttnMaskType = AttnMaskType.padding, cp_comm_type: str | None = None,
-                 pg_collection=None):
-        super().__init__(config=config, submodules=submodules, layer_number=layer_number,
-                         attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
-        self.q_layernorm, self.k_layernorm = (
-            build_module(norm, hidden_size=self.hidden_size_per_attention_head, config=config,
-                         eps=config.layernorm_epsilon) if norm is not None else None
-            for norm in (submodules.q_layernorm, submodules.k_layernorm))
-
-    def get_query_key_value_tensors(self, hidden_states, key_value_states, output_gate=False, split_qkv=True):
-        query, key, value = super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate,
-                                                                split_qkv)
-        if self.q_layernorm is not None:
-            query = self.q_layernorm(query)
-        if self.k_layernorm is not None:
-            key = self.k_layernorm(key)
-        return query, key, value
-
-
-# ----- MoE: moedit routers and experts behind Megatron's interfaces --------------------------------
-class MegatronRouter(RoutingStats, MegatronModule):
-    """A model-zoo router (`impl`) returning Megatron's (probs, routing_map) for the token dispatcher.
-
-    `ctx` (a RoutingContext) is set by the model before each forward, for the statistics.
-    """
-
-    def __init__(self, config: TransformerConfig, pg_collection=None, *, model_cfg: ModelConfig,
-                 block_index: int, num_noise_bins: int):
-        super().__init__(config=config)
-        self.impl = build_router(model_cfg.moe, model_cfg.hidden_size)
-        self.init_routing_stats(model_cfg, block_index, num_noise_bins)
-        self.aux_coefs = {name: float(getattr(model_cfg.moe, AUX_COEF_FIELDS[name])) for name in self.aux_names}
-        self.tp_group = pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
-        self.ctx: RoutingContext | None = None
-        self.layer_number = None
-        if config.sequence_parallel:
-            _mark(self, sequence_parallel=True)
-
-    def set_layer_number(self, layer_number: int) -> None:
-        self.layer_number = layer_number
-
-    def decide(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingDecision]:
-        """x [s, b, h] (the whole micro-batch) -> (sample-major pool (b*s, h), the model-zoo router's
-        decision over it); records the routing statistics and `last_aux`."""
-        s, b, h = x.shape
-        pool = x.transpose(0, 1).reshape(b * s, h)  # sample-major, as the single-device pool
-        decision = self.impl(pool, b)
-        # detached: the loss gets the aux terms through MoEAuxLossAutoScaler; a graph kept here would
-        # keep the step's activations (and, through them, a discarded model) alive
-        self.last_aux = {k: v.detach() for k, v in decision.aux.items()}
-        self._record(decision, self.ctx, s)
-        return pool, decision
-
-    def with_aux_loss(self, t: torch.Tensor, decision: RoutingDecision, tp: int = 1) -> torch.Tensor:
-        """t unchanged; in backward the weighted auxiliary losses (each TP rank adds 1/TP) get their gradient."""
-        if self.training and decision.aux:
-            total = sum(self.aux_coefs[name] * value for name, value in decision.aux.items()) / tp
-            t = MoEAuxLossAutoScaler.apply(t, total)
-        return t
-
-    def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        """input [s_local, b, h] -> probs [s_local * b, E] (combine weights, 0 where not routed), routing_map (bool)."""
-        tp = self.tp_group.size() if self.config.sequence_parallel else 1
-        x = gather_from_sequence_parallel_region(input, group=self.tp_group) if tp > 1 else input  # [s, b, h]
-        s, b, h = x.shape
-        E = self.num_experts
-        _, decision = self.decide(x)
-        valid = decision.valid
-        token, expert = decision.token_index, self._row_expert(decision)
-        weight = decision.weight
-        if valid is not None:
-            token, expert, weight = token[valid], expert[valid], weight[valid]
-        probs = torch.zeros(b * s, E, dtype=weight.dtype, device=x.device).index_put((token, expert), weight)
-        routing_map = torch.zeros(b * s, E, dtype=torch.bool, device=x.device).index_put(
-            (token, expert), torch.ones_like(token, dtype=torch.bool))
-
-        def local(t: torch.Tensor) -> torch.Tensor:  # sample-major (b*s, E) -> this rank's [s_local*b, E]
-            t = t.view(b, s, E).transpose(0, 1)
-            if tp > 1:
-                n = s // tp
-                r = self.tp_group.rank()
-                t = t[r * n:(r + 1) * n]
-            return t.reshape(-1, E)
-
-        probs, routing_map = local(probs), local(routing_map)
-        return self.with_aux_loss(probs, decision, tp).float(), routing_map.contiguous()
-
-
-class MegatronExperts(MegatronModule):
-    """The model zoo's grouped experts (one batched / grouped GEMM) behind Megatron's experts
-    interface: forward(dispatched tokens sorted by local expert, tokens per local expert, probs)."""
-
-    def __init__(self, num_local_experts: int, config: TransformerConfig, pg_collection=None, *,
-                 model_cfg: ModelConfig, submodules=None):
-        super().__init__(config=config)
-        self.num_local_experts = num_local_experts
-        self.impl = GroupedExperts(num_local_experts, model_cfg.hidden_size, model_cfg.expert_hidden,
-                                   model_cfg.ffn_type)
-        self.ep_group = pg_collection.ep if pg_collection is not None else parallel_state.get_expert_model_parallel_group()
-        self.expt_dp_group = (pg_collection.expt_dp if pg_collection is not None
-                              else parallel_state.get_expert_data_parallel_group())
-        _mark(self, allreduce=False)  # Megatron DDP: reduce over the expert-data-parallel group
-
-    def forward(self, tokens: torch.Tensor, tokens_per_expert: torch.Tensor, permuted_probs: torch.Tensor):
-        counts = tokens_per_expert.to(device=tokens.device, dtype=torch.long)
-        out = self.impl.forward_grouped(tokens, counts)
-        return (out * permuted_probs.unsqueeze(-1).to(out.dtype)).to(tokens.dtype), None
-
-    def backward_dw(self) -> None:
-        pass
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        """Each (E_local, ...) tensor is the slice [ep_rank * E_local, ...) of a global (E, ...) tensor.
-        Its copies are the expert-data-parallel replicas: the replica id counts those only. (The
-        tensor-parallel rank is not part of it: at TP x EP the TP ranks hold different experts, and
-        counting it left some slices with no main replica, so the checkpoint, the gathers and the grad
-        norm each missed them.)"""
-        ep_rank, ep_size = self.ep_group.rank(), self.ep_group.size()
-        etp_rank = parallel_state.get_expert_tensor_parallel_rank()  # 0: expert tensor parallel must be 1
-        out = {}
-        for name, tensor in self.impl.state_dict(keep_vars=True).items():
-            key = f"{prefix}impl.{name}"
-            out[key] = ShardedTensor.from_rank_offsets(
-                key, tensor, *sharded_offsets, (len(sharded_offsets), ep_rank, ep_size),
-                replica_id=(0, etp_rank, self.expt_dp_group.rank()), prepend_axis_num=len(sharded_offsets))
-        return out
-
-
-class DiTMoELayer(MegatronMoELayer):
-    """Megatron's MoELayer with moedit's router and experts. Where no token leaves its rank
-    (expert and tensor parallel size 1) it skips the token dispatcher: the model zoo's path
-    (`moedit.models.moe.run_experts`: a gather of the decision's rows, one batched expert GEMM,
-    a gather-sum combine) replaces the permute / unpermute of dense (tokens, E) maps, which made
-    the MoE blocks of a DiffMoE-L-E8 step ~2x slower than the dense blocks' MLP on one H100.
-    Parameters and checkpoints are the same either way."""
-
-    def __init__(self, config: TransformerConfig, submodules: MoESubmodules, layer_number: int | None = None,
-                 pg_collection=None):
-        super().__init__(config=config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection)
-        self.local_path = config.expert_model_parallel_size == 1 and config.tensor_model_parallel_size == 1
-
-    def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):
-        if not self.local_path or intermediate_tensors is not None or padding_mask is not None or self.moe_layer_recompute:
-            return super().forward(hidden_states, intermediate_tensors, padding_mask)
-        s, b, h = hidden_states.shape
-        pool, decision = self.router.decide(hidden_states)
-        out = run_experts(pool, decision, self.experts.impl, self.router._row_expert(decision))  # (b*s, h)
-        out = self.router.with_aux_loss(out, decision)
-        return out.view(b, s, h).transpose(0, 1).contiguous().to(hidden_states.dtype), None
+from moedit.models.routers import DiffMoERouter
 
 
 # ----- the adaLN-Zero layer ------------------------------------------------------------------------
@@ -400,7 +118,7 @@ class AdaLNZeroLayer(TransformerLayer):
         D = config.hidden_size
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D, dtype=config.params_dtype))
         if config.sequence_parallel:
-            _mark(self.adaLN_modulation, sequence_parallel=True)
+            mark_params(self.adaLN_modulation, sequence_parallel=True)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None, **kwargs):
@@ -409,15 +127,15 @@ class AdaLNZeroLayer(TransformerLayer):
             m.unsqueeze(0) for m in self.adaLN_modulation(c).chunk(6, dim=-1))  # each (1, b, h)
         x = hidden_states
         eps = self.config.layernorm_epsilon
-        attn, bias = self.self_attention(_compute_dtype(_ln_modulate(x, shift_msa, scale_msa, eps)),
+        attn, bias = self.self_attention(compute_dtype(ln_modulate(x, shift_msa, scale_msa, eps)),
                                          attention_mask=None)
-        x = _gated_residual(x, gate_msa, attn, bias)
+        x = gated_residual(x, gate_msa, attn, bias)
         if isinstance(self.cross_attention, CrossAttention):
-            out, bias = self.cross_attention(_compute_dtype(F.layer_norm(x, x.shape[-1:], eps=eps)),
-                                             attention_mask=context_mask, key_value_states=_compute_dtype(context))
+            out, bias = self.cross_attention(compute_dtype(F.layer_norm(x, x.shape[-1:], eps=eps)),
+                                             attention_mask=context_mask, key_value_states=compute_dtype(context))
             x = x + (out if bias is None else out + bias)
-        out, bias = self.mlp(_compute_dtype(_ln_modulate(x, shift_mlp, scale_mlp, eps)))
-        return _gated_residual(x, gate_mlp, out, bias), context  # the block hands context to the next layer
+        out, bias = self.mlp(compute_dtype(ln_modulate(x, shift_mlp, scale_mlp, eps)))
+        return gated_residual(x, gate_mlp, out, bias), context  # the block hands context to the next layer
 
 
 def layer_spec(cfg: ModelConfig, block_index: int, num_noise_bins: int) -> ModuleSpec:
@@ -428,7 +146,7 @@ def layer_spec(cfg: ModelConfig, block_index: int, num_noise_bins: int) -> Modul
         params={"attn_mask_type": AttnMaskType.no_mask},
         submodules=SelfAttentionSubmodules(
             linear_qkv=LocalColumnLinear, core_attention=SDPACoreAttention, linear_proj=RowParallelLinear,
-            q_layernorm=_HeadNorm if qk_norm else None, k_layernorm=_HeadNorm if qk_norm else None),
+            q_layernorm=HeadNorm if qk_norm else None, k_layernorm=HeadNorm if qk_norm else None),
     )
     if cfg.is_moe_block(block_index):
         mlp = ModuleSpec(module=DiTMoELayer, submodules=MoESubmodules(
@@ -444,17 +162,10 @@ def layer_spec(cfg: ModelConfig, block_index: int, num_noise_bins: int) -> Modul
             params={"attn_mask_type": AttnMaskType.padding},
             submodules=DiTCrossAttentionSubmodules(
                 linear_q=LocalColumnLinear, linear_kv=ContextColumnLinear, core_attention=SDPACoreAttention,
-                linear_proj=RowParallelLinear, q_layernorm=_HeadNorm if qk_norm else None,
-                k_layernorm=_HeadNorm if qk_norm else None))
+                linear_proj=RowParallelLinear, q_layernorm=HeadNorm if qk_norm else None,
+                k_layernorm=HeadNorm if qk_norm else None))
     return ModuleSpec(module=AdaLNZeroLayer, submodules=TransformerLayerSubmodules(
         self_attention=attention, cross_attention=cross, mlp=mlp))
-
-
-class _HeadNorm(nn.LayerNorm):
-    """qk-norm over the head dimension with Megatron's norm constructor signature."""
-
-    def __init__(self, hidden_size: int, config: TransformerConfig, eps: float = 1e-6):
-        super().__init__(hidden_size, eps=1e-6, dtype=config.params_dtype)
 
 
 # ----- the model -----------------------------------------------------------------------------------
@@ -493,7 +204,7 @@ class MegatronDiT(MegatronModule):
         self.caption_embedder = (CaptionEmbedder(cfg.text_dim, cfg.text_len, D, pooled=cfg.text_pooled).to(dtype)
                                  if cfg.is_text else None)
         for m in self.conditioning_embedders():
-            _mark(m, pipeline_parallel=True, sequence_parallel=config.sequence_parallel)
+            mark_params(m, pipeline_parallel=True, sequence_parallel=config.sequence_parallel)
 
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         offset = get_transformer_layer_offset(config, vp_stage, pp_rank)
@@ -507,7 +218,7 @@ class MegatronDiT(MegatronModule):
         if post_process:
             self.final_layer = FinalLayer(D, p, cfg.out_channels).to(dtype)
             if config.sequence_parallel:
-                _mark(self.final_layer, sequence_parallel=True)
+                mark_params(self.final_layer, sequence_parallel=True)
         # REPA: on the stage that holds block repa_depth only (its weights come from the canonical model)
         self.repa_projector = None
         self.last_repa: torch.Tensor | None = None  # the `repa` term of the latest forward (this stage)
