@@ -1,7 +1,8 @@
 """Expert load against the REPA similarity per token (issue 26, analysis): the metrics against a
 hand-computed example, the probe's per-token similarity against the model's own REPA term, and
 `moedit analyze routing --probe` end to end on a tiny REPA run trained with `moedit train` (the
-report's REPA section in JSON, Markdown and HTML, replayed from a trace); no section without REPA."""
+report's REPA section in JSON, Markdown and HTML, replayed from a trace), the section of a run
+trained with train.repa.encoder (targets the probe computes from the pixels); no section without REPA."""
 
 from __future__ import annotations
 
@@ -179,3 +180,39 @@ def test_no_repa_section_without_repa(repa_run, tmp_path, capsys):
         assert probe["layers"] and "repa" not in probe, name
         assert "REPA similarity" not in (tmp_path / name / "routing_report.md").read_text(), name
         assert ("no REPA similarity for sampling trajectories" in captured.err) == (name == "trajectory")
+
+
+def test_probe_computes_the_targets_of_a_run_trained_with_an_encoder(repa_run, tmp_path, capsys):
+    """A run trained with train.repa.encoder = random:32 on plain digits (no feature field) gets the
+    section: the probe computes the targets from the clean pixels as the trainer does, the features
+    digits_repa stores (float16 there), so its mean similarity equals the shards' for the same checkpoint."""
+    import dataclasses
+
+    from moedit.analysis.routing import probe as routing_probe
+
+    config = yaml.safe_load(_write_config(tmp_path, "fly", True).read_text())
+    config["data"].update(path=str(tmp_path / "digits"), prepare="digits")
+    config["train"].update(steps=2, repa={"enabled": True, "projector_hidden": 32, "encoder": "random:32"})
+    config["checkpoint"]["every"] = 2
+    (tmp_path / "fly.yaml").write_text(yaml.safe_dump(config))
+    assert moedit_main(["train", str(tmp_path / "fly.yaml")]) == 0
+    captured = _analyze(capsys, tmp_path / "fly", "--out", tmp_path / "report", "--probe", "--noise-levels", 0.25,
+                        "--num-samples", 16, "--batch-size", 8, "--device", "cpu", "--repa-bins", 4)
+    assert "no REPA similarity" not in captured.err
+    probe = json.loads((tmp_path / "report" / "routing_report.json").read_text())["runs"][0]["probe"]
+    repa = probe["repa"]
+    assert repa["field"] is None and repa["encoder"] == "random:32" and repa["tokens"] == 16 * 64
+    assert -1 <= repa["mean_similarity"] <= 1 and all(-1 <= e <= 1 for e in repa["similarity_edges"])
+    for section, layer in zip(repa["layers"], probe["layers"], strict=True):
+        assert np.array(section["load_by_bin"]).sum(axis=0).tolist() == layer["load"]
+        assert all(-1 <= v <= 1 for v in section["mean_similarity_by_expert"] if v is not None)
+    # the same checkpoint over digits_repa's stored targets (the run's config without the encoder)
+    model, cfg = routing_probe.load_model(tmp_path / "fly", torch.device("cpu"))
+    shard_cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, repa=dataclasses.replace(cfg.train.repa, encoder=None)))
+    options = routing_probe.ProbeOptions(noise_levels=[0.25], num_samples=16, batch_size=8, device="cpu",
+                                         shards=str(repa_run.parent / "digits_repa"), repa_bins=4)
+    stored = routing_probe.probe(tmp_path / "fly", [0.0, 1.0], options, loaded=(model, shard_cfg))["repa"]
+    assert stored["field"] == "repa" and stored["encoder"] is None
+    assert stored["mean_similarity"] == pytest.approx(repa["mean_similarity"], rel=1e-3, abs=1e-4)
+    assert stored["mean_similarity"] != repa["mean_similarity"]  # float16 targets there, float32 here

@@ -6,9 +6,10 @@ Two modes (docs/routing_analysis.md):
 - trajectories: full sampling runs from noise (`build_diffusion(cfg.diffusion).sample`),
   where DiffMoE's dynamic capacity shows; consecutive forwards of a trajectory are compared.
 Decisions are reduced on the fly (RoutingAccumulator); only --trace keeps per-token data.
-A REPA checkpoint probed at fixed noise levels over shards with its feature field also gets each
-token's REPA similarity (cos of the projected hidden state after block repa_depth and the token's
-encoder feature), so the report can set expert load against it.
+A REPA checkpoint probed at fixed noise levels over shards with its feature field (or, for a run
+trained with train.repa.encoder, over pixel shards: the features computed as the trainer does) also
+gets each token's REPA similarity (cos of the projected hidden state after block repa_depth and the
+token's encoder feature), so the report can set expert load against it.
 """
 
 from __future__ import annotations
@@ -140,24 +141,26 @@ def probe(path: str | Path, edges, options: ProbeOptions, loaded=None) -> dict:
                                      capacity=None if token_choice else moe.capacity,
                                      predictor_threshold=options.predictor_threshold,
                                      train_capacity=moe.capacity, similarity_bins=options.repa_bins)
-    field = repa_field(cfg, options)
-    writer = TraceWriter(scores=options.trace_scores, repa_depth=cfg.model.repa_depth if field else 0) \
+    field, encoder = repa_targets(cfg, options, device)
+    measured = field is not None or encoder is not None
+    writer = TraceWriter(scores=options.trace_scores, repa_depth=cfg.model.repa_depth if measured else 0) \
         if options.trace else None
     diffusion = build_diffusion(cfg.diffusion)
-    repa = RepaSimilarity(model) if field else None
+    repa = RepaSimilarity(model) if measured else None
     try:
         with torch.no_grad(), capture_routing(model) as records:
             session = _Session(model, records, accumulator, writer, repa)
             if options.trajectory:
                 samples = _run_trajectories(session, cfg, diffusion, options, device)
             else:
-                samples = _run_noise_levels(session, cfg, diffusion, options, device, field)
+                samples = _run_noise_levels(session, cfg, diffusion, options, device, field, encoder)
     finally:
         if repa is not None:
             repa.close()
     result = accumulator.result()
     if "repa" in result:
-        result["repa"].update(depth=cfg.model.repa_depth, field=field)
+        result["repa"].update(depth=cfg.model.repa_depth, field=field,
+                              encoder=cfg.train.repa.encoder if encoder is not None else None)
     result["samples"] = samples
     result.update(mode="trajectory" if options.trajectory else "noise_levels",
                   source=str(path), noise_levels=None if options.trajectory else options.noise_levels,
@@ -191,26 +194,51 @@ def _held_out_data(cfg, options: ProbeOptions):
     return dataclasses.replace(cfg.data, **changes)
 
 
-def repa_field(cfg, options: ProbeOptions) -> str | None:
-    """The shards' REPA feature field when the probe records REPA similarity: a REPA checkpoint
-    (with its projector), fixed noise levels, shards that hold the field; None otherwise (with a
-    note on stderr for a REPA checkpoint). Features of another shape are a named error."""
+def repa_targets(cfg, options: ProbeOptions, device):
+    """Where the probe takes the REPA targets from: (field, None) for the shards' feature field,
+    (None, encoder) for a run trained with train.repa.encoder (its pixel_encoder, applied to the
+    clean images as the trainer does), (None, None) for no REPA similarity: not a REPA checkpoint
+    (with its projector), a trajectory probe, shards without the field (a note on stderr for a
+    REPA checkpoint). Features of another shape and an encoder run probed on latents are named errors."""
     if not cfg.model.has_repa:
-        return None
+        return None, None
+    if options.trajectory:
+        print("routing probe: no REPA similarity for sampling trajectories (it needs the clean images' encoder "
+              "features: probe fixed noise levels)", file=sys.stderr)
+        return None, None
+    if cfg.train.repa.encoder:
+        return None, _pixel_encoder(cfg, options, device)
+    return repa_field(cfg, options), None
+
+
+def _pixel_encoder(cfg, options: ProbeOptions, device):
+    """The run's train.repa.encoder (moedit.train.repa.pixel_encoder) after checking that the held-out
+    shards hold pixels, which is what it encodes."""
+    from moedit.data import load_manifest
+    from moedit.data.manifest import manifest_path
+    from moedit.train.repa import pixel_encoder
+
+    path = manifest_path(_held_out_data(cfg, options))
+    kind = load_manifest(path).encoder.get("type")
+    if kind != "identity":
+        raise MoeditError(f"the run computed its REPA targets from pixels (train.repa.encoder = {cfg.train.repa.encoder}), "
+                          f"but {path} holds latents (encoder type {kind}): probe pixel shards (--shards)")
+    return pixel_encoder(cfg, device)
+
+
+def repa_field(cfg, options: ProbeOptions) -> str | None:
+    """The shards' REPA feature field when they hold it (None and a note on stderr otherwise);
+    features of another shape than the checkpoint's projector are a named error."""
     from moedit.data import load_manifest
     from moedit.data.manifest import manifest_path
 
     field, m = cfg.train.repa.field, cfg.model
-    if options.trajectory:
-        print("routing probe: no REPA similarity for sampling trajectories (it needs the clean images' encoder "
-              "features: probe fixed noise levels)", file=sys.stderr)
-        return None
     data_cfg = _held_out_data(cfg, options)
     path = manifest_path(data_cfg)
     manifest = load_manifest(path)
     if field not in manifest.fields:
         print(f"routing probe: no REPA similarity: {path} lists no {field!r} field (shards prepared with "
-              "--repa-encoder have it)", file=sys.stderr)
+              "--repa-encoder have it; runs trained with train.repa.encoder need none)", file=sys.stderr)
         return None
     _, shape = manifest.field_spec(field)
     if list(shape) != [m.num_tokens, m.repa_dim]:
@@ -231,7 +259,8 @@ def _held_out_loader(cfg, options: ProbeOptions, field: str | None = None):
                         seed=options.seed)
 
 
-def _run_noise_levels(session: _Session, cfg, diffusion, options: ProbeOptions, device, field: str | None = None):
+def _run_noise_levels(session: _Session, cfg, diffusion, options: ProbeOptions, device, field: str | None = None,
+                      encoder=None):
     generator = torch.Generator().manual_seed(options.seed)
     seen = 0
     bar = tqdm(total=options.num_samples, unit="sample", desc="routing probe")
@@ -241,6 +270,8 @@ def _run_noise_levels(session: _Session, cfg, diffusion, options: ProbeOptions, 
         labels = labels[: latents.shape[0]].to(device)  # (B,)
         if field:  # (B, T, C) encoder features of the clean images, float16 in the shards
             session.repa.target = batch[2][field][: latents.shape[0]].to(device, torch.float32)
+        elif encoder is not None:  # train.repa.encoder: from the clean pixels, as the trainer's _repa_field
+            session.repa.target = encoder.encode(list(latents.float().cpu().numpy())).to(device, torch.float32)
         for level in options.noise_levels:
             noise = torch.randn(latents.shape, generator=generator).to(device)
             x_t, t = _noised(diffusion, latents, noise, level)

@@ -165,6 +165,6 @@ def analyse_trace(path: str | Path, edges, predictor_threshold: float = 0.5,
         accumulator.update(records, capacities, step=step, stream=stream, similarity=similarity)
     result = accumulator.result()
     if "repa" in result:
-        result["repa"].update(depth=int(data.get("repa_depth", 0)), field=None)
+        result["repa"].update(depth=int(data.get("repa_depth", 0)), field=None, encoder=None)
     result.update(mode="trace", source=str(path))
     return result
