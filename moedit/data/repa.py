@@ -182,13 +182,9 @@ class RandomPatchFeatures:
 
     @staticmethod
     def parse_width(spec: str) -> int:
-        try:
-            width = int(spec[len(RANDOM_PREFIX):])
-        except ValueError:
-            width = 0
-        if width < 1:
-            raise MoeditError(f"--repa-encoder {spec}: random features need a width, e.g. {RANDOM_PREFIX}32")
-        return width
+        from moedit.data.text import parse_random_width
+
+        return parse_random_width(spec, "--repa-encoder", 32)
 
     def weight(self, channels: int) -> Any:
         import torch

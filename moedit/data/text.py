@@ -159,6 +159,17 @@ class TextEncoder:
         return torch.cat(features), torch.cat(masks)
 
 
+def parse_random_width(spec: str, flag: str, example: int) -> int:
+    """WIDTH of a `random:WIDTH` feature spec (text or REPA features); a one-line error naming `flag`."""
+    try:
+        width = int(spec[len(RANDOM_PREFIX):])
+    except ValueError:
+        width = 0
+    if width < 1:
+        raise MoeditError(f"{flag} {spec}: random features need a width, e.g. {RANDOM_PREFIX}{example}")
+    return width
+
+
 class RandomTextFeatures:
     """`--text-encoder random:WIDTH`: no model; each caption gets standard-normal features seeded by
     its text (the same caption, the same features) over 2 + its word count tokens (capped at the
@@ -172,13 +183,7 @@ class RandomTextFeatures:
 
     @staticmethod
     def parse_width(spec: str) -> int:
-        try:
-            width = int(spec[len(RANDOM_PREFIX):])
-        except ValueError:
-            width = 0
-        if width < 1:
-            raise MoeditError(f"--text-encoder {spec}: random features need a width, e.g. {RANDOM_PREFIX}4096")
-        return width
+        return parse_random_width(spec, "--text-encoder", 4096)
 
     def manifest_entry(self, max_length: int) -> dict[str, Any]:
         return {"path": self.path, "type": self.kind, "width": self.width, "max_length": int(max_length)}
