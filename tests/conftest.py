@@ -58,3 +58,16 @@ def quickstart_run(tmp_path_factory, digits_dir):
         check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     return run
+
+
+def sections_from_overrides(overrides, base: dict | None = None) -> dict:
+    """Config sections from "section.key=value" strings (values read as YAML), over `base`; the
+    entry points of multi-process tests take their settings this way on the command line."""
+    import yaml
+
+    sections: dict = {k: dict(v) for k, v in (base or {}).items()}
+    for item in overrides:
+        key, value = item.split("=", 1)
+        section, field = key.split(".")
+        sections.setdefault(section, {})[field] = yaml.safe_load(value)
+    return sections

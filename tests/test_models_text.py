@@ -352,11 +352,10 @@ def _train_worker(tmp: str, digits: str, name: str, *overrides: str) -> None:
     """Entry point of one training process (the engine test starts two); `overrides`: section.key=value."""
     from pathlib import Path
 
-    sections: dict = {"data": {"split": "sample"}}  # the ranks' batches together are the one process's batch
-    for item in overrides:
-        key, value = item.split("=", 1)
-        section, field = key.split(".")
-        sections.setdefault(section, {})[field] = yaml.safe_load(value)
+    from conftest import sections_from_overrides
+
+    # data.split=sample: the ranks' batches together are the one process's batch
+    sections = sections_from_overrides(overrides, {"data": {"split": "sample"}})
     assert make_text_trainer(Path(tmp), Path(digits), name, sections=sections).fit() == 0
 
 

@@ -271,11 +271,10 @@ def _train_worker(tmp: str, data: str, name: str, *overrides: str) -> None:
     """Entry point of one training process (the engine test starts two); `overrides`: section.key=value."""
     from pathlib import Path
 
-    sections: dict = {"data": {"split": "sample"}}  # the ranks' batches together are the one process's batch
-    for item in overrides:
-        key, value = item.split("=", 1)
-        section, field = key.split(".")
-        sections.setdefault(section, {})[field] = yaml.safe_load(value)
+    from conftest import sections_from_overrides
+
+    # data.split=sample: the ranks' batches together are the one process's batch
+    sections = sections_from_overrides(overrides, {"data": {"split": "sample"}})
     micro = sections.pop("train", {}).get("micro_batch_size", 0)
     assert make_trainer(Path(tmp), Path(data), name, repa={"enabled": True, "depth": 1}, sections=sections,
                         micro_batch_size=micro).fit() == 0

@@ -56,16 +56,10 @@ def read_repa_config(path: str | os.PathLike | None) -> tuple[str, int, dict[str
     path = os.fspath(path)
     if path.startswith(RANDOM_PREFIX):
         return "random", RandomPatchFeatures.parse_width(path), {}
-    if not os.path.isdir(path):
-        raise MoeditError(f"REPA encoder directory {path} not found: {REPA_ENCODER_HELP}")
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise MoeditError(f"no REPA encoder at {path} (config.json missing): {REPA_ENCODER_HELP}") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MoeditError(f"REPA encoder {path}: cannot read config.json ({exc})") from None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
+    from moedit.data.text import read_config_json
+
+    config = read_config_json(path, "REPA encoder", REPA_ENCODER_HELP)
+    model_type = config.get("model_type")
     if model_type not in MODEL_TYPES:
         raise MoeditError(f"REPA encoder {path}: model_type {model_type!r} is not a DINOv2 (config.json model_type "
                           f"must be one of {', '.join(MODEL_TYPES)})")

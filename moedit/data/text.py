@@ -70,16 +70,7 @@ def read_encoder_config(path: str | os.PathLike | None) -> tuple[str, int, dict[
     path = os.fspath(path)
     if path.startswith(RANDOM_PREFIX):
         return "random", RandomTextFeatures.parse_width(path), {}
-    if not os.path.isdir(path):
-        raise MoeditError(f"text encoder directory {path} not found: {TEXT_ENCODER_HELP}")
-    config_path = os.path.join(path, "config.json")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise MoeditError(f"no text encoder at {path} (config.json missing): {TEXT_ENCODER_HELP}") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MoeditError(f"text encoder {path}: cannot read config.json ({exc})") from None
+    config = read_config_json(path, "text encoder", TEXT_ENCODER_HELP)
     model_type = config.get("model_type")
     kind = MODEL_TYPES.get(model_type)
     if kind is None:
@@ -157,6 +148,23 @@ class TextEncoder:
         if not features:
             return torch.zeros(0, max_length, self.width), torch.zeros(0, max_length, dtype=torch.bool)
         return torch.cat(features), torch.cat(masks)
+
+
+def read_config_json(path: str, what: str, help_text: str) -> dict[str, Any]:
+    """The config.json of a local model directory (a text or REPA encoder), as a dict; one-line
+    MoeditErrors naming `what` and `path` for a missing directory or file, or unreadable JSON."""
+    if not os.path.isdir(path):
+        raise MoeditError(f"{what} directory {path} not found: {help_text}")
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise MoeditError(f"no {what} at {path} (config.json missing): {help_text}") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MoeditError(f"{what} {path}: cannot read config.json ({exc})") from None
+    if not isinstance(config, dict):
+        raise MoeditError(f"{what} {path}: config.json is not a JSON object: {help_text}")
+    return config
 
 
 def parse_random_width(spec: str, flag: str, example: int) -> int:
