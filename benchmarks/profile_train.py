@@ -10,9 +10,11 @@ benchmarks/train.py (the run's metrics.jsonl), not from here.
 Defaults as benchmarks/train.py: synthetic latents of --latent-shape over --num-classes classes at
 --data (prepared once), model.input_size/in_channels/num_classes from them, the run directory in a
 temp dir, no resume, no TensorBoard. The flavor is the config's unless model.flavor=... is given.
---warmup steps run first (compilation, autotuning, allocation), then --steps steps are profiled.
-Rank 0 prints the top --top operators by device time (CPU time on CPU) and, with --trace, writes a
-Chrome trace (rank r > 0 writes TRACE.rank<r>).
+--warmup steps run first (compilation, autotuning, allocation), then --steps steps are timed
+without the profiler, then --steps more are profiled. Rank 0 prints the unprofiled wall time per
+step, the GPU's kernel time per step (from the profile) and their ratio (under 100%: the GPU waits
+for the host or the data), then the top --top operators by device time (CPU time on CPU); with
+--trace it writes a Chrome trace (rank r > 0 writes TRACE.rank<r>).
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, [
         f"model.input_size={h}", f"model.in_channels={c}", f"model.num_classes={args.num_classes}",
         f"data.path={args.data}", f"train.run_dir={run_dir}", "train.resume=never",
-        f"train.steps={args.warmup + args.steps}", "logging.tensorboard=false", "logging.progress=none",
+        f"train.steps={args.warmup + 2 * args.steps}", "logging.tensorboard=false", "logging.progress=none",
         "train.sample_every=0", "train.num_sample_images=0", *args.overrides])
     trainer = Trainer(cfg).setup()
     engine = trainer.engine
@@ -80,6 +82,16 @@ def main(argv=None) -> int:
         for _ in range(args.warmup):
             trainer.train_step()
         cuda = trainer.device.type == "cuda"
+        import time
+
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            trainer.train_step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ms = 1000 * (time.perf_counter() - t0) / args.steps
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         if cuda:
             torch.cuda.synchronize()
@@ -94,7 +106,17 @@ def main(argv=None) -> int:
                   f"precision {cfg.train.precision}, {trainer.device}; {args.steps} trainer.train_step() calls "
                   f"after {args.warmup}", flush=True)
             sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-            print(prof.key_averages().table(sort_by=sort, row_limit=args.top), flush=True)
+            averages = prof.key_averages()
+            if cuda:  # kernels only (no CPU-side rows): the time the GPU computed
+                from torch.autograd import DeviceType
+
+                busy_ms = sum(e.self_device_time_total for e in averages
+                              if getattr(e, "device_type", None) == DeviceType.CUDA) / 1000 / args.steps
+                print(f"step wall {wall_ms:.1f} ms (unprofiled), GPU kernel time {busy_ms:.1f} ms per step: "
+                      f"GPU busy {100 * busy_ms / wall_ms:.0f}%", flush=True)
+            else:
+                print(f"step wall {wall_ms:.1f} ms (unprofiled)", flush=True)
+            print(averages.table(sort_by=sort, row_limit=args.top), flush=True)
         if args.trace:
             prof.export_chrome_trace(args.trace if rank == 0 else f"{args.trace}.rank{rank}")
     finally:

@@ -18,8 +18,14 @@ Each row trains from configs/diffmoe_l_e16_imagenet256.yaml with the flavor, bat
 overrides swapped in, on synthetic latents of --latent-shape over --num-classes classes (default
 4x32x32 over 1,000: the shape of 256px SD-VAE latents; `moedit prepare` makes them once at --data;
 model.input_size, model.in_channels and model.num_classes follow them unless overridden), for
---steps steps, logging every --log-every steps, with checkpoints, samples and TensorBoard off.
+--steps steps, logging every --log-every steps, with checkpoints (`checkpoint.final=false`),
+samples and TensorBoard off; a row's checkpoints (a stop signal's) are deleted after it is read.
 Trailing overrides apply to every row.
+
+--repo DIR runs the `moedit train` of another checkout (e.g. `git worktree add /tmp/base COMMIT`)
+with the same overrides, its own configs/ file and no checkpoint.final (older code has no such
+key; its final checkpoint is deleted after the row): before/after tables of one change on one
+machine.
 
 The table reports the log intervals that end after --warmup steps (compilation, autotuning,
 allocation and the trainer's setup fall before; --warmup must be a positive multiple of
@@ -43,6 +49,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -128,6 +135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--runs", default=None, help="where the run directories and logs go (default: a temp dir)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per row")
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--repo", default=None, help="run the moedit of this checkout instead (another commit)")
     parser.add_argument("overrides", nargs="*", help="section.key=value for every row")
     args = parser.parse_args(argv)
     if args.log_every < 1 or args.warmup < args.log_every or args.warmup % args.log_every:
@@ -191,12 +199,13 @@ def command(row: Row, run_dir: Path, args: argparse.Namespace) -> list[str]:
         "data.shuffle_buffer=1000",
         f"logging.log_every={args.log_every}", "logging.tensorboard=false", "logging.progress=lines",
         "train.sample_every=0", "train.num_sample_images=0", f"checkpoint.every={10 * args.steps}",
-        *args.overrides, *row.overrides,
+        *([] if args.repo else ["checkpoint.final=false"]), *args.overrides, *row.overrides,
     ]
+    config = Path(args.repo or ROOT) / CONFIG.relative_to(ROOT)
     if row.nproc > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={row.nproc}",
-                "-m", "moedit.cli", "train", str(CONFIG), *overrides]
-    return [sys.executable, "-m", "moedit.cli", "train", str(CONFIG), *overrides]
+                "-m", "moedit.cli", "train", str(config), *overrides]
+    return [sys.executable, "-m", "moedit.cli", "train", str(config), *overrides]
 
 
 def summarize(rows: list[dict], warmup: int, batch: int) -> dict:
@@ -226,11 +235,14 @@ def run_row(row: Row, runs: Path, args: argparse.Namespace) -> dict:
     cmd = command(row, run_dir, args)
     log = runs / f"{row.name}.log"
     t0 = time.time()
-    code = run_logged(cmd, log, args.timeout, cwd=ROOT)
+    code = run_logged(cmd, log, args.timeout, cwd=args.repo or ROOT)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # an L-size checkpoint is tens of GB
     launcher = ["torchrun", *cmd[cmd.index("--standalone"):cmd.index("-m", 3)]] if row.nproc > 1 else []
     out = {"row": row.spec, "flavor": row.flavor, "batch": row.batch, "engine": row.engine, "nproc": row.nproc,
            "overrides": row.overrides, "wall_s": time.time() - t0, "exit": code, "log": str(log),
            "command": " ".join([*launcher, "moedit", *cmd[cmd.index("train"):]])}
+    if args.repo:
+        out["repo"] = args.repo
     metrics = run_dir / "metrics.jsonl"
     if code != 0 or not metrics.is_file():
         out["error"] = log.read_text(errors="replace")[-2000:]

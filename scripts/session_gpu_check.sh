@@ -2,6 +2,10 @@
 # One device call: the GPU tests of the code paths a change touched (time-limited), then the
 # `moedit train` throughput table (benchmarks/train.py via scripts/train_bench_device.sh's rows).
 #   ROWS="..." TESTS="..." bash scripts/session_gpu_check.sh [OUT_DIR]     (carry .whl_mc)
+# Optional, in this order after the tests: PROFILE="section.key=value ..." runs
+# benchmarks/profile_train.py with those overrides (wall vs GPU time per step, top kernels);
+# BASE_COMMIT=<commit> BASE_ROWS="..." times those rows with that commit's `moedit train` (a git
+# worktree; before/after on one machine) after the rows of this checkout. TESTS=none: no tests.
 set -uo pipefail
 out="${1:-${OUT:-/tmp/session_gpu_check}}"
 mkdir -p "$out"
@@ -19,6 +23,11 @@ tests=${TESTS:-"tests/test_models_gpu.py tests/test_models_fused.py tests/test_m
 if [ "$tests" != none ]; then
   step gpu_tests "${TESTS_LIMIT:-180}" python3 -m pytest -q -p no:cacheprovider -m gpu $tests
 fi
+if [ -n "${PROFILE:-}" ]; then
+  read -r -a profile_overrides <<< "$PROFILE"
+  step profile "${PROFILE_LIMIT:-150}" python3 benchmarks/profile_train.py --warmup 5 --steps 5 --top 25 \
+    "${profile_overrides[@]}"
+fi
 # issue 23 (megatron vs local at 32 and 128), 24 (targets; deferred checks off = the per-step-sync
 # baseline), 25 (text model vs its class twin), 26 (REPA overhead at 32)
 default_rows="DiffMoE-L-E8:32:local DiffMoE-L-E8:32:megatron DiffMoE-L-E8:128:local DiffMoE-L-E8:128:megatron"
@@ -27,5 +36,12 @@ default_rows+=" DiffMoE-L-E8:32:local:train.repa.enabled=true DiffMoE-L-E16:32:l
 read -r -a rows <<< "${ROWS:-$default_rows}"
 step train_bench "${BENCH_LIMIT:-430}" python3 benchmarks/train.py --rows "${rows[@]}" --steps "${STEPS:-40}" \
   --warmup "${WARMUP:-20}" --log-every 10 --runs /tmp/train_bench_runs --json "$out/train.json"
+if [ -n "${BASE_COMMIT:-}" ]; then
+  git worktree add -f /tmp/moedit_base "$BASE_COMMIT" >/dev/null 2>&1 || git -c advice.detachedHead=false \
+    clone -q --no-checkout . /tmp/moedit_base && git -C /tmp/moedit_base checkout -q "$BASE_COMMIT"
+  read -r -a base_rows <<< "${BASE_ROWS:-DiffMoE-L-E8:32:local DiffMoE-L-E8:128:local}"
+  step base_bench "${BASE_LIMIT:-300}" python3 benchmarks/train.py --repo /tmp/moedit_base --rows "${base_rows[@]}" \
+    --steps "${STEPS:-40}" --warmup "${WARMUP:-20}" --log-every 10 --runs /tmp/train_bench_base --json "$out/base.json"
+fi
 echo "total $(($(date +%s) - start)) s, $failures failed step(s)"
 cat "$out/summary.txt"

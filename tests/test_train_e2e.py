@@ -168,3 +168,16 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, digits_dir, args, mes
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_checkpoint_final_false_keeps_only_periodic_checkpoints(tmp_path, digits_dir):
+    cfg = tiny_config(tmp_path, digits_dir, train={"steps": 6, "num_sample_images": 0},
+                      checkpoint={"every": 4, "final": False})
+    run = tmp_path / "run"
+    out = moedit("train", cfg, f"train.run_dir={run}")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")) == ["step_0000004"]
+    assert (run / "DONE").read_text() == "step 6\n" and sorted(losses(run)) == list(range(1, 7))
+    assert "(latest: step_0000004)" in out.stdout
+    bare = moedit("train", cfg, f"train.run_dir={tmp_path / 'bare'}", "train.steps=2")
+    assert "checkpoints     none" in bare.stdout
+    assert not list((tmp_path / "bare" / "checkpoints").glob("step_*"))

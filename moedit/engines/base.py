@@ -113,9 +113,10 @@ class Engine:
         return micro, global_batch // (micro * world)
 
     def build(self, build_model, model_cfg, optim_cfg, *, micro_batch_size: int, accum_steps: int,
-              autocast_bf16: bool, precision: str = "auto", compile: bool = False) -> None:
+              autocast_bf16: bool, precision: str = "auto", compile: bool | str = False) -> None:
         """Build this rank's model (from `build_model()`, the single-device model, called once with the
-        global RNG seeded), its EMA, the wrapped module and the optimizer (AdamW per `optim_cfg`)."""
+        global RNG seeded), its EMA, the wrapped module and the optimizer (AdamW per `optim_cfg`).
+        `compile`: False, or torch.compile's mode for the wrapped module (True: "default")."""
         model = build_model().to(self.device)
         self.model = model
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -125,7 +126,7 @@ class Engine:
                                                     accum_steps=accum_steps, grad_clip=optim_cfg.grad_clip,
                                                     autocast_bf16=autocast_bf16)
         if compile:
-            self.wrapped = torch.compile(self.wrapped)
+            self.wrapped = torch.compile(self.wrapped, mode=None if compile in (True, "default") else compile)
         self._ema_pairs = ema_tensor_pairs(self.ema, model)
 
     def instantiated_params(self) -> int:

@@ -154,12 +154,15 @@ def _print_outputs(cfg) -> None:
 
     run = Path(cfg.train.run_dir)
     samples = sorted((run / "samples").glob("*.png"))
+    latest = run / "checkpoints" / "latest"
     lines = [
         f"run directory   {run}",
-        f"checkpoints     {run / 'checkpoints'} (latest: {(run / 'checkpoints' / 'latest').read_text().strip()})",
+        f"checkpoints     {run / 'checkpoints'} (latest: {latest.read_text().strip()})" if latest.is_file() else
+        f"checkpoints     none (checkpoint.final = false and no checkpoint.every step was reached)",
         f"metrics         {run / 'metrics.jsonl'}",
-        f"TensorBoard     tensorboard --logdir {run / 'tb'}",
     ]
+    if cfg.logging.tensorboard:
+        lines.append(f"TensorBoard     tensorboard --logdir {run / 'tb'}")
     if (run / "routing.jsonl").is_file():
         lines.append(f"routing stats   {run / 'routing.jsonl'}  (report: moedit analyze routing {run})")
     if samples:

@@ -126,7 +126,10 @@ class TrainConfig:
     sample_steps: int = 0
     """Sampler steps for grids (0 = the diffusion section's default)."""
     compile: bool = False
-    """torch.compile the model (CUDA)."""
+    """torch.compile the model's forward and backward (local, ddp and deepspeed engines)."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile's mode with compile = true; reduce-overhead replays the compiled forward and
+    backward as CUDA graphs (fewer host launches: for steps the host cannot keep up with)."""
     deferred_checks: bool = True
     """Read the non-finite-loss flags (and, with several ranks, the stop flags) at log intervals and
     checkpoints instead of after every step, so the host never waits for the device. A non-finite
@@ -169,7 +172,10 @@ class LoggingConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 1000
-    """Save a checkpoint every this many steps (and always at the end)."""
+    """Save a checkpoint every this many steps (and at the end, see final)."""
+    final: bool = True
+    """Save a checkpoint when train.steps is reached. false: only every `every` steps and on a stop
+    signal (throughput benchmarks, smoke runs: the end of such a run is not worth its disk)."""
     keep_last: int = 2
     """Keep this many newest checkpoints."""
     keep_every: int = 0

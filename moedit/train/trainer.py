@@ -95,7 +95,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and in every layout
         engine.build(self.build_model, cfg.model, cfg.optim, micro_batch_size=self.micro_batch,
                      accum_steps=self.accum_steps, autocast_bf16=self._uses_bf16_autocast(),
-                     precision=cfg.train.precision, compile=cfg.train.compile)
+                     precision=cfg.train.precision,
+                     compile=cfg.train.compile_mode if cfg.train.compile else False)
         self.model = engine.model
         self.data = self.build_data()
         from moedit.train.repa import pixel_encoder
@@ -237,7 +238,10 @@ class Trainer:
                     return self._stop()
                 if self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:
                     self.save_checkpoint()
-            self.save_checkpoint()
+            if cfg.checkpoint.final or self.step % cfg.checkpoint.every == 0:
+                self.save_checkpoint()
+            else:
+                self._read_flags()  # a deferred non-finite step is still reported (or stops the run)
             if not cfg.train.sample_every or self.step % cfg.train.sample_every:
                 self.write_samples()
             if self.engine.is_main:
