@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--latent-shape", default="4,32,32", help="C,H,W of the synthetic latents at --data")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--samples", type=int, default=8192, help="synthetic latents to prepare")
+    parser.add_argument("--sync-check", action="store_true",
+                        help="run one more step under CUDA's sync debug mode and print where the host waited")
     parser.add_argument("overrides", nargs="*", help="section.key=value, applied last")
     return parser.parse_args(argv)
 
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, [
         f"model.input_size={h}", f"model.in_channels={c}", f"model.num_classes={args.num_classes}",
         f"data.path={args.data}", f"train.run_dir={run_dir}", "train.resume=never",
-        f"train.steps={args.warmup + 2 * args.steps}", "logging.tensorboard=false", "logging.progress=none",
+        f"train.steps={args.warmup + 2 * args.steps + 1}", "logging.tensorboard=false", "logging.progress=none",
         "train.sample_every=0", "train.num_sample_images=0", *args.overrides])
     trainer = Trainer(cfg).setup()
     engine = trainer.engine
@@ -117,6 +119,8 @@ def main(argv=None) -> int:
             else:
                 print(f"step wall {wall_ms:.1f} ms (unprofiled)", flush=True)
             print(averages.table(sort_by=sort, row_limit=args.top), flush=True)
+        if args.sync_check and cuda and engine.is_main:
+            print(sync_report(trainer), flush=True)
         if args.trace:
             prof.export_chrome_trace(args.trace if rank == 0 else f"{args.trace}.rank{rank}")
     finally:
@@ -124,6 +128,40 @@ def main(argv=None) -> int:
             trainer.logger.close()
         engine.shutdown()
     return 0
+
+
+def sync_report(trainer) -> str:
+    """One trainer step under torch.cuda.set_sync_debug_mode("warn"): each place a CUDA call made the
+    host wait for the device, as the innermost frames of the Python stack that reached it."""
+    import collections
+    import traceback
+    import warnings
+
+    import torch
+
+    places: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "warnings.py" not in f.filename][-4:]
+        places[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))] += 1
+
+    previous = warnings.showwarning
+    warnings.showwarning = record
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                trainer.train_step()
+                torch.cuda.set_sync_debug_mode("default")
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        warnings.showwarning = previous
+    lines = [f"host syncs in one step: {sum(places.values())}"]
+    lines += [f"  {n:4d}x {where}" for where, n in places.most_common(15)]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

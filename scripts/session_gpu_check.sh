@@ -2,8 +2,9 @@
 # One device call: the GPU tests of the code paths a change touched (time-limited), then the
 # `moedit train` throughput table (benchmarks/train.py via scripts/train_bench_device.sh's rows).
 #   ROWS="..." TESTS="..." bash scripts/session_gpu_check.sh [OUT_DIR]     (carry .whl_mc)
-# Optional, in this order after the tests: PROFILE="section.key=value ..." runs
-# benchmarks/profile_train.py with those overrides (wall vs GPU time per step, top kernels);
+# Optional, in this order after the tests: PROFILE="section.key=value ... | ..." runs
+# benchmarks/profile_train.py once per '|'-separated list of overrides (wall vs GPU time per step,
+# host syncs, top kernels);
 # BASE_COMMIT=<commit> BASE_ROWS="..." times those rows with that commit's `moedit train` (a git
 # worktree; before/after on one machine) after the rows of this checkout. TESTS=none: no tests.
 set -uo pipefail
@@ -23,10 +24,13 @@ tests=${TESTS:-"tests/test_models_gpu.py tests/test_models_fused.py tests/test_m
 if [ "$tests" != none ]; then
   step gpu_tests "${TESTS_LIMIT:-180}" python3 -m pytest -q -p no:cacheprovider -m gpu $tests
 fi
-if [ -n "${PROFILE:-}" ]; then
-  read -r -a profile_overrides <<< "$PROFILE"
-  step profile "${PROFILE_LIMIT:-150}" python3 benchmarks/profile_train.py --warmup 5 --steps 5 --top 25 \
-    "${profile_overrides[@]}"
+if [ -n "${PROFILE:-}" ]; then  # runs separated by '|'
+  IFS='|' read -r -a profiles <<< "$PROFILE"
+  for i in "${!profiles[@]}"; do
+    read -r -a profile_overrides <<< "${profiles[$i]}"
+    step "profile_$i" "${PROFILE_LIMIT:-150}" python3 benchmarks/profile_train.py --warmup 5 --steps 5 --top 25 \
+      --sync-check "${profile_overrides[@]}"
+  done
 fi
 # issue 23 (megatron vs local at 32 and 128), 24 (targets; deferred checks off = the per-step-sync
 # baseline), 25 (text model vs its class twin), 26 (REPA overhead at 32)
