@@ -142,6 +142,8 @@ def sync_report(trainer) -> str:
     places: collections.Counter = collections.Counter()
 
     def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message) or "prototype" in str(message):
+            return  # other warnings (deprecations, ...) and the debug mode's own notice
         frames = [f for f in traceback.extract_stack()[:-1] if "warnings.py" not in f.filename][-4:]
         places[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))] += 1
 

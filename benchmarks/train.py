@@ -128,7 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=8192, help="synthetic latents to prepare")
     parser.add_argument("--text-samples", type=int, default=1024,
                         help="synthetic latents with captions for text flavors (random features: about 1 MB each "
-                             "at T5-XXL's 120 x 4096)")
+                             "at T5-XXL's 120 x 4096), and with REPA features for REPA rows (0.4 MB each)")
     parser.add_argument("--repa-width", type=int, default=768,
                         help="width of the random REPA features of rows with train.repa.enabled=true (DINOv2-B: 768)")
     parser.add_argument("--num-workers", type=int, default=4, help="data.num_workers of every rank")
@@ -178,7 +178,7 @@ def repa_data(args: argparse.Namespace) -> str:
     if not (Path(path) / "dataset.json").is_file():
         subprocess.run([sys.executable, "-m", "moedit.cli", "prepare", "--source", "synthetic", "--output", path,
                         "--latent-shape", args.latent_shape, "--num-classes", str(args.num_classes),
-                        "--num-samples", str(args.samples), "--repa-encoder", f"random:{args.repa_width}",
+                        "--num-samples", str(args.text_samples), "--repa-encoder", f"random:{args.repa_width}",
                         "--repa-grid", str(h // 2), "--no-progress"], cwd=ROOT, check=True)
     return path
 

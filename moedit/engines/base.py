@@ -226,7 +226,7 @@ class Engine:
         # bf16 live weights (deepspeed.bf16) feed an fp32 EMA; ZeRO-3 shards are gathered first.
         with self.gathered_parameters(self.model):
             live = [t if t.dtype == e.dtype else t.to(e.dtype) for e, t in zip(ema, live)]
-            torch._foreach_lerp_(list(ema), live, ema_weight(decay, skip))
+            lerp_ema_(list(ema), live, decay, skip)
 
     # --- canonical weights for checkpoints and samples ------------------------------------------
     @contextlib.contextmanager
@@ -338,10 +338,17 @@ def _found_inf(optimizer, flag: torch.Tensor | None):
         del optimizer.found_inf
 
 
-def ema_weight(decay: float, skip: torch.Tensor | None):
-    """The EMA's lerp weight: 1 - decay, or (1 - decay)(1 - skip) as a device tensor (the same float
-    the scalar gives: the product is formed in float32 from the exact 0 or 1)."""
-    return 1.0 - decay if skip is None else (1.0 - skip.float()) * (1.0 - decay)
+def lerp_ema_(ema: list[torch.Tensor], live: list[torch.Tensor], decay: float, skip: torch.Tensor | None) -> None:
+    """ema += (1 - decay)(live - ema) in place, in one foreach call. With `skip` (a 0-dim device flag,
+    1 = a discarded step) the weight is (1 - decay)(1 - skip), a device tensor: the foreach lerp's
+    scalar weight would be read on the host (a sync every step), so each tensor takes the weight as
+    an expanded view instead (torch's per-tensor lerp, the same arithmetic: the weight is the float
+    the scalar gives, formed in float32 from the exact 0 or 1)."""
+    if skip is None:
+        torch._foreach_lerp_(ema, live, 1.0 - decay)
+        return
+    weight = (1.0 - skip.float()) * (1.0 - decay)
+    torch._foreach_lerp_(ema, live, [weight.expand_as(e) for e in ema])
 
 
 def adamw(params, optim_cfg, fused: bool = False) -> torch.optim.AdamW:

@@ -409,8 +409,9 @@ class Trainer:
             agreed = torch.stack([skip, self._stop_flag()])
             self.engine.all_reduce_max_([agreed])
             skip, stop = agreed[0], agreed[1]
-        for buffer, old in zip(self._mutable, self._before):
-            buffer.copy_(torch.where(skip > 0, old, buffer))
+        keep_old = skip > 0
+        for buffer, old in zip(self._mutable, self._before):  # one kernel each, in place
+            torch.where(keep_old, old, buffer, out=buffer)
         self._accumulate(terms, self.optimizer_step(skip), skip)
         self._pending.append((self.step, bad, skip))
         if stop is None:

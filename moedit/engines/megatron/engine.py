@@ -32,7 +32,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from moedit.engines.base import DistEnv, _found_inf, adamw, ema_weight
+from moedit.engines.base import DistEnv, _found_inf, adamw, lerp_ema_
 from moedit.engines.ddp import DDPEngine
 from moedit.engines.megatron.checkpoint import MegatronCheckpointing
 from moedit.errors import MoeditError
@@ -236,7 +236,7 @@ class MegatronEngine(MegatronCheckpointing, DDPEngine):
     @torch.no_grad()
     def update_ema(self, decay, skip=None):
         ema, live = zip(*self._ema_pairs)  # live: bf16 parameters under the distributed optimizer, cast here
-        torch._foreach_lerp_(list(ema), [t.float() for t in live], ema_weight(decay, skip))
+        lerp_ema_(list(ema), [t.float() for t in live], decay, skip)
 
     @contextmanager
     def _parameters_as_ema(self):
