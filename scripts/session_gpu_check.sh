@@ -18,7 +18,8 @@ source scripts/device_env.sh || exit 1
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, megatron.core as mc; print('torch', torch.__version__, '| cuda', torch.version.cuda, '| megatron-core', mc.__version__)"
-  git log -1 --format='commit %h %s' 2>/dev/null || true
+  # the device's copy of .git may lag the working tree it was given: SOURCE_COMMIT names the caller's HEAD
+  echo "commit ${SOURCE_COMMIT:-unknown (pass SOURCE_COMMIT=\$(git rev-parse --short HEAD))}; device's git: $(git log -1 --format=%h 2>/dev/null)"
 } 2>&1 | tee "$out/env.txt"
 tests=${TESTS:-"tests/test_models_gpu.py tests/test_models_fused.py tests/test_models_fused_router.py tests/test_models_fused_predictor.py"}
 if [ "$tests" != none ]; then

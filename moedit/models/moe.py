@@ -92,7 +92,8 @@ class RoutingStats:
         hits = d.predictor_hits is not None
         uniform = d.capacity is not None and d.valid is None
         key = (d.probs.device, S, int(d.tokens_per_expert.shape[0]) * (d.capacity or 0), hits, uniform)
-        if key not in self._constants:
+
+        def make() -> torch.Tensor:
             values = [0.0] * len(SCALAR_SLOTS)
             values[SLOT["tokens"]] = values[SLOT["entropy_count"]] = S
             values[SLOT["forwards"]] = 1
@@ -101,24 +102,30 @@ class RoutingStats:
             if hits:  # expert choice at training: every expert selects exactly K tokens
                 values[SLOT["predictor_target"]] = E * d.capacity
                 values[SLOT["predictor_total"]] = E * S
-            self._constants[key] = torch.tensor(values, dtype=torch.float64, device=d.probs.device)
+            return torch.tensor(values, dtype=torch.float64, device=d.probs.device)
+
+        return self._constant(key, make)
+
+    def _constant(self, key: tuple, make) -> torch.Tensor:
+        """`make()`, built once per key and kept on the device. Under torch.compile it is built in
+        the graph each call instead (a constant there): a tensor made inside a compiled region and
+        kept would be a graph output, which CUDA-graph replays overwrite."""
+        if torch.compiler.is_compiling():
+            return make()
+        if key not in self._constants:
+            self._constants[key] = make()
         return self._constants[key]
 
     def _slot_index(self, slots: tuple[str, ...]) -> torch.Tensor:
-        key = (self.stat_scalars.device, slots)
-        if key not in self._constants:
-            self._constants[key] = torch.tensor([SLOT[n] for n in slots], device=self.stat_scalars.device)
-        return self._constants[key]
+        device = self.stat_scalars.device
+        return self._constant((device, slots), lambda: torch.tensor([SLOT[n] for n in slots], device=device))
 
     def _row_expert(self, d: RoutingDecision) -> torch.Tensor:
         """(N,) the expert of each assignment row."""
         N = d.token_index.shape[0]
         if d.capacity is not None:  # a shape-only constant: built once per capacity
-            key = ("row_expert", d.probs.device, d.capacity)
-            if key not in self._constants:
-                experts = torch.arange(self.num_experts, device=d.probs.device)
-                self._constants[key] = experts.repeat_interleave(d.capacity)
-            return self._constants[key]
+            return self._constant(("row_expert", d.probs.device, d.capacity), lambda: torch.arange(
+                self.num_experts, device=d.probs.device).repeat_interleave(d.capacity))
         experts = torch.arange(self.num_experts, device=d.probs.device)
         return torch.repeat_interleave(experts, d.tokens_per_expert, output_size=N)
 
