@@ -216,7 +216,7 @@ class MegatronEngine(MegatronCheckpointing, DDPEngine):
             if not grad_norm:  # Megatron measures the norm only when it clips (optim.grad_clip > 0)
                 grad_norm = self.optimizer.get_grad_norm()  # the main grads are kept until the next step
             return torch.tensor(float(grad_norm), device=self.device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self._trainable(self.model)
         for p in params:
             p.grad = p.main_grad.to(p.dtype) if p.main_grad.dtype != p.dtype else p.main_grad
         if self._owned is None:
