@@ -21,7 +21,7 @@ source scripts/device_env.sh || exit 1
   # the device's copy of .git may lag the working tree it was given: SOURCE_COMMIT names the caller's HEAD
   echo "commit ${SOURCE_COMMIT:-unknown (pass SOURCE_COMMIT=\$(git rev-parse --short HEAD))}; device's git: $(git log -1 --format=%h 2>/dev/null)"
 } 2>&1 | tee "$out/env.txt"
-tests=${TESTS:-"tests/test_models_gpu.py tests/test_models_fused.py tests/test_models_fused_router.py tests/test_models_fused_predictor.py"}
+tests=${TESTS:-"tests/test_train_gpu.py tests/test_models_gpu.py tests/test_models_fused.py tests/test_models_fused_router.py tests/test_models_fused_predictor.py"}
 if [ "$tests" != none ]; then
   step gpu_tests "${TESTS_LIMIT:-180}" python3 -m pytest -q -p no:cacheprovider -m gpu $tests
 fi
