@@ -60,6 +60,18 @@ def quickstart_run(tmp_path_factory, digits_dir):
     return run
 
 
+def write_config(path, cfg: dict, sections: dict | None = None):
+    """Write the training config `cfg` (sections of keys) as YAML at `path`, with the keys of
+    `sections` merged over its sections; returns the path."""
+    import yaml
+
+    cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.items()}
+    for section, values in (sections or {}).items():
+        cfg.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def sections_from_overrides(overrides, base: dict | None = None) -> dict:
     """Config sections from "section.key=value" strings (values read as YAML), over `base`; the
     entry points of multi-process tests take their settings this way on the command line."""

@@ -18,6 +18,7 @@ from moedit.models.config import ModelConfig
 from moedit.models.flops import count_params, forward_macs
 from moedit.models.layers import CrossAttention
 from moedit.models.stats import snapshot_routing_stats
+from conftest import write_config  # tests/conftest.py
 
 TEXT_TINY = ["tiny-dense-t", "tiny-diffmoe-t", "tiny-tc-t", "tiny-ec-t"]
 
@@ -268,11 +269,7 @@ def make_text_trainer(tmp_path, digits_dir, name="run", flavor="tiny-diffmoe-t",
         "checkpoint": {"every": 2},
         "logging": {"log_every": 1, "tensorboard": False, "progress": "none"},
     }
-    for section, values in (sections or {}).items():
-        cfg.setdefault(section, {}).update(values)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return FakeTextTrainer(load_config(path)).setup()
+    return FakeTextTrainer(load_config(write_config(tmp_path / f"{name}.yaml", cfg, sections))).setup()
 
 
 def test_caption_dropout_rate_and_stream_match_label_dropout(tmp_path, digits_dir):

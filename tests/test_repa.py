@@ -10,13 +10,13 @@ import math
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from moedit.diffusion.losses import combine_losses
 from moedit.errors import MoeditError
 from moedit.models import build_model, get_flavor
 from moedit.models.repa import REPA_TERM, strip_training_only
+from conftest import write_config  # tests/conftest.py
 
 ROUTERS = ["tiny-dense", "tiny-diffmoe", "tiny-tc", "tiny-ec"]
 PROJECTOR = "repa_projector."
@@ -175,11 +175,7 @@ def make_trainer(tmp_path, data, name, repa=None, flavor="tiny-diffmoe", section
         "checkpoint": {"every": 2},
         "logging": {"log_every": 1, "tensorboard": False, "progress": "none"},
     }
-    for section, values in (sections or {}).items():
-        cfg.setdefault(section, {}).update(values)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return Trainer(load_config(path)).setup()
+    return Trainer(load_config(write_config(tmp_path / f"{name}.yaml", cfg, sections))).setup()
 
 
 def metrics(run) -> list[dict]:

@@ -17,6 +17,7 @@ import yaml
 from moedit.analysis.routing import metrics as rm
 from moedit.analysis.routing.accumulate import RoutingAccumulator
 from moedit.cli import main as moedit_main
+from conftest import write_config  # tests/conftest.py
 
 # Six tokens, E = 2, three quantile bins of two tokens each (cells 49, 80 | 110, 130 | 160, 190).
 SIMILARITY = np.array([-0.505, -0.195, 0.105, 0.305, 0.605, 0.905])
@@ -84,9 +85,7 @@ def _write_config(tmp_path, name, repa: bool):
            "optim": {"lr": 2e-3},
            "checkpoint": {"every": 4},
            "logging": {"log_every": 2, "tensorboard": False, "progress": "none"}}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_config(tmp_path / f"{name}.yaml", cfg)
 
 
 @pytest.fixture(scope="module")

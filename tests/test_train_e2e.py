@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import write_config  # tests/conftest.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,11 +28,7 @@ def tiny_config(tmp_path: Path, digits_dir: Path, **sections) -> Path:
         "logging": {"log_every": 1, "tensorboard": False, "progress": "lines"},
         "checkpoint": {"every": 4, "keep_last": 3},
     }
-    for name, values in sections.items():
-        cfg.setdefault(name, {}).update(values)
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_config(tmp_path / "cfg.yaml", cfg, sections)
 
 
 def moedit(*args, env=None, check=True, **kw):
