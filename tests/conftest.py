@@ -43,6 +43,16 @@ def digits_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def repa_digits(tmp_path_factory):
+    """The built-in digits with `random:32` REPA features on the 8 x 8 grid (data.prepare: digits_repa)."""
+    from moedit.data.prepare import prepare_builtin
+
+    path = tmp_path_factory.mktemp("digits_repa")
+    prepare_builtin("digits_repa", path, progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory, digits_dir):
     """A short real quickstart run (the shipped config, shortened) trained once per session."""
     import subprocess
@@ -70,6 +80,32 @@ def write_config(path, cfg: dict, sections: dict | None = None):
         cfg.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def run_one_then_two_ranks(module: str, args: list[str], single: list[str], two: list[str],
+                            timeout: float = 300) -> None:
+    """Run tests/<module>.py's `_train_worker(*args, *single)` in one process, then
+    `_train_worker(*args, *two)` on two ranks over gloo (RANK, WORLD_SIZE, MASTER_* set); an
+    AssertionError with the ranks' output if any of them fails."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent)
+    code = f"import sys; sys.path.insert(0, {tests!r}); import {module} as m; m._train_worker(*sys.argv[1:])"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-c", code, *args, *single], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stdout + one.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", code, *args, *two],
+                              env={**env, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
 
 
 def sections_from_overrides(overrides, base: dict | None = None) -> dict:

@@ -18,7 +18,7 @@ from moedit.models.config import ModelConfig
 from moedit.models.flops import count_params, forward_macs
 from moedit.models.layers import CrossAttention
 from moedit.models.stats import snapshot_routing_stats
-from conftest import write_config  # tests/conftest.py
+from conftest import run_one_then_two_ranks, write_config  # tests/conftest.py
 
 TEXT_TINY = ["tiny-dense-t", "tiny-diffmoe-t", "tiny-tc-t", "tiny-ec-t"]
 
@@ -360,30 +360,10 @@ def _train_worker(tmp: str, digits: str, name: str, *overrides: str) -> None:
                                     ["parallel.engine=deepspeed", "deepspeed.zero_stage=2"]])
 def test_two_process_text_model_matches_one_process_with_accumulation(engine, tmp_path, digits_dir):
     """The text batch keys travel through DDP and DeepSpeed: 2 ranks x 4 samples = 1 rank accumulating 2 x 4."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from safetensors.torch import load_file
 
-    tests = str(Path(__file__).parent)
-    code = (f"import sys; sys.path.insert(0, {tests!r}); import test_models_text as m; "
-            "m._train_worker(*sys.argv[1:])")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = [str(tmp_path), str(digits_dir)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-c", code, *args, "single", "train.micro_batch_size=4"], env=env, check=True,
-                   capture_output=True)
-    procs = [subprocess.Popen([sys.executable, "-c", code, *args, "ddp", "train.micro_batch_size=0", *engine],
-                              env={**env, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs
+    run_one_then_two_ranks("test_models_text", [str(tmp_path), str(digits_dir)], ["single", "train.micro_batch_size=4"],
+                           ["ddp", "train.micro_batch_size=0", *engine])
     meta = json.loads((tmp_path / "ddp" / "checkpoints" / "step_0000004" / "meta.json").read_text())
     assert (meta["engine"], meta["world_size"]) == (engine[0].split("=")[1], 2)
     one = load_file(tmp_path / "single" / "checkpoints" / "step_0000004" / "model.safetensors")

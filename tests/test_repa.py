@@ -16,20 +16,10 @@ from moedit.diffusion.losses import combine_losses
 from moedit.errors import MoeditError
 from moedit.models import build_model, get_flavor
 from moedit.models.repa import REPA_TERM, strip_training_only
-from conftest import write_config  # tests/conftest.py
+from conftest import run_one_then_two_ranks, write_config  # tests/conftest.py
 
 ROUTERS = ["tiny-dense", "tiny-diffmoe", "tiny-tc", "tiny-ec"]
 PROJECTOR = "repa_projector."
-
-
-@pytest.fixture(scope="module")
-def repa_digits(tmp_path_factory):
-    """The built-in digits with `random:32` features on the 8 x 8 grid (data.prepare: digits_repa)."""
-    from moedit.data.prepare import prepare_builtin
-
-    path = tmp_path_factory.mktemp("digits_repa")
-    prepare_builtin("digits_repa", path, progress=False)
-    return path
 
 
 def repa_config(flavor="tiny-dense", depth=2, dim=12, hidden=16, coef=0.5, **kw):
@@ -279,27 +269,8 @@ def _train_worker(tmp: str, data: str, name: str, *overrides: str) -> None:
 @pytest.mark.parametrize("engine", [["parallel.engine=ddp"], ["parallel.engine=deepspeed", "deepspeed.zero_stage=2"]])
 def test_two_processes_match_one_process_accumulating(engine, tmp_path, repa_digits):
     """The repa batch key and term travel through DDP and DeepSpeed: 2 ranks x 4 samples = 1 rank x 2 x 4."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    tests = str(Path(__file__).parent)
-    code = f"import sys; sys.path.insert(0, {tests!r}); import test_repa as m; m._train_worker(*sys.argv[1:])"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = [str(tmp_path), str(repa_digits)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-c", code, *args, "single", "train.micro_batch_size=4"], env=env, check=True,
-                   capture_output=True)
-    procs = [subprocess.Popen([sys.executable, "-c", code, *args, "two", *engine],
-                              env={**env, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs
+    run_one_then_two_ranks("test_repa", [str(tmp_path), str(repa_digits)], ["single", "train.micro_batch_size=4"],
+                           ["two", *engine])
     meta = json.loads((tmp_path / "two" / "checkpoints" / "step_0000004" / "meta.json").read_text())
     assert (meta["engine"], meta["world_size"]) == (engine[0].split("=")[1], 2)
     one, two = weights(tmp_path / "single", 4, "model.safetensors"), weights(tmp_path / "two", 4, "model.safetensors")

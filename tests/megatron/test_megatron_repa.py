@@ -100,15 +100,6 @@ def _train(rank, world_size, data, run_dir, engine, flavor):
     return {"code": trainer.fit(), "engine": trainer.engine.name, "repa_depth": trainer.cfg.model.repa_depth}
 
 
-@pytest.fixture(scope="module")
-def repa_digits(tmp_path_factory):
-    from moedit.data.prepare import prepare_builtin
-
-    path = tmp_path_factory.mktemp("digits_repa")
-    prepare_builtin("digits_repa", path, progress=False)
-    return path
-
-
 @pytest.mark.parametrize("flavor", ["tiny-diffmoe", "tiny-dense"])
 def test_trainer_logs_the_same_terms_on_local_and_megatron(flavor, tmp_path, repa_digits):
     rows = {}
