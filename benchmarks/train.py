@@ -32,8 +32,9 @@ allocation and the trainer's setup fall before; --warmup must be a positive mult
 --log-every): images/s of the whole run (total images / total time of those intervals), images/s
 per process, step ms, MFU per GPU (as the trainer logs it), the peak GPU memory rank 0 logged, and
 the ratio of each row's images/s to the first row of the same global batch (the engine
-comparison) and its step time to the dense DiT of the same size, batch, engine and process count
-where one was run (the MoE overhead); a text flavor's (`-T`) to its class-conditional twin. Text
+comparison) and its step time to the dense DiT of the same size, batch, engine, process count
+and row overrides where one was run (the MoE overhead); a text flavor's (`-T`) to its
+class-conditional twin. Text
 rows train on synthetic latents with captions whose features are random (`moedit prepare
 --text-encoder random:WIDTH`, --text-samples of them, at the flavor's text_len x text_dim: T5-XXL's
 120 x 4096 for the `-T` flavors), so they pay for reading and attending to such features without
@@ -158,29 +159,30 @@ def text_shape(flavor: str) -> tuple[int, int] | None:
     return (cfg.text_len, cfg.text_dim) if cfg.condition == "text" else None
 
 
-def text_data(args: argparse.Namespace, shape: tuple[int, int]) -> str:
-    """Synthetic latents with captions and random text features of `shape` (prepared once): a text
-    row pays for reading and attending to T5-sized features without needing a T5."""
-    path = f"{args.data}_text{shape[0]}x{shape[1]}"
+def synthetic_data(args: argparse.Namespace, suffix: str, extra: list[str]) -> str:
+    """Synthetic latents at `--data`_`suffix` with the `moedit prepare` options `extra` (prepared
+    once), --text-samples of them."""
+    path = f"{args.data}_{suffix}"
     if not (Path(path) / "dataset.json").is_file():
         subprocess.run([sys.executable, "-m", "moedit.cli", "prepare", "--source", "synthetic", "--output", path,
                         "--latent-shape", args.latent_shape, "--num-classes", str(args.num_classes),
-                        "--num-samples", str(args.text_samples), "--text-encoder", f"random:{shape[1]}",
-                        "--text-max-length", str(shape[0]), "--no-progress"], cwd=ROOT, check=True)
+                        "--num-samples", str(args.text_samples), *extra, "--no-progress"], cwd=ROOT, check=True)
     return path
+
+
+def text_data(args: argparse.Namespace, shape: tuple[int, int]) -> str:
+    """Captions with random text features of `shape`: a text row pays for reading and attending to
+    T5-sized features without needing a T5."""
+    return synthetic_data(args, f"text{shape[0]}x{shape[1]}",
+                          ["--text-encoder", f"random:{shape[1]}", "--text-max-length", str(shape[0])])
 
 
 def repa_data(args: argparse.Namespace) -> str:
-    """Synthetic latents with a `repa` field of --repa-width random features on the patch-2 token
-    grid (prepared once): a REPA row pays for reading the targets and the projector and its loss."""
+    """A `repa` field of --repa-width random features on the patch-2 token grid: a REPA row pays for
+    reading the targets and the projector and its loss."""
     _, h, _ = (int(v) for v in args.latent_shape.split(","))
-    path = f"{args.data}_repa{args.repa_width}"
-    if not (Path(path) / "dataset.json").is_file():
-        subprocess.run([sys.executable, "-m", "moedit.cli", "prepare", "--source", "synthetic", "--output", path,
-                        "--latent-shape", args.latent_shape, "--num-classes", str(args.num_classes),
-                        "--num-samples", str(args.text_samples), "--repa-encoder", f"random:{args.repa_width}",
-                        "--repa-grid", str(h // 2), "--no-progress"], cwd=ROOT, check=True)
-    return path
+    return synthetic_data(args, f"repa{args.repa_width}",
+                          ["--repa-encoder", f"random:{args.repa_width}", "--repa-grid", str(h // 2)])
 
 
 def command(row: Row, run_dir: Path, args: argparse.Namespace) -> list[str]:
@@ -267,7 +269,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         if "step_ms" in r:
             first_of_batch.setdefault(r["batch"], r)
-            same.setdefault((r["flavor"], r["batch"], r["engine"], r["nproc"]), r)
+            same.setdefault((r["flavor"], r["batch"], r["engine"], r["nproc"], tuple(r["overrides"])), r)
     lines = ["| row | procs | img/s | img/s per proc | step ms | MFU per GPU | peak GiB (rank 0) | img/s vs first row "
              "of batch | step vs dense (text: vs class) | exit |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -275,7 +277,7 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {r['row']} | {r['nproc']} | - | - | - | - | - | - | - | {r['exit']} |")
             continue
         base = first_of_batch[r["batch"]]
-        twin = same.get((twin_of(r["flavor"]), r["batch"], r["engine"], r["nproc"]))
+        twin = same.get((twin_of(r["flavor"]), r["batch"], r["engine"], r["nproc"], tuple(r["overrides"])))
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "-"
         vs_dense = f"{r['step_ms'] / twin['step_ms']:.3f}x" if twin else "-"
