@@ -126,7 +126,7 @@ class TrainConfig:
     sample_steps: int = 0
     """Sampler steps for grids (0 = the diffusion section's default)."""
     compile: bool = False
-    """torch.compile the model's forward and backward (local, ddp and deepspeed engines)."""
+    """torch.compile the module the engine trains (local, ddp; megatron refuses it); docs/training.md."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     """torch.compile's mode with compile = true; reduce-overhead replays the compiled forward and
     backward as CUDA graphs (fewer host launches: for steps the host cannot keep up with)."""
