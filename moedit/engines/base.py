@@ -116,17 +116,18 @@ class Engine:
               autocast_bf16: bool, precision: str = "auto", compile: bool | str = False) -> None:
         """Build this rank's model (from `build_model()`, the single-device model, called once with the
         global RNG seeded), its EMA, the wrapped module and the optimizer (AdamW per `optim_cfg`).
-        `compile`: False, or torch.compile's mode for the wrapped module (True: "default")."""
+        `compile`: False, or torch.compile's mode for the model's blocks (True: "default"; see
+        `DiT.compile_blocks`)."""
         model = build_model().to(self.device)
         self.model = model
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()
         optimizer = adamw([p for p in model.parameters() if p.requires_grad], optim_cfg,
                           fused=self.device.type in ("cuda", "cpu"))
+        if compile:  # after the EMA copy, which stays eager (samples and checkpoints use it)
+            model.compile_blocks(None if compile in (True, "default") else compile)
         self.wrapped, self.optimizer = self.prepare(model, optimizer, micro_batch_size=micro_batch_size,
                                                     accum_steps=accum_steps, grad_clip=optim_cfg.grad_clip,
                                                     autocast_bf16=autocast_bf16)
-        if compile:
-            self.wrapped = torch.compile(self.wrapped, mode=None if compile in (True, "default") else compile)
         self._ema_pairs = ema_tensor_pairs(self.ema, model)
 
     def instantiated_params(self) -> int:
