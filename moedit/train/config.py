@@ -126,10 +126,10 @@ class TrainConfig:
     sample_steps: int = 0
     """Sampler steps for grids (0 = the diffusion section's default)."""
     compile: bool = False
-    """torch.compile the module the engine trains (local, ddp; megatron refuses it); docs/training.md."""
+    """torch.compile each block of the trained model in place (local, ddp; megatron refuses it); docs/training.md."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
-    """torch.compile's mode with compile = true; reduce-overhead replays the compiled forward and
-    backward as CUDA graphs (fewer host launches: for steps the host cannot keep up with)."""
+    """torch.compile's mode with compile = true; reduce-overhead replays each compiled block's forward
+    and backward as CUDA graphs (fewer host launches: for steps the host cannot keep up with)."""
     deferred_checks: bool = True
     """Read the non-finite-loss flags (and, with several ranks, the stop flags) at log intervals and
     checkpoints instead of after every step, so the host never waits for the device. A non-finite
