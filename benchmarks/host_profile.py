@@ -4,13 +4,16 @@ the arithmetic is small and what remains is what the host does per step (Python,
 dispatch). On a GPU the same work decides whether the GPU waits for the host (see
 benchmarks/profile_train.py's "GPU busy"); this finds where it goes without a GPU.
 
-    python benchmarks/host_profile.py [--engines local megatron] [--steps 30] [--top 25] [--sort tottime]
+    python benchmarks/host_profile.py [--engines local megatron] [--steps 30] [--top 25] [--sort tottime] [--compile]
 
 The megatron engine runs in one spawned process under the test suite's CPU stand-ins for
 Megatron-Core's CUDA calls (tests/megatron/cpu_stubs.py), as the CPU tests do. Prints ms per
 step of each engine (mean of --steps after 3 warm-up steps; CPU timings vary by several percent
 from run to run, so compare within one run and repeat), then a cProfile table of --steps more
-steps per engine. Data: the built-in digits, prepared once at --data.
+steps per engine. --compile adds the local/ddp engines with `train.compile=true` (each block
+compiled by inductor's CPU backend: what is left of the host's work per block is one compiled
+call, as on a GPU, though the generated kernels differ). Data: the built-in digits, prepared once
+at --data.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top", type=int, default=25, help="rows of each profile (0: no profile)")
     parser.add_argument("--sort", default="tottime", choices=["tottime", "cumulative"])
     parser.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "moedit_digits"))
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each local/ddp engine with train.compile=true (its blocks compiled)")
     return parser.parse_args(argv)
 
 
@@ -58,12 +63,12 @@ def measure(rank: int, world: int, args: argparse.Namespace) -> tuple[float, str
         "diffusion": {"objective": "flow"},
         "data": {"path": args.data, "num_workers": 0, "shuffle_buffer": 64},
         "train": {"steps": 10**6, "global_batch_size": args.batch, "num_sample_images": 0, "device": "cpu",
-                  "run_dir": tempfile.mkdtemp(prefix="moedit_host_")},
+                  "run_dir": tempfile.mkdtemp(prefix="moedit_host_"), "compile": args.compiled},
         "logging": {"log_every": 10**6, "tensorboard": False, "progress": "none"},
         "parallel": {"engine": args.engine}})
     trainer = Trainer(cfg).setup()
     try:
-        for _ in range(3):
+        for _ in range(3):  # with --compile the first step compiles
             trainer.train_step()
         t0 = time.perf_counter()
         for _ in range(args.steps):
@@ -94,8 +99,10 @@ def main(argv=None) -> int:
 
     results = {}
     for engine in args.engines:
-        args.engine = engine
-        results[engine] = run_distributed(measure, 1, args, timeout=1800.0)[0]
+        for compiled in (False, True) if args.compile and engine != "megatron" else (False,):
+            args.engine, args.compiled = engine, compiled
+            results[engine + (" (train.compile)" if compiled else "")] = run_distributed(measure, 1, args,
+                                                                                       timeout=1800.0)[0]
     print(f"| engine | ms per step ({args.flavor} structure, hidden {args.hidden}, batch {args.batch}, CPU) |")
     print("|---|---|")
     for engine, (ms, _) in results.items():
