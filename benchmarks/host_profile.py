@@ -7,10 +7,11 @@ benchmarks/profile_train.py's "GPU busy"); this finds where it goes without a GP
     python benchmarks/host_profile.py [--engines local megatron] [--steps 30] [--top 25] [--sort tottime] [--compile]
 
 The megatron engine runs in one spawned process under the test suite's CPU stand-ins for
-Megatron-Core's CUDA calls (tests/megatron/cpu_stubs.py), as the CPU tests do. Prints ms per
-step of each engine (mean of --steps after 3 warm-up steps; CPU timings vary by several percent
-from run to run, so compare within one run and repeat), then a cProfile table of --steps more
-steps per engine. --compile adds the local/ddp engines with `train.compile=true` (each block
+Megatron-Core's CUDA calls (tests/megatron/cpu_stubs.py), as the CPU tests do. Per engine:
+--steps warm-up steps, a cProfile of --steps more `train_step()` calls, then `fit()` on to
+--steps x 2 more steps; the ms per step printed is the run's own metrics.jsonl (images/s of the
+last log interval, --steps steps). CPU timings vary by several percent from run to run, so
+compare within one run and repeat. --compile adds the local/ddp engines with `train.compile=true` (each block
 compiled by inductor's CPU backend: what is left of the host's work per block is one compiled
 call, as on a GPU, though the generated kernels differ). Data: the built-in digits, prepared once
 at --data.
@@ -46,9 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def measure(rank: int, world: int, args: argparse.Namespace) -> tuple[float, str]:
     import cProfile
     import io
+    import json
     import os
     import pstats
-    import time
 
     os.environ["MOEDIT_MEGATRON_CPU"] = "1"  # the harness installed the stand-ins in this process
     import torch
@@ -64,16 +65,13 @@ def measure(rank: int, world: int, args: argparse.Namespace) -> tuple[float, str
         "data": {"path": args.data, "num_workers": 0, "shuffle_buffer": 64},
         "train": {"steps": 10**6, "global_batch_size": args.batch, "num_sample_images": 0, "device": "cpu",
                   "run_dir": tempfile.mkdtemp(prefix="moedit_host_"), "compile": args.compiled},
-        "logging": {"log_every": 10**6, "tensorboard": False, "progress": "none"},
+        "logging": {"log_every": args.steps, "tensorboard": False, "progress": "none"},
+        "checkpoint": {"every": 10**6, "final": False},
         "parallel": {"engine": args.engine}})
     trainer = Trainer(cfg).setup()
     try:
-        for _ in range(3):  # with --compile the first step compiles
+        for _ in range(args.steps):  # warm-up (with --compile: the compilation)
             trainer.train_step()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            trainer.train_step()
-        ms = 1000 * (time.perf_counter() - t0) / args.steps
         table = ""
         if args.top:
             profile = cProfile.Profile()
@@ -84,7 +82,11 @@ def measure(rank: int, world: int, args: argparse.Namespace) -> tuple[float, str
             out = io.StringIO()
             pstats.Stats(profile, stream=out).sort_stats(args.sort).print_stats(args.top)
             table = out.getvalue().replace(str(ROOT) + "/", "").replace(str(Path(torch.__file__).parents[1]) + "/", "")
-        return ms, table
+        # The time: the run's own log, as every benchmark of the trainer (the last interval of fit()).
+        trainer.cfg.train.steps = trainer.step + 2 * args.steps
+        trainer.fit()
+        last = json.loads((Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()[-1])
+        return 1000 * args.batch / last["images_per_s"], table
     finally:
         trainer.close()
 
