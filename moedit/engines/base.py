@@ -55,6 +55,8 @@ class Engine:
     name = "base"
     forward_autocast = True
     """Whether the trainer's bf16 autocast applies around forwards (False where parameters are bf16)."""
+    graph_capturable = False
+    """Whether train.cuda_graph may capture the trainer's whole step (the local engine)."""
 
     def __init__(self, env: DistEnv, device: torch.device):
         self.env = env
@@ -275,7 +277,7 @@ class Engine:
     def save_training_state(self, directory: Path) -> tuple[dict[str, Any], list[str]]:
         """Called on every rank inside the checkpoint being written. Returns (entries for state.pt, names
         of the files or directories this wrote into `directory`, which a complete checkpoint must hold)."""
-        return {"optimizer": self.optimizer.state_dict()}, []
+        return {"optimizer": portable_optimizer_state(self.optimizer)}, []
 
     def load_training_state(self, ckpt: Path, blob: dict[str, Any]) -> None:
         """Restore the weights, the EMA and (unless the checkpoint is an import: weights only) the
@@ -345,6 +347,16 @@ def _found_inf(optimizer, flag: torch.Tensor | None):
         yield
     finally:
         del optimizer.found_inf
+
+
+def portable_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """`optimizer.state_dict()` with each group's learning rate as a float (train.cuda_graph keeps it
+    in a device tensor): a checkpoint resumes the same way with or without the graph, on any device."""
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        if isinstance(group.get("lr"), torch.Tensor):
+            group["lr"] = float(group["lr"])
+    return state
 
 
 def lerp_ema_(ema: list[torch.Tensor], live: list[torch.Tensor], decay: float, skip: torch.Tensor | None) -> None:

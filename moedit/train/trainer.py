@@ -76,6 +76,7 @@ class Trainer:
         self._last_log_time = time.time()
         self._sample_captions: tuple[torch.Tensor, torch.Tensor] | None = None  # text models' sample captions
         self._repa_encoder = None  # train.repa.encoder: computes REPA targets from the clean pixels
+        self._step_graph = None  # train.cuda_graph: a StepGraph over _device_step
 
     # --- setup ----------------------------------------------------------------------------
     def setup(self) -> "Trainer":
@@ -116,6 +117,7 @@ class Trainer:
             self.run_dir / "checkpoints", engine, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every
         )
         self.resume()
+        self._step_graph = self._build_step_graph() if cfg.train.cuda_graph else None
         if engine.is_main:
             from moedit.train.config import dump_config
             from moedit.train.logging import RunLogger
@@ -126,6 +128,35 @@ class Trainer:
                 self.run_dir, cfg.train.steps, self.step, cfg.logging.tensorboard, cfg.logging.progress
             )
         return self
+
+    def _build_step_graph(self):
+        """train.cuda_graph: the checks, then a StepGraph over `_device_step` with the learning rate in a
+        device tensor and the optimizer marked capturable (fused AdamW computes the same either way)."""
+        from moedit.train.step_graph import StepGraph
+
+        cfg, engine = self.cfg, self.engine
+        why = None
+        if self.device.type != "cuda":
+            why = f"needs a CUDA device (this run trains on {self.device.type}); set train.cuda_graph=false"
+        elif not engine.graph_capturable or engine.world_size > 1:
+            why = (f"captures one process's step on the local engine (this run: parallel.engine="
+                   f"{engine.name}, {engine.world_size} processes); set train.cuda_graph=false")
+        elif not self._deferred:
+            why = "needs the sync-free step of train.deferred_checks=true; set it, or train.cuda_graph=false"
+        elif cfg.train.compile and cfg.train.compile_mode == "reduce-overhead":
+            why = ("and train.compile_mode=reduce-overhead both record CUDA graphs; use "
+                   "train.compile_mode=default with train.cuda_graph=true")
+        if why:
+            raise MoeditError(f"train.cuda_graph = true {why}")
+        self._graph_ready_optimizer()
+        return StepGraph(self._device_step, warmup=2)
+
+    def _graph_ready_optimizer(self) -> None:
+        """The learning rate in a device tensor (`_set_lr` fills it; a graph would keep a float as it
+        was at capture) and the optimizer marked capturable. Checkpoints store the rate as a float."""
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+            group["capturable"] = True
 
     def _init_terms(self) -> None:
         """The loss terms every rank logs, in a fixed order, and their weights in `loss`: the
@@ -276,17 +307,41 @@ class Trainer:
     def train_step(self) -> bool:
         """One optimizer step over `accum_steps` micro-batches. Returns True if a signal asks to stop."""
         self._set_lr()
-        self.engine.zero_grad()
         batches = self._micro_batches()
+        if self._step_graph is not None:  # train.cuda_graph: the device step is one graph replay
+            terms, bad, skip, grad_norm = self._step_graph(batches)  # static tensors: used before the next replay
+            self.step += 1
+            self._interval_steps += 1
+            self._accumulate(terms, grad_norm, skip)
+            self._pending.append((self.step, bad.clone(), skip.clone()))
+            return self._stop_signal is not None
+        self.engine.zero_grad()
+        self._snapshot_mutable()
+        return self._finish_step(self._total(self.engine.forward_backward(batches, self._forward, self._objective)))
+
+    def _snapshot_mutable(self) -> None:
         # State a forward updates in place (DiffMoE thresholds, aux-free biases, routing statistics):
         # restored if the step turns out non-finite, so a skipped step leaves no trace.
         if self._mutable:
             torch._foreach_copy_(self._before, self._mutable)
-        sums = self.engine.forward_backward(batches, self._forward, self._objective)
+
+    def _total(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         zero = torch.zeros((), device=self.device)
         terms = {k: sums.get(k, zero) for k in self.term_names}  # absent: computed on another stage
         terms["loss"] = sum(c * terms[k] for k, c in self.term_coefs.items() if c != 0.0)
-        return self._finish_step(terms)
+        return terms
+
+    def _device_step(self, batches: list[dict[str, torch.Tensor]]) -> tuple:
+        """The part of a deferred one-replica step that runs on the device, with no host sync and no
+        change to the trainer's Python state (what train.cuda_graph captures): zero the gradients,
+        forward and backward, then the update masked by the non-finite flag. Returns (terms, bad,
+        skip, grad norm), device tensors."""
+        self.engine.zero_grad()
+        self._snapshot_mutable()
+        terms = self._total(self.engine.forward_backward(batches, self._forward, self._objective))
+        bad = self._nonfinite_flags(terms)
+        skip = bad.max()
+        return terms, bad, skip, self._masked_update(skip)
 
     def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of the step, each with its noise, t and label dropout drawn from
@@ -383,9 +438,7 @@ class Trainer:
         """After the step's backward: discard it on a non-finite loss term on any rank, else step the
         optimizer; add its terms to the log interval. Returns whether a stop signal arrived on any
         rank (with deferred checks on several ranks: one step later)."""
-        names = [*self.term_names, "loss"]
-        # per term, this rank; a component term is named before the total, non-finite with any of them
-        bad = torch.stack([~torch.isfinite(terms[k]) for k in names]).float()
+        bad = self._nonfinite_flags(terms)
         self.step += 1
         self._interval_steps += 1
         if self._deferred:
@@ -409,10 +462,7 @@ class Trainer:
             agreed = torch.stack([skip, self._stop_flag()])
             self.engine.all_reduce_max_([agreed])
             skip, stop = agreed[0], agreed[1]
-        keep_old = skip > 0
-        for buffer, old in zip(self._mutable, self._before):  # one kernel each, in place
-            torch.where(keep_old, old, buffer, out=buffer)
-        self._accumulate(terms, self.optimizer_step(skip), skip)
+        self._accumulate(terms, self._masked_update(skip), skip)
         self._pending.append((self.step, bad, skip))
         if stop is None:
             return self._stop_signal is not None
@@ -420,6 +470,18 @@ class Trainer:
         # never waits for the device to drain; a signal still stops within one step.
         previous, self._stop_prev = self._stop_prev, stop
         return previous is not None and bool(previous)
+
+    def _nonfinite_flags(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        # per term, this rank; a component term is named before the total, non-finite with any of them
+        return torch.stack([~torch.isfinite(terms[k]) for k in [*self.term_names, "loss"]]).float()
+
+    def _masked_update(self, skip: torch.Tensor) -> torch.Tensor:
+        """Restore the forward's buffers if `skip` (a device flag), then the optimizer step it masks;
+        returns the gradient norm."""
+        keep_old = skip > 0
+        for buffer, old in zip(self._mutable, self._before):  # one kernel each, in place
+            torch.where(keep_old, old, buffer, out=buffer)
+        return self.optimizer_step(skip)
 
     def _stop_flag(self) -> torch.Tensor:
         # torch.full is a fill kernel; torch.tensor(v, device=...) would copy from pageable memory,
@@ -488,7 +550,10 @@ class Trainer:
             scale = 1.0
         self.lr = o.lr * scale
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = self.lr
+            if isinstance(group["lr"], torch.Tensor):  # train.cuda_graph: the graph reads it on the device
+                group["lr"].fill_(self.lr)
+            else:
+                group["lr"] = self.lr
 
     def _uses_bf16_autocast(self) -> bool:
         precision = self.cfg.train.precision
