@@ -33,8 +33,8 @@ class ParallelConfig:
     """Megatron: split the tokens of the non-tensor-parallel regions (norms, residuals, MoE layers) over the TP
     ranks. Required with tensor > 1 and MoE layers; ignored when tensor = 1 (it would split nothing)."""
     virtual_pipeline: int | None = None
-    """Megatron: model chunks per pipeline stage for the interleaved 1F1B schedule (>= 2, needs pipeline > 1);
-    null = the plain 1F1B schedule."""
+    """Megatron: model chunks per pipeline stage for the interleaved 1F1B schedule. Not supported by the engine
+    yet (it builds one chunk per stage: a named error at start); null = the plain 1F1B schedule."""
     micro_batch: int | None = None
     """Megatron: images per forward on one data-parallel replica; null = train.global_batch_size / data degree /
     num_microbatches. (The other engines use train.micro_batch_size.)"""

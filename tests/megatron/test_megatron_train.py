@@ -168,3 +168,24 @@ def test_megatron_engine_on_cpu_is_refused_with_the_reason(monkeypatch):
     monkeypatch.delenv("MOEDIT_MEGATRON_CPU", raising=False)
     with pytest.raises(MoeditError, match="parallel.engine = megatron needs CUDA"):
         build_engine(ParallelConfig(engine="megatron"), "cpu", environ={})
+
+
+def test_virtual_pipeline_is_a_named_error(tmp_path, digits_dir):
+    """The interleaved schedule needs one model chunk per virtual stage; the engine builds one per stage,
+    so it refuses the key before building anything (it used to stop in Megatron with an assertion)."""
+    results = run_distributed(_setup_error, 2, digits_dir, tmp_path / "vpp",
+                              {"pipeline": 2, "virtual_pipeline": 2, "num_microbatches": 2}, timeout=300)
+    assert all(r.startswith("parallel.virtual_pipeline = 2: the megatron engine builds one model chunk")
+               for r in results), results
+
+
+def _setup_error(rank, world_size, digits_dir, run_dir, parallel):
+    os.environ["MOEDIT_MEGATRON_CPU"] = "1"
+    from moedit.errors import MoeditError
+    from moedit.train.trainer import Trainer
+
+    try:
+        Trainer(_config(digits_dir, run_dir, 1, **parallel)).setup()
+    except MoeditError as exc:
+        return str(exc)
+    return "no error"

@@ -58,6 +58,10 @@ class MegatronEngine(MegatronCheckpointing, DDPEngine):
         from moedit.engines.megatron.layout import resolve_layout
 
         layout = resolve_layout(self.parallel_cfg, model_cfg, self.world_size, global_batch)
+        if layout.virtual_pipeline:  # Megatron asks for one model chunk per virtual stage; moedit builds one
+            raise MoeditError(f"parallel.virtual_pipeline = {layout.virtual_pipeline}: the megatron engine builds one "
+                              "model chunk per pipeline stage, so the interleaved schedule is not supported; set "
+                              "parallel.virtual_pipeline=null (the plain 1F1B schedule)")
         if not parallel_state.model_parallel_is_initialized():
             parallel_state.initialize_model_parallel(
                 tensor_model_parallel_size=layout.tensor, pipeline_model_parallel_size=layout.pipeline,
