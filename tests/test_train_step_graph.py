@@ -78,3 +78,10 @@ def test_static_step_resumes_bitwise_and_saves_the_rate_as_a_float(tmp_path, dig
 def test_cuda_graph_needs_cuda(tmp_path, digits_dir):
     with pytest.raises(MoeditError, match=r"train.cuda_graph = true needs a CUDA device \(this run trains on cpu\)"):
         make_trainer(tmp_path, digits_dir, "train.cuda_graph=true")
+
+
+def test_auto_leaves_the_step_eager_where_no_graph_can_run(tmp_path, digits_dir):
+    """auto on CPU: no graph and no error, and model_info.json records that the step ran eagerly."""
+    trainer = make_trainer(tmp_path, digits_dir, "train.cuda_graph=auto", "train.steps=1")
+    assert trainer._step_graph is None and trainer.fit() == 0
+    assert json.loads((tmp_path / "run" / "model_info.json").read_text())["cuda_graph"] is False

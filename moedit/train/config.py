@@ -130,10 +130,12 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     """torch.compile's mode with compile = true; reduce-overhead replays each compiled block's forward
     and backward as CUDA graphs (fewer host launches: for steps the host cannot keep up with)."""
-    cuda_graph: bool = False
+    cuda_graph: bool | Literal["auto"] = False
     """Capture the whole step (forward, backward, fused AdamW, clip, EMA, the masked restore of deferred
     checks) as one CUDA graph after two eager steps and replay it every step: the host launches one
-    graph instead of thousands of kernels (local engine, one CUDA process, deferred_checks = true)."""
+    graph instead of thousands of kernels. Needs the local engine, one CUDA process and deferred_checks
+    = true: true makes each a named error, auto uses the graph where they hold (model_info.json says
+    whether it did)."""
     deferred_checks: bool = True
     """Read the non-finite-loss flags (and, with several ranks, the stop flags) at log intervals and
     checkpoints instead of after every step, so the host never waits for the device. A non-finite

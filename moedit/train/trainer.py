@@ -117,7 +117,7 @@ class Trainer:
             self.run_dir / "checkpoints", engine, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every
         )
         self.resume()
-        self._step_graph = self._build_step_graph() if cfg.train.cuda_graph else None
+        self._step_graph = self._build_step_graph(required=cfg.train.cuda_graph is True) if cfg.train.cuda_graph else None
         if engine.is_main:
             from moedit.train.config import dump_config
             from moedit.train.logging import RunLogger
@@ -129,9 +129,10 @@ class Trainer:
             )
         return self
 
-    def _build_step_graph(self):
+    def _build_step_graph(self, required: bool):
         """train.cuda_graph: the checks, then a StepGraph over `_device_step` with the learning rate in a
-        device tensor and the optimizer marked capturable (fused AdamW computes the same either way)."""
+        device tensor and the optimizer marked capturable (fused AdamW computes the same either way).
+        A check that fails is a named error if `required` (true), else no graph (auto)."""
         from moedit.train.step_graph import StepGraph
 
         cfg, engine = self.cfg, self.engine
@@ -146,8 +147,10 @@ class Trainer:
         elif cfg.train.compile and cfg.train.compile_mode == "reduce-overhead":
             why = ("and train.compile_mode=reduce-overhead both record CUDA graphs; use "
                    "train.compile_mode=default with train.cuda_graph=true")
-        if why:
+        if why and required:
             raise MoeditError(f"train.cuda_graph = true {why}")
+        if why:
+            return None
         self._graph_ready_optimizer()
         return StepGraph(self._device_step, warmup=2)
 
@@ -737,6 +740,7 @@ class Trainer:
             "tokens_per_image": (m.input_size // m.patch_size) ** 2,
             "num_experts": m.moe.num_experts if m.moe else 0,
             "instantiated_params": self.engine.instantiated_params(),
+            "cuda_graph": self._step_graph is not None,  # train.cuda_graph (auto decides per run)
             **self.engine.describe(),
         }
 
