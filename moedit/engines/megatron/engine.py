@@ -32,7 +32,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from moedit.engines.base import DistEnv, _found_inf, adamw, lerp_ema_
+from moedit.engines.base import DistEnv, _found_inf, adamw
 from moedit.engines.ddp import DDPEngine
 from moedit.engines.megatron.checkpoint import MegatronCheckpointing
 from moedit.errors import MoeditError
@@ -117,7 +117,6 @@ class MegatronEngine(MegatronCheckpointing, DDPEngine):
                                     virtual_pipeline=layout.virtual_pipeline,
                                     dtype=torch.bfloat16 if self.params_bf16 else torch.float32,
                                     use_cpu_initialization=self.device.type == "cpu")
-        self.mcore_config = config
         model = build_megatron_model(model_cfg, config).to(self.device)
         module = to_bf16_module(model, config) if self.params_bf16 else model
         load_canonical(model, canonical.state_dict(), model_cfg)  # before the optimizer copies master weights
@@ -236,11 +235,6 @@ class MegatronEngine(MegatronCheckpointing, DDPEngine):
     def discard_step(self) -> None:
         self.wrapped.zero_grad_buffer()
         super().discard_step()
-
-    @torch.no_grad()
-    def update_ema(self, decay, skip=None):
-        ema, live = zip(*self._ema_pairs)  # live: bf16 parameters under the distributed optimizer, cast here
-        lerp_ema_(list(ema), [t.float() for t in live], decay, skip)
 
     @contextmanager
     def _parameters_as_ema(self):

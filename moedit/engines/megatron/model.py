@@ -98,7 +98,7 @@ from moedit.models.config import ModelConfig
 from moedit.models.dit import DiT
 from moedit.models.layers import CaptionEmbedder, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
 from moedit.models.moe import RoutingContext
-from moedit.models.repa import REPA_TERM, build_projector, repa_loss
+from moedit.models.repa import build_projector, repa_loss
 from moedit.models.routers import DiffMoERouter
 
 
@@ -248,28 +248,16 @@ class MegatronDiT(MegatronModule):
     def threshold_buffers(self) -> list[torch.Tensor]:
         return [r.impl.expert_threshold for r in self.moe_layers() if isinstance(r.impl, DiffMoERouter)]
 
-    def aux_losses(self) -> dict[str, torch.Tensor]:
-        """This stage's unweighted auxiliary terms of the latest forward, summed over its MoE layers
-        (detached: the loss gets their gradient through MoEAuxLossAutoScaler)."""
-        total: dict[str, torch.Tensor] = {}
-        for router in self.moe_layers():
-            for name, value in (getattr(router, "last_aux", None) or {}).items():
-                total[name] = total[name] + value if name in total else value
-        if self.last_repa is not None:
-            total[REPA_TERM] = self.last_repa
-        return total
-
-    def set_time_convention(self, convention: str, num_timesteps: int = 1000) -> None:
-        self.time_convention, self.num_timesteps = convention, int(num_timesteps)
-
-    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
-        level = 1.0 - t.float() if self.time_convention == "flow" else t.float() / self.num_timesteps
-        return level.clamp(0.0, 1.0)
-
-    # --- forward ---------------------------------------------------------------------------
-    # The single-device model's checks and caption embedding (it reads only cfg and caption_embedder).
+    # The single-device model's: this stage's auxiliary terms (detached here: the loss gets their
+    # gradient through MoEAuxLossAutoScaler), time convention, patch order, checks, caption embedding.
+    aux_losses = DiT.aux_losses
+    set_time_convention = DiT.set_time_convention
+    noise_level = DiT.noise_level
+    unpatchify = DiT.unpatchify
     _caption = DiT._caption
     _check_repa_target = DiT._check_repa_target
+
+    # --- forward ---------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor | None, t: torch.Tensor, y: torch.Tensor | None = None,
                 text: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
@@ -341,11 +329,6 @@ class MegatronDiT(MegatronModule):
             h = MoEAuxLossAutoScaler.apply(h, self.cfg.repa_coef * term)
         return h, context
 
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        B, p, c, g = x.shape[0], self.cfg.patch_size, self.cfg.out_channels, self.grid
-        x = x.reshape(B, g, g, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(B, c, g * p, g * p)
-
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """Megatron's sharded state dict, with layers keyed by global index (not stacked)."""
         metadata = dict(metadata or {})
@@ -368,14 +351,13 @@ class MegatronDiT(MegatronModule):
 
 def transformer_config(cfg: ModelConfig, *, tensor: int = 1, pipeline: int = 1, expert: int = 1,
                        sequence_parallel: bool = False, virtual_pipeline: int | None = None,
-                       dtype: torch.dtype = torch.float32, use_cpu_initialization: bool = False,
-                       bias_gelu_fusion: bool | None = None) -> TransformerConfig:
+                       dtype: torch.dtype = torch.float32, use_cpu_initialization: bool = False) -> TransformerConfig:
     """Megatron's TransformerConfig for a moedit ModelConfig and a parallel layout.
 
-    `bias_gelu_fusion` (default: on where CUDA is available) uses Megatron's fused bias + GELU in
-    dense MLPs; that kernel is the tanh approximation, as DiT's GELU. Megatron selects it for
-    activation_func = F.gelu, so the unfused path is given the tanh approximation explicitly."""
-    fuse = torch.cuda.is_available() if bias_gelu_fusion is None else bias_gelu_fusion
+    Where CUDA is available, dense MLPs use Megatron's fused bias + GELU; that kernel is the tanh
+    approximation, as DiT's GELU. Megatron selects it for activation_func = F.gelu, so the unfused
+    path is given the tanh approximation explicitly."""
+    fuse = torch.cuda.is_available()
     moe = cfg.moe
     kwargs = {}
     if moe is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-FUSED_DEVICES = ("cuda",)  # where torch's fused AdamW kernel is switched on
 
 
 def to_bf16_module(model: torch.nn.Module, config) -> torch.nn.Module:
@@ -32,17 +31,16 @@ def to_bf16_module(model: torch.nn.Module, config) -> torch.nn.Module:
     return module
 
 
-def ddp_config(distributed: bool, overlap_grad_reduce: bool = False):
+def ddp_config(distributed: bool):
     """Megatron DDP: gradients accumulated and reduced in fp32; reduce-scatter under the
     distributed optimizer (all-reduce otherwise)."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    return DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed,
-                                         overlap_grad_reduce=overlap_grad_reduce)
+    return DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed)
 
 
 def distributed_optimizer(ddp, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-                          clip_grad: float, bf16: bool, fused: bool = True):
+                          clip_grad: float, bf16: bool):
     """Megatron's distributed AdamW over `ddp` (one model chunk): fp32 master weights and Adam
     states sharded over the data-parallel ranks, expert parameters in a second optimizer over the
     expert-data-parallel ranks (a ChainedOptimizer). Its `step()` returns (success, grad_norm,
@@ -58,27 +56,20 @@ def distributed_optimizer(ddp, *, lr: float, betas: tuple[float, float], eps: fl
                              params_dtype=torch.bfloat16 if bf16 else torch.float32,
                              use_distributed_optimizer=True)
     optimizer = get_megatron_optimizer(config, [ddp], config_overrides={})
-    if fused:
-        set_fused_adam(optimizer, True)
+    set_fused_adam(optimizer)
     return optimizer
 
 
-def set_fused_adam(optimizer, fused: bool) -> int:
-    """Switch the torch AdamW instances inside a Megatron optimizer to torch's fused kernel (or back
-    to its foreach kernel). Megatron uses torch's AdamW when neither Transformer Engine nor Apex is
-    installed, with the default (foreach) kernel. Returns how many param groups were switched."""
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    switched = 0
-    for opt in inner:
+def set_fused_adam(optimizer) -> None:
+    """Switch the torch AdamW instances inside a Megatron optimizer to torch's fused kernel (Megatron
+    uses torch's AdamW, with its foreach kernel, when neither Transformer Engine nor Apex is
+    installed); a group with a parameter off CUDA keeps its kernel."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         torch_opt = getattr(opt, "optimizer", None)
-        if not isinstance(torch_opt, torch.optim.Adam | torch.optim.AdamW):
-            continue
-        for group in torch_opt.param_groups:
-            if fused and not all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in group["params"]):
-                continue
-            group["fused"], group["foreach"] = (True, False) if fused else (False, None)
-            switched += 1
-    return switched
+        if isinstance(torch_opt, torch.optim.Adam | torch.optim.AdamW):
+            for group in torch_opt.param_groups:
+                if all(p.is_cuda and p.is_floating_point() for p in group["params"]):
+                    group["fused"], group["foreach"] = True, False
 
 
 def allocate_optimizer_states(optimizer) -> None:
