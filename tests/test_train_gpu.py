@@ -42,13 +42,16 @@ def test_deferred_step_has_no_host_sync(tmp_path, digits_dir, engine):
         trainer.engine.shutdown()  # Megatron: its process group
 
 
-def test_cuda_graph_step_trains_like_eager_and_replays_without_sync(tmp_path, digits_dir):
+@pytest.mark.parametrize("engine", ["local", "megatron"])
+def test_cuda_graph_step_trains_like_eager_and_replays_without_sync(tmp_path, digits_dir, engine):
     """train.cuda_graph: two eager steps, one captured, three replayed with no host sync (one of them a
     NaN batch, discarded on the device). Against the eager run of the same config: the same skip
     count, summed losses to 1e-3, and the weights, EMA and moments within 1% of the distance the six
     steps moved them (a replay that reused stale inputs or the learning rate of the capture, during
     the warm-up, lands ~30% away)."""
-    from test_train_failures import _final_state, poison_batch  # tests/test_train_failures.py
+    if engine == "megatron":
+        pytest.importorskip("megatron.core")
+    from test_train_failures import poison_batch  # tests/test_train_failures.py
 
     from moedit.train.config import load_config
     from moedit.train.trainer import Trainer
@@ -59,10 +62,10 @@ def test_cuda_graph_step_trains_like_eager_and_replays_without_sync(tmp_path, di
             "model.depth=2", f"data.path={digits_dir}", "data.num_workers=0", f"train.run_dir={tmp_path / str(graphed)}",
             "train.steps=10", "train.global_batch_size=16", "train.device=cuda", "train.sample_every=0",
             "train.num_sample_images=0", "logging.tensorboard=false", "logging.progress=none",
-            "train.on_nonfinite=skip", f"train.cuda_graph={str(graphed).lower()}"])
+            "train.on_nonfinite=skip", f"train.cuda_graph={str(graphed).lower()}", f"parallel.engine={engine}"])
         trainer = Trainer(cfg).setup()
         try:
-            start = _final_state(trainer)
+            start = _state(trainer)
             poison_batch(trainer, {4})
             for step in range(6):
                 if graphed and step == 3:  # the graph exists from here on: replays only
@@ -75,9 +78,10 @@ def test_cuda_graph_step_trains_like_eager_and_replays_without_sync(tmp_path, di
             trainer._read_flags()
             if graphed:
                 assert trainer._step_graph.graph is not None and trainer._step_graph.eager_calls == 2
-            runs[graphed] = (start, _final_state(trainer), trainer._interval_sum.cpu(), trainer.skipped_steps)
+            runs[graphed] = (start, _state(trainer), trainer._interval_sum.cpu(), trainer.skipped_steps)
         finally:
             trainer.close()
+            trainer.engine.shutdown()  # Megatron: its process group
     (start, eager, eager_sums, eager_skipped), (_, graph, graph_sums, graph_skipped) = runs[False], runs[True]
     assert eager_skipped == graph_skipped == 1
     torch.testing.assert_close(graph_sums, eager_sums, rtol=1e-3, atol=1e-6)
@@ -85,3 +89,14 @@ def test_cuda_graph_step_trains_like_eager_and_replays_without_sync(tmp_path, di
         moved = (eager[key].float() - start.get(key, torch.zeros_like(eager[key])).float()).norm()
         if moved > 0:
             assert (graph[key].float() - eager[key].float()).norm() <= 0.01 * moved, key
+
+
+def _state(trainer) -> dict[str, torch.Tensor]:
+    """Weights and buffers, the EMA and the optimizer's moments (Megatron's state dict has None entries)."""
+    engine = trainer.engine
+    state = {f"model.{k}": v.detach().clone() for k, v in trainer.model.state_dict().items()
+             if isinstance(v, torch.Tensor)}
+    state.update({f"ema.{i}": e.detach().clone() for i, (e, _) in enumerate(engine._ema_pairs)})
+    for i, moments in enumerate(engine.optimizer.state.values()):
+        state.update({f"optim.{i}.{k}": v.clone() for k, v in moments.items()})
+    return state

@@ -56,7 +56,7 @@ class Engine:
     forward_autocast = True
     """Whether the trainer's bf16 autocast applies around forwards (False where parameters are bf16)."""
     graph_capturable = False
-    """Whether train.cuda_graph may capture the trainer's whole step (the local engine)."""
+    """Whether train.cuda_graph may capture the trainer's whole step (local; megatron in one process)."""
 
     def __init__(self, env: DistEnv, device: torch.device):
         self.env = env

@@ -140,8 +140,8 @@ class Trainer:
         if self.device.type != "cuda":
             why = f"needs a CUDA device (this run trains on {self.device.type}); set train.cuda_graph=false"
         elif not engine.graph_capturable or engine.world_size > 1:
-            why = (f"captures one process's step on the local engine (this run: parallel.engine="
-                   f"{engine.name}, {engine.world_size} processes); set train.cuda_graph=false")
+            why = (f"captures one process's step on the local engine, or megatron with its torch optimizer (this "
+                   f"run: parallel.engine={engine.name}, {engine.world_size} processes); set train.cuda_graph=false")
         elif not self._deferred:
             why = "needs the sync-free step of train.deferred_checks=true; set it, or train.cuda_graph=false"
         elif cfg.train.compile and cfg.train.compile_mode == "reduce-overhead":

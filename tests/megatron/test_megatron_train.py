@@ -189,3 +189,41 @@ def _setup_error(rank, world_size, digits_dir, run_dir, parallel):
     except MoeditError as exc:
         return str(exc)
     return "no error"
+
+
+def _static_steps(rank, world_size, digits_dir, run_dir, graphed):
+    """Six steps of the megatron engine in one process, the rate in a tensor; `graphed`: after two
+    eager steps on static inputs and outputs (the CPU stand-in of train.cuda_graph's replay)."""
+    os.environ["MOEDIT_MEGATRON_CPU"] = "1"
+    from test_train_failures import poison_batch  # tests/test_train_failures.py
+
+    from moedit.train.step_graph import StepGraph
+    from moedit.train.trainer import Trainer
+
+    cfg = _config(digits_dir, run_dir, 6)
+    cfg.train.on_nonfinite, cfg.checkpoint.every = "skip", 1000
+    trainer = Trainer(cfg).setup()
+    assert trainer.engine.graph_capturable and trainer._deferred
+    trainer._graph_ready_optimizer()
+    if graphed:
+        trainer._step_graph = StepGraph(trainer._device_step, warmup=2, capture=False)
+    poison_batch(trainer, {3})
+    assert trainer.fit() == 0
+    engine = trainer.engine
+    state = {f"model.{k}": v.detach().clone() for k, v in trainer.model.state_dict().items() if v is not None}
+    state.update({f"ema.{i}": e.clone() for i, (e, _) in enumerate(engine._ema_pairs)})
+    for i, moments in enumerate(engine.optimizer.state.values()):
+        state.update({f"optim.{i}.{k}": v.clone() for k, v in moments.items()})
+    return {"state": state, "skipped": trainer.skipped_steps,
+            "rows": [{k: v for k, v in r.items() if "per_s" not in k and "wait" not in k} for r in _metrics(run_dir)]}
+
+
+def test_megatron_static_step_trains_bitwise_as_its_eager_step(tmp_path, digits_dir):
+    """train.cuda_graph on the megatron engine (one process, torch AdamW): the step on static inputs
+    and outputs ends in the eager step's weights, EMA, optimizer state, rows and skip count, with a
+    NaN batch in a static step."""
+    eager, graphed = (run_distributed(_static_steps, 1, digits_dir, tmp_path / str(g), g, timeout=300)[0]
+                      for g in (False, True))
+    assert eager["skipped"] == graphed["skipped"] == 1 and eager["rows"] == graphed["rows"]
+    a, b = eager["state"], graphed["state"]
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []

@@ -50,6 +50,12 @@ class MegatronEngine(MegatronCheckpointing, DDPEngine):
         self.layout = None
         self._owned = None
 
+    @property
+    def graph_capturable(self) -> bool:
+        """train.cuda_graph: one process (no pipeline schedule across ranks, no data-parallel
+        reduction) with the torch AdamW, whose step the graph can mask."""
+        return self.world_size == 1 and self.optimizer_kind == "torch"
+
     # --- layout and groups ------------------------------------------------------------------
     def plan(self, model_cfg, global_batch, micro_batch, seed):
         from megatron.core import parallel_state
