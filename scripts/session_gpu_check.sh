@@ -33,9 +33,10 @@ if [ -n "${PROFILE:-}" ]; then  # runs separated by '|'
       --sync-check "${profile_overrides[@]}"
   done
 fi
-# issue 23 (megatron vs local at 32 and 128), 24 (targets; deferred checks off = the per-step-sync
+# issue 23 (megatron vs local at 32 and 128), 24 (targets; the whole-step CUDA graph; deferred checks off = the per-step-sync
 # baseline), 25 (text model vs its class twin), 26 (REPA overhead at 32)
-default_rows="DiffMoE-L-E8:32:local DiffMoE-L-E8:32:megatron DiffMoE-L-E8:128:local DiffMoE-L-E8:128:megatron"
+default_rows="DiffMoE-L-E8:32:local DiffMoE-L-E8:32:local:train.cuda_graph=true DiffMoE-L-E8:32:megatron"
+default_rows+=" DiffMoE-L-E8:128:local DiffMoE-L-E8:128:local:train.cuda_graph=true DiffMoE-L-E8:128:megatron"
 default_rows+=" DiT-L/2:128:local DiffMoE-L-E8:32:local:train.deferred_checks=false"
 default_rows+=" DiffMoE-L-E8:32:local:train.repa.enabled=true DiffMoE-L-E16:32:local DiffMoE-L-E16-T:32:local"
 read -r -a rows <<< "${ROWS:-$default_rows}"
