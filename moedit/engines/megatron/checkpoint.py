@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from moedit.engines.base import portable_optimizer_state
 from moedit.errors import MoeditError
 
 # Model-space optimizer state: at save the data-parallel ranks all-gather their slices into
@@ -104,7 +105,7 @@ class MegatronCheckpointing:
             state["optimizer"] = self.optimizer.sharded_state_dict(state, is_loading=False, metadata=_OPTIMIZER_FORMAT)
         dist_checkpointing.save(state, str(directory / "megatron"))
         if not distributed:
-            torch.save(self.optimizer.state_dict(), directory / f"optim_{self.rank:05d}.pt")
+            torch.save(portable_optimizer_state(self.optimizer), directory / f"optim_{self.rank:05d}.pt")
             files += [f"optim_{r:05d}.pt" for r in range(self.world_size)]
         entries = {"layout": self._layout_dict(), "megatron_optimizer": self.optimizer_kind,
                    "optimizer_state": with_optimizer, "param_dtype": self._param_dtype_name()}
