@@ -86,3 +86,42 @@ def test_auto_leaves_the_step_eager_where_no_graph_can_run(tmp_path, digits_dir)
     trainer = make_trainer(tmp_path, digits_dir, "train.cuda_graph=auto", "train.steps=1")
     assert trainer._step_graph is None and trainer.fit() == 0
     assert json.loads((tmp_path / "run" / "model_info.json").read_text())["cuda_graph"] is False
+
+
+def _failing_capture(trainer, fallback: bool) -> StepGraph:
+    """A StepGraph whose capture fails as CUDA reports an operation it cannot record."""
+    graph = _emulate_graph(trainer)
+    graph.capture, graph.fallback = True, fallback
+
+    def capture():
+        raise RuntimeError("operation not permitted when stream is capturing\nmore lines")
+
+    graph._capture = capture
+    return graph
+
+
+def test_a_failed_capture_falls_back_to_eager_steps_under_auto(tmp_path, digits_dir, capsys):
+    """auto: the step whose capture failed and every later one run eagerly, so the run ends where an
+    eager run does, and the log says why once."""
+    states = {}
+    for failing in (False, True):
+        (tmp_path / str(failing)).mkdir()
+        trainer = make_trainer(tmp_path / str(failing), digits_dir, "train.steps=5", "logging.progress=lines")
+        trainer._graph_ready_optimizer()
+        graph = _failing_capture(trainer, fallback=True) if failing else None
+        assert trainer.fit() == 0
+        states[failing] = _final_state(trainer)
+    assert graph.failed == "operation not permitted when stream is capturing" and graph.eager_calls == 5
+    out = capsys.readouterr().out
+    assert out.count("capturing the step as a CUDA graph failed (operation not permitted") == 1
+    assert "step 3: warning:" in out and "training on with eager steps" in out
+    a, b = states[True], states[False]
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_a_failed_capture_is_a_named_error_when_asked_for(tmp_path, digits_dir):
+    trainer = make_trainer(tmp_path, digits_dir, "train.steps=5")
+    _failing_capture(trainer, fallback=False)
+    with pytest.raises(MoeditError, match=r"train.cuda_graph = true: capturing the step as a CUDA graph failed: "
+                                          r"operation not permitted when stream is capturing; set train.cuda_graph"):
+        trainer.fit()

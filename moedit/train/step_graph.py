@@ -16,7 +16,9 @@ cuBLAS workspaces, compiled blocks); the next call captures `fn` on copies of it
 the graph once; every later call copies its inputs into those static tensors and replays. Every call
 is a real training step: capturing runs nothing, so no step is repeated or lost. The outputs are the
 graph's static tensors, overwritten by the next replay: read or clone them before. A call whose
-inputs have other shapes (a short last batch with data.drop_last=false) runs eagerly.
+inputs have other shapes (a short last batch with data.drop_last=false) runs eagerly. A capture
+that fails (an operation CUDA cannot record) is a MoeditError naming it, or with `fallback` (what
+train.cuda_graph = auto asks for) leaves every later step eager; `failed` says why.
 
 `capture=False` replaces capture and replay with calling `fn` on the static inputs (CPU tests of the
 trainer's bookkeeping around the graph; nothing is recorded).
@@ -24,36 +26,48 @@ trainer's bookkeeping around the graph; nothing is recorded).
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
+
+from moedit.errors import MoeditError
 
 Batches = list[dict[str, torch.Tensor]]
 
 
 class StepGraph:
-    def __init__(self, fn: Callable[[Batches], object], warmup: int = 2, capture: bool = True):
-        self.fn, self.warmup, self.capture = fn, warmup, capture
+    def __init__(self, fn: Callable[[Batches], object], warmup: int = 2, capture: bool = True,
+                 fallback: bool = False):
+        self.fn, self.warmup, self.capture, self.fallback = fn, warmup, capture, fallback
+        self.failed: str | None = None  # why the capture failed (fallback: every step then runs eagerly)
         self.calls = 0
         self.eager_calls = 0  # warm-up steps and steps whose inputs did not fit the graph
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.capture_s: float | None = None  # host seconds the capture took (set once)
         self.static: Batches | None = None
         self.outputs = None
         self._stream = torch.cuda.Stream() if capture else None
 
     def __call__(self, batches: Batches):
         self.calls += 1
-        if self.static is None and self.calls <= self.warmup:
+        if self.failed or (self.static is None and self.calls <= self.warmup):
             return self._eager(batches)
         if self.static is None:
+            start = time.perf_counter()
             self.static = [{k: v.clone() for k, v in b.items()} for b in batches]
             if self.capture:
-                self.graph = torch.cuda.CUDAGraph()
-                self._stream.wait_stream(torch.cuda.current_stream())
-                # thread_local: the loader's and the checkpoint writer's threads may use CUDA meanwhile
-                with torch.cuda.graph(self.graph, stream=self._stream, capture_error_mode="thread_local"):
-                    self.outputs = self.fn(self.static)
-                torch.cuda.current_stream().wait_stream(self._stream)
+                try:
+                    self._capture()
+                except RuntimeError as exc:  # capturing ran nothing: this step is still to be done
+                    self.graph = self.static = self.outputs = None
+                    self.failed = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                    if not self.fallback:
+                        raise MoeditError(f"train.cuda_graph = true: capturing the step as a CUDA graph failed: "
+                                          f"{self.failed}; set train.cuda_graph=false (or auto, which then "
+                                          f"trains with eager steps)") from exc
+                    return self._eager(batches)
+            self.capture_s = time.perf_counter() - start
         elif not self._fits(batches):
             return self._eager(batches)
         else:
@@ -67,6 +81,14 @@ class StepGraph:
         else:
             self.graph.replay()
         return self.outputs
+
+    def _capture(self) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        self._stream.wait_stream(torch.cuda.current_stream())
+        # thread_local: the loader's and the checkpoint writer's threads may use CUDA meanwhile
+        with torch.cuda.graph(self.graph, stream=self._stream, capture_error_mode="thread_local"):
+            self.outputs = self.fn(self.static)
+        torch.cuda.current_stream().wait_stream(self._stream)
 
     def _fits(self, batches: Batches) -> bool:
         return len(batches) == len(self.static) and all(

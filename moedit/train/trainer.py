@@ -152,7 +152,7 @@ class Trainer:
         if why:
             return None
         self._graph_ready_optimizer()
-        return StepGraph(self._device_step, warmup=2)
+        return StepGraph(self._device_step, warmup=2, fallback=not required)
 
     def _graph_ready_optimizer(self) -> None:
         """The learning rate in a device tensor (`_set_lr` fills it; a graph would keep a float as it
@@ -312,15 +312,28 @@ class Trainer:
         self._set_lr()
         batches = self._micro_batches()
         if self._step_graph is not None:  # train.cuda_graph: the device step is one graph replay
-            terms, bad, skip, grad_norm = self._step_graph(batches)  # static tensors: used before the next replay
-            self.step += 1
-            self._interval_steps += 1
-            self._accumulate(terms, grad_norm, skip)
-            self._pending.append((self.step, bad.clone(), skip.clone()))
-            return self._stop_signal is not None
+            return self._graph_step(batches)
         self.engine.zero_grad()
         self._snapshot_mutable()
         return self._finish_step(self._total(self.engine.forward_backward(batches, self._forward, self._objective)))
+
+    def _graph_step(self, batches: list[dict[str, torch.Tensor]]) -> bool:
+        """train_step through the StepGraph (eager warm-up, capture, replays): its outputs are static
+        tensors, read or cloned here before the next replay overwrites them."""
+        graph = self._step_graph
+        before = (graph.capture_s, graph.failed)
+        terms, bad, skip, grad_norm = graph(batches)
+        if (graph.capture_s, graph.failed) != before and self.logger is not None:  # once: captured, or failed
+            self.logger.message(
+                f"step {self.step + 1}: the step is a CUDA graph from here on (captured in {graph.capture_s:.1f} s; "
+                "train.cuda_graph)" if graph.failed is None else
+                f"step {self.step + 1}: warning: capturing the step as a CUDA graph failed ({graph.failed}); "
+                "training on with eager steps (train.cuda_graph = auto)")
+        self.step += 1
+        self._interval_steps += 1
+        self._accumulate(terms, grad_norm, skip)
+        self._pending.append((self.step, bad.clone(), skip.clone()))
+        return self._stop_signal is not None
 
     def _snapshot_mutable(self) -> None:
         # State a forward updates in place (DiffMoE thresholds, aux-free biases, routing statistics):
