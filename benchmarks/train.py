@@ -251,6 +251,9 @@ def run_row(row: Row, runs: Path, args: argparse.Namespace) -> dict:
         return out
     out.update(summarize([json.loads(line) for line in metrics.read_text().splitlines() if line.strip()],
                          args.warmup, row.batch))
+    info = run_dir / "model_info.json"
+    if info.is_file():  # whether the step ran as a CUDA graph (train.cuda_graph; auto decides per run)
+        out["cuda_graph"] = json.loads(info.read_text()).get("cuda_graph")
     if out.get("images_per_s"):
         out["step_ms"] = 1000.0 * row.batch / out["images_per_s"]
     else:
