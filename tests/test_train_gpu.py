@@ -57,8 +57,9 @@ def test_deferred_step_has_no_host_sync(tmp_path, digits_dir, engine):
         trainer.engine.shutdown()  # Megatron: its process group
 
 
-@pytest.mark.parametrize("engine", ["local", "megatron"])
-def test_cuda_graph_step_trains_like_eager_and_replays_without_sync(tmp_path, digits_dir, engine):
+@pytest.mark.parametrize("engine,flavor", [("local", "tiny-diffmoe"), ("local", "tiny-tc"), ("local", "tiny-ec"),
+                                          ("megatron", "tiny-diffmoe")])
+def test_cuda_graph_step_trains_like_eager_and_replays_without_sync(tmp_path, digits_dir, engine, flavor):
     """train.cuda_graph: two eager steps, one captured, three replayed with no host sync (one of them a
     NaN batch, discarded on the device). Against the eager run of the same config: the same skip
     count, summed losses to 1e-3, and the weights, EMA and moments within 1% of the distance the six
@@ -69,7 +70,7 @@ def test_cuda_graph_step_trains_like_eager_and_replays_without_sync(tmp_path, di
     runs = {}
     for graphed in (False, True):
         trainer = _trainer(tmp_path / str(graphed), digits_dir, engine, "train.on_nonfinite=skip",
-                           f"train.cuda_graph={str(graphed).lower()}")
+                           f"train.cuda_graph={str(graphed).lower()}", f"model.flavor={flavor}")
         try:
             start = _state(trainer)
             poison_batch(trainer, {4})

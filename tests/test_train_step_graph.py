@@ -26,17 +26,22 @@ def _emulate_graph(trainer) -> StepGraph:
     return trainer._step_graph
 
 
-@pytest.mark.parametrize("poisoned,micro", [(set(), 0), ({1, 4}, 0), ({4}, 4)])
-def test_static_step_trains_bitwise_as_the_eager_step(tmp_path, digits_dir, poisoned, micro):
+@pytest.mark.parametrize("poisoned,micro,flavor", [(set(), 0, "tiny-diffmoe"), ({1, 4}, 0, "tiny-diffmoe"),
+                                                   ({4}, 4, "tiny-diffmoe"), ({4}, 0, "tiny-tc"), ({4}, 0, "tiny-ec"),
+                                                   ({4}, 0, "tiny-ditmoe moe.aux_free_bias=true")])
+def test_static_step_trains_bitwise_as_the_eager_step(tmp_path, digits_dir, poisoned, micro, flavor):
     """Two warm-up steps, then four on the static inputs and outputs: the same weights, EMA, optimizer
     state, DiffMoE thresholds, logged rows and skip count as the eager deferred step, bit for bit,
     with NaN batches in a warm-up step and in a static one (whose flags must outlive the next step
-    overwriting the static outputs), and with two micro-batches a step (micro = 4 of 8)."""
+    overwriting the static outputs), with two micro-batches a step (micro = 4 of 8), and with every
+    router: DiffMoE, token choice, per-sample expert choice, and DiT-MoE's shared experts with
+    aux-loss-free biases (buffers the forward updates and a discarded step restores)."""
     runs = {}
     for graphed in (False, True):
         (tmp_path / str(graphed)).mkdir()
         trainer = make_trainer(tmp_path / str(graphed), digits_dir, "train.on_nonfinite=skip", "train.steps=6",
-                               "logging.log_every=3", "checkpoint.every=1000", f"train.micro_batch_size={micro}")
+                               "logging.log_every=3", "checkpoint.every=1000", f"train.micro_batch_size={micro}",
+                               *f"model.flavor={flavor}".split())
         # both with the rate in a tensor: torch's CPU fused AdamW rounds a float rate and a tensor one
         # differently in some parameters' last bits (measured: 4e-9 in the capacity predictor's)
         assert trainer.accum_steps == (2 if micro else 1)
