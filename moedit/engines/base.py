@@ -225,6 +225,10 @@ class Engine:
         with _found_inf(self.optimizer, found_inf):
             return self.step(self.wrapped, self.optimizer, self.model, grad_clip).detach().float()
 
+    def prepare_capture(self, stream) -> None:
+        """train.cuda_graph, before the first step: make autograd state that outlives a step on `stream`,
+        the stream the step is warmed up and captured on (None off CUDA). Nothing here."""
+
     def discard_step(self) -> None:
         """Drop the step's gradients without applying them (a skipped non-finite step)."""
         self.discard_gradients(self.wrapped, self.optimizer)

@@ -47,7 +47,7 @@ class StepGraph:
         self.capture_s: float | None = None  # host seconds the capture took (set once)
         self.static: Batches | None = None
         self.outputs = None
-        self._stream = torch.cuda.Stream() if capture else None
+        self.stream = torch.cuda.Stream() if capture else None  # warm-up and capture run on it
 
     def __call__(self, batches: Batches):
         self.calls += 1
@@ -84,11 +84,11 @@ class StepGraph:
 
     def _capture(self) -> None:
         self.graph = torch.cuda.CUDAGraph()
-        self._stream.wait_stream(torch.cuda.current_stream())
+        self.stream.wait_stream(torch.cuda.current_stream())
         # thread_local: the loader's and the checkpoint writer's threads may use CUDA meanwhile
-        with torch.cuda.graph(self.graph, stream=self._stream, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
             self.outputs = self.fn(self.static)
-        torch.cuda.current_stream().wait_stream(self._stream)
+        torch.cuda.current_stream().wait_stream(self.stream)
 
     def _fits(self, batches: Batches) -> bool:
         return len(batches) == len(self.static) and all(
@@ -97,13 +97,13 @@ class StepGraph:
 
     def _eager(self, batches: Batches):
         self.eager_calls += 1
-        if self._stream is None:
+        if self.stream is None:
             return self.fn(batches)
         # On the stream the graph is captured on (per-stream lazy state is then initialised there).
-        self._stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self._stream):
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
             out = self.fn(batches)
-        torch.cuda.current_stream().wait_stream(self._stream)
+        torch.cuda.current_stream().wait_stream(self.stream)
         return out
 
 

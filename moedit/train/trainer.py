@@ -130,11 +130,8 @@ class Trainer:
         return self
 
     def _build_step_graph(self, required: bool):
-        """train.cuda_graph: the checks, then a StepGraph over `_device_step` with the learning rate in a
-        device tensor and the optimizer marked capturable (fused AdamW computes the same either way).
-        A check that fails is a named error if `required` (true), else no graph (auto)."""
-        from moedit.train.step_graph import StepGraph
-
+        """train.cuda_graph: the checks, then the StepGraph (`_new_step_graph`). A check that fails is a
+        named error if `required` (true), else no graph (auto)."""
         cfg, engine = self.cfg, self.engine
         why = None
         if self.device.type != "cuda":
@@ -151,15 +148,21 @@ class Trainer:
             raise MoeditError(f"train.cuda_graph = true {why}")
         if why:
             return None
-        self._graph_ready_optimizer()
-        return StepGraph(self._device_step, warmup=2, fallback=not required)
+        return self._new_step_graph(capture=True, fallback=not required)
 
-    def _graph_ready_optimizer(self) -> None:
-        """The learning rate in a device tensor (`_set_lr` fills it; a graph would keep a float as it
-        was at capture) and the optimizer marked capturable. Checkpoints store the rate as a float."""
+    def _new_step_graph(self, capture: bool, fallback: bool = False):
+        """A StepGraph over `_device_step` (capture=False: the CPU tests' emulation), with the learning
+        rate in a device tensor (`_set_lr` fills it; a graph would keep a float as it was at capture),
+        the optimizer marked capturable (fused AdamW computes the same either way; checkpoints store
+        the rate as a float) and the engine's lasting autograd state made on the graph's stream."""
+        from moedit.train.step_graph import StepGraph
+
         for group in self.engine.optimizer.param_groups:
             group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
             group["capturable"] = True
+        graph = StepGraph(self._device_step, warmup=2, capture=capture, fallback=fallback)
+        self.engine.prepare_capture(graph.stream)
+        return graph
 
     def _init_terms(self) -> None:
         """The loss terms every rank logs, in a fixed order, and their weights in `loss`: the

@@ -197,16 +197,21 @@ def _static_steps(rank, world_size, digits_dir, run_dir, graphed):
     os.environ["MOEDIT_MEGATRON_CPU"] = "1"
     from test_train_failures import poison_batch  # tests/test_train_failures.py
 
-    from moedit.train.step_graph import StepGraph
     from moedit.train.trainer import Trainer
 
     cfg = _config(digits_dir, run_dir, 6)
     cfg.train.on_nonfinite, cfg.checkpoint.every = "skip", 1000
     trainer = Trainer(cfg).setup()
     assert trainer.engine.graph_capturable and trainer._deferred
-    trainer._graph_ready_optimizer()
-    if graphed:
-        trainer._step_graph = StepGraph(trainer._device_step, warmup=2, capture=False)
+    if graphed:  # also makes Megatron DDP's gradient hooks anew (engine.prepare_capture): they must fire once
+        trainer._step_graph = trainer._new_step_graph(capture=False)
+        ddp = trainer.engine.wrapped  # one live accumulator per parameter: the new one, holding the hook
+        params = [p for p in ddp.module.parameters() if p.requires_grad]
+        assert len(ddp.grad_accs) == len(params)
+        assert all(p.expand_as(p).grad_fn.next_functions[0][0] is a for p, a in zip(params, ddp.grad_accs))
+    else:  # the rate in a tensor, as the graph holds it (torch's CPU fused AdamW rounds a float one otherwise)
+        for group in trainer.engine.optimizer.param_groups:
+            group["lr"], group["capturable"] = torch.tensor(float(group["lr"])), True
     poison_batch(trainer, {3})
     assert trainer.fit() == 0
     engine = trainer.engine

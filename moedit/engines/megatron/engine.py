@@ -27,7 +27,7 @@ What differs from the default engine hooks (moedit/engines/base.py), and why:
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -237,6 +237,20 @@ class MegatronEngine(MegatronCheckpointing, DDPEngine):
         with _found_inf(self.optimizer, found_inf):
             self.optimizer.step()
         return grad_norm.float()
+
+    def prepare_capture(self, stream) -> None:
+        """Megatron DDP keeps every parameter's gradient accumulator, with its hook, alive from its
+        construction, and autograd runs an accumulator on the stream it was made on: made on the
+        default stream, a captured backward would wait on a stream CUDA cannot capture. So they are
+        made again on `stream` (the old ones, and their hooks, are dropped first)."""
+        ddp = self.wrapped
+        ddp.grad_accs.clear()
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            for param in ddp.module.parameters():
+                if param.requires_grad:
+                    accumulator = param.expand_as(param).grad_fn.next_functions[0][0]
+                    accumulator.register_hook(ddp._make_backward_post_hook(param))
+                    ddp.grad_accs.append(accumulator)
 
     def discard_step(self) -> None:
         self.wrapped.zero_grad_buffer()
