@@ -25,14 +25,6 @@ def _emulate_graph(trainer) -> StepGraph:
     return trainer._step_graph
 
 
-def _rate_in_tensor(trainer) -> None:
-    """What the graph does to the optimizer, for an eager baseline: torch's CPU fused AdamW rounds a
-    float rate and a tensor one differently in some parameters' last bits (measured: 4e-9 in the
-    capacity predictor's), so both runs hold the rate in a tensor."""
-    for group in trainer.engine.optimizer.param_groups:
-        group["lr"], group["capturable"] = torch.tensor(float(group["lr"])), True
-
-
 @pytest.mark.parametrize("poisoned,micro,flavor", [(set(), 0, "tiny-diffmoe"), ({1, 4}, 0, "tiny-diffmoe"),
                                                    ({4}, 4, "tiny-diffmoe"), ({4}, 0, "tiny-tc"), ({4}, 0, "tiny-ec"),
                                                    ({4}, 0, "tiny-ditmoe moe.aux_free_bias=true")])
@@ -50,7 +42,7 @@ def test_static_step_trains_bitwise_as_the_eager_step(tmp_path, digits_dir, pois
                                "logging.log_every=3", "checkpoint.every=1000", f"train.micro_batch_size={micro}",
                                *f"model.flavor={flavor}".split())
         assert trainer.accum_steps == (2 if micro else 1)
-        graph = _emulate_graph(trainer) if graphed else _rate_in_tensor(trainer)
+        graph = _emulate_graph(trainer) if graphed else trainer._rate_in_tensor()  # as the graph holds it
         poison_batch(trainer, poisoned)
         assert trainer.fit() == 0
         if graph is not None:
@@ -116,7 +108,7 @@ def test_a_failed_capture_falls_back_to_eager_steps_under_auto(tmp_path, digits_
     for failing in (False, True):
         (tmp_path / str(failing)).mkdir()
         trainer = make_trainer(tmp_path / str(failing), digits_dir, "train.steps=5", "logging.progress=lines")
-        graph = _failing_capture(trainer, fallback=True) if failing else _rate_in_tensor(trainer)
+        graph = _failing_capture(trainer, fallback=True) if failing else trainer._rate_in_tensor()
         assert trainer.fit() == 0
         states[failing] = _final_state(trainer)
     assert graph.failed == "operation not permitted when stream is capturing" and graph.eager_calls == 5

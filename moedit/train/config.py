@@ -133,9 +133,10 @@ class TrainConfig:
     cuda_graph: bool | Literal["auto"] = False
     """Capture the whole step (forward, backward, fused AdamW, clip, EMA, the masked restore of deferred
     checks) as one CUDA graph after two eager steps and replay it every step: the host launches one
-    graph instead of thousands of kernels. Needs the local engine, one CUDA process and deferred_checks
-    = true: true makes each a named error, auto uses the graph where they hold (model_info.json says
-    whether it did) and falls back to eager steps, with a warning, if the capture fails."""
+    graph instead of thousands of kernels. Needs one CUDA process (local engine, or megatron with its
+    torch optimizer) and deferred_checks = true: true makes each a named error, auto uses the graph
+    where they hold (model_info.json says whether it did) and falls back to eager steps, with a
+    warning, if the capture fails."""
     deferred_checks: bool = True
     """Read the non-finite-loss flags (and, with several ranks, the stop flags) at log intervals and
     checkpoints instead of after every step, so the host never waits for the device. A non-finite

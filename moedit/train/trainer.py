@@ -117,7 +117,8 @@ class Trainer:
             self.run_dir / "checkpoints", engine, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every
         )
         self.resume()
-        self._step_graph = self._build_step_graph(required=cfg.train.cuda_graph is True) if cfg.train.cuda_graph else None
+        if cfg.train.cuda_graph:
+            self._step_graph = self._build_step_graph(required=cfg.train.cuda_graph is True)
         if engine.is_main:
             from moedit.train.config import dump_config
             from moedit.train.logging import RunLogger
@@ -136,7 +137,7 @@ class Trainer:
         why = None
         if self.device.type != "cuda":
             why = f"needs a CUDA device (this run trains on {self.device.type}); set train.cuda_graph=false"
-        elif not engine.graph_capturable or engine.world_size > 1:
+        elif not engine.graph_capturable:
             why = (f"captures one process's step on the local engine, or megatron with its torch optimizer (this "
                    f"run: parallel.engine={engine.name}, {engine.world_size} processes); set train.cuda_graph=false")
         elif not self._deferred:
@@ -157,12 +158,18 @@ class Trainer:
         the rate as a float) and the engine's lasting autograd state made on the graph's stream."""
         from moedit.train.step_graph import StepGraph
 
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
-            group["capturable"] = True
+        self._rate_in_tensor()
         graph = StepGraph(self._device_step, warmup=2, capture=capture, fallback=fallback)
         self.engine.prepare_capture(graph.stream)
         return graph
+
+    def _rate_in_tensor(self) -> None:
+        """The learning rate as a device tensor and the optimizer marked capturable. (An eager test
+        baseline does the same: torch's CPU fused AdamW rounds a float rate and a tensor one differently
+        in some parameters' last bits, 4e-9 in the capacity predictor's.)"""
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+            group["capturable"] = True
 
     def _init_terms(self) -> None:
         """The loss terms every rank logs, in a fixed order, and their weights in `loss`: the
@@ -316,9 +323,7 @@ class Trainer:
         batches = self._micro_batches()
         if self._step_graph is not None:  # train.cuda_graph: the device step is one graph replay
             return self._graph_step(batches)
-        self.engine.zero_grad()
-        self._snapshot_mutable()
-        return self._finish_step(self._total(self.engine.forward_backward(batches, self._forward, self._objective)))
+        return self._finish_step(self._forward_backward(batches))
 
     def _graph_step(self, batches: list[dict[str, torch.Tensor]]) -> bool:
         """train_step through the StepGraph (eager warm-up, capture, replays): its outputs are static
@@ -338,13 +343,14 @@ class Trainer:
         self._pending.append((self.step, bad.clone(), skip.clone()))
         return self._stop_signal is not None
 
-    def _snapshot_mutable(self) -> None:
-        # State a forward updates in place (DiffMoE thresholds, aux-free biases, routing statistics):
-        # restored if the step turns out non-finite, so a skipped step leaves no trace.
+    def _forward_backward(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Zero the gradients, keep the buffers a forward updates in place (DiffMoE thresholds,
+        aux-free biases, routing statistics: restored if the step turns out non-finite, so a skipped
+        step leaves no trace), forward and backward; the step's terms and their weighted `loss`."""
+        self.engine.zero_grad()
         if self._mutable:
             torch._foreach_copy_(self._before, self._mutable)
-
-    def _total(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        sums = self.engine.forward_backward(batches, self._forward, self._objective)
         zero = torch.zeros((), device=self.device)
         terms = {k: sums.get(k, zero) for k in self.term_names}  # absent: computed on another stage
         terms["loss"] = sum(c * terms[k] for k, c in self.term_coefs.items() if c != 0.0)
@@ -355,9 +361,7 @@ class Trainer:
         change to the trainer's Python state (what train.cuda_graph captures): zero the gradients,
         forward and backward, then the update masked by the non-finite flag. Returns (terms, bad,
         skip, grad norm), device tensors."""
-        self.engine.zero_grad()
-        self._snapshot_mutable()
-        terms = self._total(self.engine.forward_backward(batches, self._forward, self._objective))
+        terms = self._forward_backward(batches)
         bad = self._nonfinite_flags(terms)
         skip = bad.max()
         return terms, bad, skip, self._masked_update(skip)

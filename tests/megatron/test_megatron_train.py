@@ -210,8 +210,7 @@ def _static_steps(rank, world_size, digits_dir, run_dir, graphed):
         assert len(ddp.grad_accs) == len(params)
         assert all(p.expand_as(p).grad_fn.next_functions[0][0] is a for p, a in zip(params, ddp.grad_accs))
     else:  # the rate in a tensor, as the graph holds it (torch's CPU fused AdamW rounds a float one otherwise)
-        for group in trainer.engine.optimizer.param_groups:
-            group["lr"], group["capturable"] = torch.tensor(float(group["lr"])), True
+        trainer._rate_in_tensor()
     poison_batch(trainer, {3})
     assert trainer.fit() == 0
     engine = trainer.engine

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 
-
 def to_bf16_module(model: torch.nn.Module, config) -> torch.nn.Module:
     """`Float16Module(config, model)`: parameters cast to bf16 in place, outputs of the last stage
     returned in fp32. Float16Module casts every floating buffer too; moedit's buffers (routing
