@@ -323,7 +323,8 @@ def global_grad_norm(owned_grads: list[torch.Tensor], device: torch.device) -> t
     """L2 norm (float64) of the global gradient from every rank's `owned_params` gradients; collective."""
     norms = torch._foreach_norm(owned_grads) if owned_grads else [torch.zeros((), device=device)]
     sq = torch.stack(norms).double().pow(2).sum()
-    dist.all_reduce(sq)
+    if dist.get_world_size() > 1:  # one process: nothing to sum (and no collective in a captured step)
+        dist.all_reduce(sq)
     return sq.sqrt()
 
 
