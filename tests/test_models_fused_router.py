@@ -139,3 +139,41 @@ def test_selection_takes_the_top_k_with_ties_to_the_lowest_token(chunk, rerun_in
     assert stats[1].item() == (predicted & (target > 0)).sum().item() and stats[2].item() == predicted.sum().item()
     entropy = torch.special.entr(probs).sum(dtype=torch.float64)
     torch.testing.assert_close(stats[0], entropy, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("chunk", [None, 32])
+def test_selection_with_nan_scores_still_takes_k_valid_tokens(chunk, rerun_in_triton_interpreter):
+    """A non-finite batch (train.on_nonfinite=skip) gives NaN scores. Every NaN bit pattern counts as
+    a score of 0: each expert still selects K distinct tokens (finite scores first), writes every
+    index slot and the inverse map, and keeps the NaN weights, so the step is flagged and skipped. On
+    an H100 the kernel wrote 0x7FFFFFFF NaNs: the rows selected nothing, and the combine read
+    unwritten indices (a device-side assert)."""
+    if rerun_in_triton_interpreter():
+        return
+    from moedit.models.kernels.router_tail import select
+
+    options = KernelOptions(router_select_chunk=chunk) if chunk else KernelOptions()
+    S, E, K = 100, 3, 25
+    g = torch.Generator().manual_seed(4)
+    stacked = torch.rand(2 * E, S, generator=g)
+    bits = stacked.view(torch.int32)
+    bits[0, :] = 0x7FFFFFFF  # a whole score row NaN, CUDA's pattern
+    bits[1, ::2] = -0x400000  # 0xFFC00000: NaN with the sign bit, on every other token
+    bits[2, 5:90] = 0x7FC00000  # 85 NaN tokens: 15 finite ones, then the lowest NaN tokens
+    bits[E, :] = 0x7FFFFFFF  # a predictor row: its K-th value must not be NaN's pattern either
+    stacked = stacked.to(DEVICE)
+    pred = torch.randn(S, E, generator=g).to(DEVICE)
+    weight, index, inverse, kth, _ = select(stacked, pred, torch.full((E,), 0.5, device=DEVICE), K, options)
+
+    finite = stacked.isfinite()
+    for e in range(E):
+        chosen = index[e].tolist()
+        assert chosen == sorted(set(chosen)) and len(chosen) == K and 0 <= chosen[0] and chosen[-1] < S, e
+        score = torch.where(finite[e], stacked[e], torch.zeros_like(stacked[e]))  # NaN reads as 0
+        expected = torch.sort(score, descending=True, stable=True).indices[:K].sort().values
+        assert chosen == expected.tolist(), e
+        assert torch.equal(weight[e].isnan(), ~finite[e, index[e]]), e  # NaN weights flag the step
+        rows = torch.full((S,), -1, dtype=torch.int32, device=DEVICE)
+        rows[index[e]] = torch.arange(e * K, (e + 1) * K, dtype=torch.int32, device=DEVICE)
+        assert torch.equal(inverse[e], rows), e
+    assert kth[0] == 0 and kth[E] == 0 and torch.isfinite(kth).all()

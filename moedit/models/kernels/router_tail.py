@@ -11,7 +11,8 @@ backward of each. Here:
    (token, expert) pairs whose probability exceeds the expert's threshold.
 2. `_select_kernel`, one program per row of `stacked`: the K-th largest value by bisection on its
    bits (the values are probabilities, >= 0, so their float32 bit patterns order like the values;
-   it stops early once the count at or above the candidate is exactly K),
+   a NaN counts as 0, so a non-finite batch still selects K valid tokens per expert and its NaN
+   weights flag the step; it stops early once the count at or above the candidate is exactly K),
    then, for a score row, the selection in token order: every value above the K-th, then ties at
    it by lowest token index, until K. It writes the combine weights and token indices (E, K), the
    inverse map (E, S) (row e*K + slot of each selected token, else -1; moe.py's combine reads it),
@@ -80,6 +81,18 @@ if triton is not None:
         tl.store(partial_ptr + pid * 3 + 2, tl.sum(tl.sum(above, axis=1), axis=0))
 
     @triton.jit
+    def _keys(row_ptr, offs, S):
+        """The select kernel's integer keys of row values at `offs`: the float32 bit patterns, which
+        order like the values because every value is >= 0 once NaN (and -0.0) reads as +0.0. A NaN
+        would otherwise be any pattern (CUDA writes 0x7FFFFFFF, the largest key, whose `t + 1`
+        overflows; a sign bit makes it negative) and the row could select fewer than K tokens, leaving
+        index slots unwritten. NaN scores still reach the weights (a non-finite step is flagged).
+        Slots past S read -1 (negative: below every candidate)."""
+        v = tl.load(row_ptr + offs, mask=offs < S, other=0.0)
+        key = tl.where(v > 0, v, 0.0).to(tl.int32, bitcast=True)
+        return tl.where(offs < S, key, -1)
+
+    @triton.jit
     def _count_at_least(row_ptr, S, cand, key, BLOCK: tl.constexpr, ONE_CHUNK: tl.constexpr):
         """#{s: key[s] >= cand}; `key` is the row's keys when the row is one chunk (in registers)."""
         if ONE_CHUNK:
@@ -87,8 +100,7 @@ if triton is not None:
         else:
             count = 0
             for c0 in range(0, S, BLOCK):
-                offs = c0 + tl.arange(0, BLOCK)
-                k = tl.load(row_ptr + offs, mask=offs < S, other=-1.0).to(tl.int32, bitcast=True)
+                k = _keys(row_ptr, c0 + tl.arange(0, BLOCK), S)
                 count += tl.sum((k >= cand).to(tl.int32), axis=0)
         return count
 
@@ -101,8 +113,7 @@ if triton is not None:
         else:
             smallest = big
             for c0 in range(0, S, BLOCK):
-                offs = c0 + tl.arange(0, BLOCK)
-                k = tl.load(row_ptr + offs, mask=offs < S, other=-1.0).to(tl.int32, bitcast=True)
+                k = _keys(row_ptr, c0 + tl.arange(0, BLOCK), S)
                 smallest = tl.minimum(smallest, tl.min(tl.where(k >= t, k, big), axis=0))
         return smallest
 
@@ -112,8 +123,7 @@ if triton is not None:
         r = tl.program_id(0)
         row_ptr = stacked_ptr + r.to(tl.int64) * S
         offs0 = tl.arange(0, BLOCK)
-        # masked slots read -1.0: a negative key, below every candidate (candidates are >= 1)
-        key0 = tl.load(row_ptr + offs0, mask=offs0 < S, other=-1.0).to(tl.int32, bitcast=True)
+        key0 = _keys(row_ptr, offs0, S)  # masked slots: -1, below every candidate (candidates are >= 1)
         # the K-th largest key: raise t one bit at a time from the top while #{key >= t} >= K stays
         # true, until that count is exactly K (then {key >= t} is the top K) or the bits run out.
         # (On an H100, five bits a step from tl.histogram digit counts took 32 us instead of 22.5, and
@@ -137,7 +147,7 @@ if triton is not None:
                 offs = c0 + offs0
                 in_row = offs < S
                 v = tl.load(row_ptr + offs, mask=in_row, other=-1.0)
-                key = v.to(tl.int32, bitcast=True)
+                key = _keys(row_ptr, offs, S)
                 tie = (key == t) & in_row
                 tie_rank = ties_seen + tl.cumsum(tie.to(tl.int32), axis=0) - tie.to(tl.int32)
                 sel = (key > t) | (tie & (tie_rank < need))
@@ -204,6 +214,24 @@ if triton is not None:
                  dz.to(grad_pred_ptr.dtype.element_ty), mask=m)
 
 
+def select(stacked: torch.Tensor, pred_logits: torch.Tensor, thresholds: torch.Tensor, K: int,
+           options: KernelOptions = DEFAULT) -> tuple[torch.Tensor, ...]:
+    """`_select_kernel` over `stacked` (2E, S): weight (E, K), index (E, K), inverse (E, S), kth (2E,)
+    and per expert [sum of the selected predictor logits, true positives] (E, 2)."""
+    E2, S = stacked.shape
+    E, device = E2 // 2, stacked.device
+    weight = torch.empty(E, K, dtype=torch.float32, device=device)
+    index = torch.empty(E, K, dtype=torch.long, device=device)
+    inverse = torch.empty(E, S, dtype=torch.int32, device=device)
+    kth = torch.empty(2 * E, dtype=torch.float32, device=device)
+    row_stats = torch.empty(E, 2, dtype=torch.float32, device=device)
+    block = min(triton.next_power_of_2(S), options.router_select_chunk)
+    _select_kernel[(2 * E,)](stacked, pred_logits, thresholds, weight, index, inverse, kth, row_stats, S, K,
+                             pred_logits.stride(0), pred_logits.stride(1), E=E, BLOCK=block, ONE_CHUNK=S <= block,
+                             num_warps=options.router_select_warps or min(16, max(4, block // 1024)))
+    return weight, index, inverse, kth, row_stats
+
+
 class DiffMoETail(torch.autograd.Function):
     """DiffMoE's training decision from the gate and predictor logits (S, E), thresholds (E,) and K.
 
@@ -231,16 +259,7 @@ class DiffMoETail(torch.autograd.Function):
         _tail_forward_kernel[(blocks,)](logits, pred_logits, thresholds, stacked, partial, S,
                                         logits.stride(0), logits.stride(1), pred_logits.stride(0),
                                         pred_logits.stride(1), E=E, E_P=triton.next_power_of_2(E), BLOCK_S=block_s)
-        weight = torch.empty(E, K, dtype=torch.float32, device=device)
-        index = torch.empty(E, K, dtype=torch.long, device=device)
-        inverse = torch.empty(E, S, dtype=torch.int32, device=device)
-        kth = torch.empty(2 * E, dtype=torch.float32, device=device)
-        row_stats = torch.empty(E, 2, dtype=torch.float32, device=device)
-        block = min(triton.next_power_of_2(S), options.router_select_chunk)
-        _select_kernel[(2 * E,)](stacked, pred_logits, thresholds, weight, index, inverse, kth, row_stats, S, K,
-                                 pred_logits.stride(0), pred_logits.stride(1), E=E, BLOCK=block,
-                                 ONE_CHUNK=S <= block,
-                                 num_warps=options.router_select_warps or min(16, max(4, block // 1024)))
+        weight, index, inverse, kth, row_stats = select(stacked, pred_logits, thresholds, K, options)
         loss = torch.empty((), dtype=torch.float32, device=device)
         stats = torch.empty(3, dtype=torch.float64, device=device)
         _tail_finalize_kernel[(1,)](partial, row_stats, loss, stats, blocks, E * S, E=E,
