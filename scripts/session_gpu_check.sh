@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device call: the GPU tests of the code paths a change touched (time-limited), then the
-# `moedit train` throughput table (benchmarks/train.py via scripts/train_bench_device.sh's rows).
+# One device call: the GPU tests of the code paths a change touched (time-limited, one process per
+# file), then the `moedit train` throughput table (benchmarks/train.py via
+# scripts/train_bench_device.sh's rows).
 #   ROWS="..." TESTS="..." bash scripts/session_gpu_check.sh [OUT_DIR]     (carry .whl_mc)
 # Optional, in this order after the tests: PROFILE="section.key=value ... | ..." runs
 # benchmarks/profile_train.py once per '|'-separated list of overrides (wall vs GPU time per step,
@@ -23,7 +24,18 @@ source scripts/device_env.sh || exit 1
 } 2>&1 | tee "$out/env.txt"
 tests=${TESTS:-"tests/test_train_gpu.py tests/test_models_gpu.py tests/test_models_fused.py tests/test_models_fused_router.py tests/test_models_fused_predictor.py"}
 if [ "$tests" != none ]; then
-  step gpu_tests "${TESTS_LIMIT:-180}" python3 -m pytest -q -p no:cacheprovider -m gpu $tests
+  # One pytest process per file, sharing TESTS_LIMIT seconds: a device-side assert poisons the CUDA
+  # context for the rest of its process (one such crash once failed every later test of the call).
+  deadline=$(($(date +%s) + ${TESTS_LIMIT:-180}))
+  for file in $tests; do
+    left=$((deadline - $(date +%s)))
+    if [ "$left" -lt 10 ]; then
+      echo "gpu_tests_$(basename "$file" .py): not run (TESTS_LIMIT spent)" | tee -a "$out/summary.txt"
+      failures=$((failures + 1))
+      continue
+    fi
+    step "gpu_tests_$(basename "$file" .py)" "$left" python3 -m pytest -q -p no:cacheprovider -m gpu "$file"
+  done
 fi
 if [ -n "${PROFILE:-}" ]; then  # runs separated by '|'
   IFS='|' read -r -a profiles <<< "$PROFILE"
