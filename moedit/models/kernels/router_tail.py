@@ -81,16 +81,19 @@ if triton is not None:
         tl.store(partial_ptr + pid * 3 + 2, tl.sum(tl.sum(above, axis=1), axis=0))
 
     @triton.jit
+    def _key_of(v, valid):
+        """The select kernel's integer keys of row values `v`: the float32 bit patterns, which order
+        like the values because every value is >= 0 once NaN (and -0.0) reads as +0.0. A NaN would
+        otherwise be any pattern (CUDA writes 0x7FFFFFFF, the largest key, whose `t + 1` overflows;
+        a sign bit makes it negative) and the row could select fewer than K tokens, leaving index
+        slots unwritten. NaN scores still reach the weights (a non-finite step is flagged). Slots
+        that are not `valid` (past S) get -1: negative, below every candidate."""
+        return tl.where(valid, tl.where(v > 0, v, 0.0).to(tl.int32, bitcast=True), -1)
+
+    @triton.jit
     def _keys(row_ptr, offs, S):
-        """The select kernel's integer keys of row values at `offs`: the float32 bit patterns, which
-        order like the values because every value is >= 0 once NaN (and -0.0) reads as +0.0. A NaN
-        would otherwise be any pattern (CUDA writes 0x7FFFFFFF, the largest key, whose `t + 1`
-        overflows; a sign bit makes it negative) and the row could select fewer than K tokens, leaving
-        index slots unwritten. NaN scores still reach the weights (a non-finite step is flagged).
-        Slots past S read -1 (negative: below every candidate)."""
-        v = tl.load(row_ptr + offs, mask=offs < S, other=0.0)
-        key = tl.where(v > 0, v, 0.0).to(tl.int32, bitcast=True)
-        return tl.where(offs < S, key, -1)
+        """`_key_of` the row's values at `offs`."""
+        return _key_of(tl.load(row_ptr + offs, mask=offs < S, other=0.0), offs < S)
 
     @triton.jit
     def _count_at_least(row_ptr, S, cand, key, BLOCK: tl.constexpr, ONE_CHUNK: tl.constexpr):
@@ -147,7 +150,7 @@ if triton is not None:
                 offs = c0 + offs0
                 in_row = offs < S
                 v = tl.load(row_ptr + offs, mask=in_row, other=-1.0)
-                key = _keys(row_ptr, offs, S)
+                key = _key_of(v, in_row)
                 tie = (key == t) & in_row
                 tie_rank = ties_seen + tl.cumsum(tie.to(tl.int32), axis=0) - tie.to(tl.int32)
                 sel = (key > t) | (tie & (tie_rank < need))
