@@ -45,8 +45,8 @@ def poison_batch(trainer: Trainer, at_steps: set[int]) -> None:
     original = trainer._next_batch
 
     def next_batch():
-        x, y = original()
-        return (x * float("nan"), y) if trainer.step in at_steps else (x, y)
+        x, *rest = original()  # (x, y) or (x, y, fields)
+        return (x * float("nan"), *rest) if trainer.step in at_steps else (x, *rest)
 
     trainer._next_batch = next_batch
 

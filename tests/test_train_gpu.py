@@ -57,20 +57,24 @@ def test_deferred_step_has_no_host_sync(tmp_path, digits_dir, engine):
         trainer.engine.shutdown()  # Megatron: its process group
 
 
+REPA = "tiny-diffmoe model.patch_size=1 train.repa.enabled=true train.repa.projector_hidden=32"
+
+
 @pytest.mark.parametrize("engine,flavor", [("local", "tiny-diffmoe"), ("local", "tiny-tc"), ("local", "tiny-ec"),
-                                          ("megatron", "tiny-diffmoe")])
-def test_cuda_graph_step_trains_like_eager_and_replays_without_sync(tmp_path, digits_dir, engine, flavor):
+                                          ("local", REPA), ("megatron", "tiny-diffmoe")])
+def test_cuda_graph_step_trains_like_eager_and_replays_without_sync(tmp_path, request, engine, flavor):
     """train.cuda_graph: two eager steps, one captured, three replayed with no host sync (one of them a
     NaN batch, discarded on the device). Against the eager run of the same config: the same skip
     count, summed losses to 1e-3, and the weights, EMA and moments within 1% of the distance the six
     steps moved them (a replay that reused stale inputs or the learning rate of the capture, during
-    the warm-up, lands ~30% away)."""
+    the warm-up, lands ~30% away). With every router, and with REPA (its features from the shards)."""
     from test_train_failures import poison_batch  # tests/test_train_failures.py
 
+    digits_dir = request.getfixturevalue("repa_digits" if flavor == REPA else "digits_dir")
     runs = {}
     for graphed in (False, True):
         trainer = _trainer(tmp_path / str(graphed), digits_dir, engine, "train.on_nonfinite=skip",
-                           f"train.cuda_graph={str(graphed).lower()}", f"model.flavor={flavor}")
+                           f"train.cuda_graph={str(graphed).lower()}", *f"model.flavor={flavor}".split())
         try:
             start = _state(trainer)
             poison_batch(trainer, {4})

@@ -25,16 +25,21 @@ def _emulate_graph(trainer) -> StepGraph:
     return trainer._step_graph
 
 
+REPA = "tiny-diffmoe model.patch_size=1 train.repa.enabled=true train.repa.projector_hidden=32"
+
+
 @pytest.mark.parametrize("poisoned,micro,flavor", [(set(), 0, "tiny-diffmoe"), ({1, 4}, 0, "tiny-diffmoe"),
                                                    ({4}, 4, "tiny-diffmoe"), ({4}, 0, "tiny-tc"), ({4}, 0, "tiny-ec"),
-                                                   ({4}, 0, "tiny-ditmoe moe.aux_free_bias=true")])
-def test_static_step_trains_bitwise_as_the_eager_step(tmp_path, digits_dir, poisoned, micro, flavor):
+                                                   ({4}, 0, "tiny-ditmoe moe.aux_free_bias=true"), ({4}, 4, REPA)])
+def test_static_step_trains_bitwise_as_the_eager_step(tmp_path, request, poisoned, micro, flavor):
     """Two warm-up steps, then four on the static inputs and outputs: the same weights, EMA, optimizer
     state, DiffMoE thresholds, logged rows and skip count as the eager deferred step, bit for bit,
     with NaN batches in a warm-up step and in a static one (whose flags must outlive the next step
     overwriting the static outputs), with two micro-batches a step (micro = 4 of 8), and with every
     router: DiffMoE, token choice, per-sample expert choice, and DiT-MoE's shared experts with
-    aux-loss-free biases (buffers the forward updates and a discarded step restores)."""
+    aux-loss-free biases (buffers the forward updates and a discarded step restores); and with REPA,
+    whose encoder features are one more static input and whose projector one more trained module."""
+    digits_dir = request.getfixturevalue("repa_digits" if flavor == REPA else "digits_dir")
     runs = {}
     for graphed in (False, True):
         (tmp_path / str(graphed)).mkdir()
@@ -53,6 +58,7 @@ def test_static_step_trains_bitwise_as_the_eager_step(tmp_path, digits_dir, pois
     assert skipped_a == skipped_b == len(poisoned)
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
     assert rows_a == rows_b
+    assert ("loss/repa" in rows_a[0]) == (flavor == REPA)
 
 
 def test_static_step_resumes_bitwise_and_saves_the_rate_as_a_float(tmp_path, digits_dir):
