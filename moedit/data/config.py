@@ -49,6 +49,11 @@ class DataConfig:
     prefetch_factor: int = 2
     """Batches each worker prepares ahead of the trainer (ignored with num_workers = 0)."""
 
+    pin_memory: bool = True
+    """With num_workers > 0 and a CUDA device: copy each batch into page-locked memory on the
+    DataLoader's pinning thread, so the training thread's host-to-device copy is asynchronous and
+    pins nothing itself. Not part of the sample order."""
+
     split: str = "shard"
     """How data-parallel ranks share the data. `shard`: each rank reads its own shards (scales;
     ranks may see slightly different numbers of batches per epoch). `sample`: every rank reads

@@ -125,6 +125,7 @@ class ShardLoader:
             records = iter(DataLoader(
                 dataset, batch_size=None, num_workers=self.cfg.num_workers,
                 prefetch_factor=self.cfg.prefetch_factor, collate_fn=_identity,
+                pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
             ))
         while True:
             start = time.perf_counter()
