@@ -153,13 +153,14 @@ def _options_reach_every_layer(monkeypatch) -> None:
     depth = 3
     cfg = ModelConfig(input_size=8, patch_size=2, hidden_size=32, depth=depth, num_heads=4, num_classes=10,
                       moe=MoEConfig(router="diffmoe", num_experts=4, every=1, first=0))
-    reference = KernelOptions(combine="index_add", bias_gelu="baddbmm", fused_router_tail=False, fused_predictor=False)
+    reference = KernelOptions(combine="index_add", bias_gelu="baddbmm", fused_router_tail=False, fused_predictor=False,
+                              compiled_adaln=False)
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
     holders = [m for m in model.modules() if hasattr(m, "kernel_options")]
-    assert len(holders) == 3 * depth  # each layer, its router and its experts
+    assert len(holders) == 4 * depth  # each block, its MoE layer, its router and its experts
     assert all(m.kernel_options == KernelOptions() for m in holders)
-    assert set_kernel_options(model, reference) == 3 * depth
+    assert set_kernel_options(model, reference) == 4 * depth
     assert all(m.kernel_options is reference for m in holders)
     with torch.no_grad():
         for p in model.parameters():  # adaLN-Zero would zero the MoE layers' contribution to the output
@@ -180,7 +181,7 @@ def _options_reach_every_layer(monkeypatch) -> None:
     ref_calls, ref_out = step()
     assert ref_calls == {}
     forced = KernelOptions(combine="gather", bias_gelu="fused")  # their PyTorch versions where Triton does not run
-    assert set_kernel_options(model, forced) == 3 * depth
+    assert set_kernel_options(model, forced) == 4 * depth
     assert all(m.kernel_options is forced for m in holders)
     got_calls, got_out = step()
     fused_router = {"DiffMoETail": depth, "gate_and_predictor": depth} if usable else {}

@@ -1,5 +1,4 @@
-"""Megatron-Core building blocks of the DiT that are not DiT-specific model structure: the fused
-adaLN pieces (compiled on CUDA), a bias-in-GEMM column-parallel linear, SDPA core attention for
+"""Megatron-Core building blocks of the DiT that are not DiT-specific model structure: a bias-in-GEMM column-parallel linear, SDPA core attention for
 self- and cross-attention (caption key padding mask), the cross-attention with the model zoo's
 optional qk-norm, and the parameter marks Megatron's gradient reductions read. Used by
 moedit/engines/megatron/model.py."""
@@ -30,47 +29,6 @@ def compute_dtype(x: torch.Tensor) -> torch.Tensor:
     if x.is_cuda and torch.is_autocast_enabled("cuda"):
         return x.to(torch.get_autocast_dtype("cuda"))
     return x
-
-
-def ln_modulate_eager(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """adaLN: LayerNorm without affine, then x * (1 + scale) + shift; x [s, b, h], shift/scale [1, b, h]."""
-    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale) + shift
-
-
-def gated_residual_eager(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x + gate * (y + bias), gate [1, b, h]."""
-    return x + gate * (y if bias is None else y + bias)
-
-
-# Inductor options for the compiled adaLN pieces. multi_kernel: a row reduction wider than 1024
-# (the LayerNorm over DiT-XL's 1152 channels) also gets a one-pass kernel, and the faster of the two
-# is kept after timing both on the first calls (the looped kernel alone: 9.3 ms of a DiT-XL/2 step
-# on an H100, one pass: 4.1 ms). No FX graph cache: in torch 2.11 a process that loads such kernels
-# from it fails (TypeError in MultiKernelCall.load_cache), so each process compiles them afresh.
-COMPILE_OPTIONS = {"triton.multi_kernel": 1, "fx_graph_cache": False}
-
-
-class OnCuda:
-    """`fn` compiled (one fused kernel forward and backward) for CUDA tensors, eager elsewhere.
-
-    The adaLN modulation and the gated residual broadcast a per-sample vector over the sequence;
-    eager PyTorch runs those as generic (non-vectorised) broadcast kernels, and with their
-    backward reductions they took about a quarter of a DiT-XL/2 step on an H100."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.compiled = None
-
-    def __call__(self, x, *args):
-        if not x.is_cuda:
-            return self.fn(x, *args)
-        if self.compiled is None:
-            self.compiled = torch.compile(self.fn, dynamic=False, options=dict(COMPILE_OPTIONS) or None)
-        return self.compiled(x, *args)
-
-
-ln_modulate = OnCuda(ln_modulate_eager)
-gated_residual = OnCuda(gated_residual_eager)
 
 
 def mark_params(module: nn.Module, **attrs) -> None:
@@ -186,5 +144,5 @@ class HeadNorm(nn.LayerNorm):
         super().__init__(hidden_size, eps=1e-6, dtype=config.params_dtype)
 
 
-__all__ = ["ContextColumnLinear", "DiTCrossAttention", "DiTCrossAttentionSubmodules", "HeadNorm", "LocalColumnLinear", "OnCuda",
-           "SDPACoreAttention", "compute_dtype", "gated_residual", "gelu_tanh", "ln_modulate", "mark_params"]
+__all__ = ["ContextColumnLinear", "DiTCrossAttention", "DiTCrossAttentionSubmodules", "HeadNorm", "LocalColumnLinear",
+           "SDPACoreAttention", "compute_dtype", "gelu_tanh", "mark_params"]

@@ -4,7 +4,8 @@ The model zoo's modules are reused, not copied: the embedders and final layer ar
 `moedit.models.layers`, the routers are `moedit.models.routers` (wrapped to return Megatron's
 (probs, routing_map) pair), the experts are `moedit.models.experts.GroupedExperts` behind
 Megatron's experts interface, and routing statistics are the same `RoutingStats` buffers. The
-wrappers live in moe.py; attention, the fused adaLN pieces and the linears in layers.py.
+wrappers live in moe.py; attention and the linears in layers.py; the compiled adaLN pieces are the
+model zoo's (moedit/models/kernels/adaln.py).
 Megatron supplies tensor-parallel attention and dense MLPs, the MoE token dispatcher (alltoall
 across expert-parallel ranks), the pipeline schedules and distributed checkpointing.
 
@@ -88,14 +89,14 @@ from moedit.engines.megatron.layers import (
     LocalColumnLinear,
     SDPACoreAttention,
     compute_dtype,
-    gated_residual,
     gelu_tanh,
-    ln_modulate,
     mark_params,
 )
 from moedit.engines.megatron.moe import DiTMoELayer, MegatronExperts, MegatronRouter
 from moedit.models.config import ModelConfig
 from moedit.models.dit import DiT
+from moedit.models.kernels import KernelOptions
+from moedit.models.kernels.adaln import gated_residual, ln_modulate
 from moedit.models.layers import CaptionEmbedder, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
 from moedit.models.moe import RoutingContext
 from moedit.models.repa import build_projector, repa_loss
@@ -116,6 +117,7 @@ class AdaLNZeroLayer(TransformerLayer):
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          hidden_dropout=hidden_dropout, pg_collection=pg_collection, vp_stage=vp_stage)
         D = config.hidden_size
+        self.kernel_options = KernelOptions()  # compiled_adaln, as the single-device block
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D, dtype=config.params_dtype))
         if config.sequence_parallel:
             mark_params(self.adaLN_modulation, sequence_parallel=True)
@@ -126,16 +128,16 @@ class AdaLNZeroLayer(TransformerLayer):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             m.unsqueeze(0) for m in self.adaLN_modulation(c).chunk(6, dim=-1))  # each (1, b, h)
         x = hidden_states
-        eps = self.config.layernorm_epsilon
-        attn, bias = self.self_attention(compute_dtype(ln_modulate(x, shift_msa, scale_msa, eps)),
+        eps, fuse = self.config.layernorm_epsilon, self.kernel_options.compiled_adaln
+        attn, bias = self.self_attention(compute_dtype(ln_modulate(x, shift_msa, scale_msa, eps, compiled=fuse)),
                                          attention_mask=None)
-        x = gated_residual(x, gate_msa, attn, bias)
+        x = gated_residual(x, gate_msa, attn, bias, compiled=fuse)
         if isinstance(self.cross_attention, CrossAttention):
             out, bias = self.cross_attention(compute_dtype(F.layer_norm(x, x.shape[-1:], eps=eps)),
                                              attention_mask=context_mask, key_value_states=compute_dtype(context))
             x = x + (out if bias is None else out + bias)
-        out, bias = self.mlp(compute_dtype(ln_modulate(x, shift_mlp, scale_mlp, eps)))
-        return gated_residual(x, gate_mlp, out, bias), context  # the block hands context to the next layer
+        out, bias = self.mlp(compute_dtype(ln_modulate(x, shift_mlp, scale_mlp, eps, compiled=fuse)))
+        return gated_residual(x, gate_mlp, out, bias, compiled=fuse), context  # the block hands context to the next layer
 
 
 def layer_spec(cfg: ModelConfig, block_index: int, num_noise_bins: int) -> ModuleSpec:

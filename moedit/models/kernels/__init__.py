@@ -4,10 +4,12 @@
   fc1's bias inside a fused GELU, and the partial-sum reduction the other kernels use;
 - `router_tail.py`: DiffMoE's training tail (softmax, sigmoid, top-K selection, BCE, statistics);
 - `predictor.py`: DiffMoE's gate and capacity predictor in one GEMM and two kernels;
+- `adaln.py`: adaLN-Zero's modulation and gated residual, each one compiled kernel on CUDA;
 - `cuda_graph.py`: `graph_moe_layer`, `CUDAGraphStep`, `replay_time_us` (imported from there: it
   imports `moedit.models.moe`, which imports this package).
 
-Every MoE layer, router and expert module holds a `kernel_options` (a frozen `KernelOptions`,
+Every DiT block (single-device or Megatron), MoE layer, router and expert module holds a
+`kernel_options` (a frozen `KernelOptions`,
 given at construction, default `KernelOptions()`): which path runs and the kernels' tiles. The
 defaults run the kernels where they run (CUDA with Triton; CPU tensors too under Triton's
 interpreter) and the PyTorch reference elsewhere. `set_kernel_options(model, options)` sets one
@@ -50,6 +52,8 @@ class KernelOptions:
       or the interpreter, float32/16-bit logits, z-loss off); False: the PyTorch reference.
     - `fused_predictor`: DiffMoE's gate and capacity predictor through predictor.py where it runs;
       False: the gate and the predictor's modules apart.
+    - `compiled_adaln`: a DiT block's LayerNorm + modulation and its gated residuals as one
+      compiled kernel each (adaln.py) on CUDA; False: the eager ops.
 
     Tiles (chosen on an H100 at DiffMoE-L shapes with benchmarks/moe_kernels.py and
     benchmarks/expert_gemm_variants.py; powers of two where they size a tl.arange):
@@ -69,6 +73,7 @@ class KernelOptions:
     grouped_gemm: str = "auto"
     fused_router_tail: bool = True
     fused_predictor: bool = True
+    compiled_adaln: bool = True
     gather_sum_tile: tuple[int, int, int] = (2, 1024, 4)
     combine_backward_tile: tuple[int, int, int] = (8, 256, 4)
     bias_gelu_tile: tuple[int, int, int] = (32, 128, 4)
@@ -83,7 +88,7 @@ class KernelOptions:
         for name, choices in (("combine", COMBINE), ("bias_gelu", BIAS_GELU), ("grouped_gemm", GROUPED_GEMM)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"KernelOptions.{name} = {getattr(self, name)!r}: must be one of {', '.join(choices)}")
-        for name in ("fused_router_tail", "fused_predictor"):
+        for name in ("fused_router_tail", "fused_predictor", "compiled_adaln"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"KernelOptions.{name} = {getattr(self, name)!r}: must be True or False")
         # (field, its length, the entries that size a tl.arange and so must be powers of two)
@@ -137,8 +142,8 @@ def _holders(model: nn.Module) -> list[nn.Module]:
 
 
 def set_kernel_options(model: nn.Module, options: KernelOptions) -> int:
-    """Give every module of `model` that holds kernel options (MoE layers, routers, grouped experts;
-    also inside Megatron's wrappers) `options`; returns how many there are (0 for a dense model)."""
+    """Give every module of `model` that holds kernel options (DiT blocks, MoE layers, routers,
+    grouped experts; also inside Megatron's wrappers) `options`; returns how many there are."""
     if not isinstance(options, KernelOptions):
         raise TypeError(f"set_kernel_options: options must be a KernelOptions, got {type(options).__name__}")
     holders = _holders(model)
