@@ -1,13 +1,19 @@
 """Writes that fail with one named error when the disk is full, and leave no half file behind:
 `write_text` (atomic: temp file + rename), `append_line` (one unbuffered write, cut back on
 failure), `is_disk_full` and `disk_full_message` for other writers (checkpoints). Used by the run
-directory's files and by `moedit.configtools.dump_yaml`."""
+directory's files and by `moedit.configtools.dump_yaml`. And the one read of a checkpoint's torch
+files, `safe_torch_load` (plain containers only; a refused or damaged file is a `CheckpointError`
+naming it), used by the trainer's checkpoints and by the engines' own files."""
 
 from __future__ import annotations
 
 import errno
 import os
+import pickle
+import re
+import zipfile
 from pathlib import Path
+from typing import Any
 
 from moedit.errors import MoeditError
 
@@ -16,6 +22,40 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 class DiskFullError(MoeditError):
     """No space (or quota) left while writing a file."""
+
+
+class CheckpointError(MoeditError):
+    """A checkpoint that cannot be written, or a file of one that is damaged, unreadable or refused."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (else its type's name)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def safe_torch_load(path: Path, map_location: Any = "cpu") -> Any:
+    """torch.load(weights_only=True) with named errors: a refused object (a hostile or foreign
+    pickle; nothing of it runs) or a damaged file is a `CheckpointError` naming the file."""
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        refused = re.search(r"GLOBAL (\S+)", str(exc))
+        if refused:
+            raise CheckpointError(
+                f"{path}: refused to unpickle: it holds {refused.group(1)}, and moedit writes only tensors and plain "
+                "containers there, so the file was altered or does not come from moedit (nothing of it was run). "
+                "Remove this checkpoint, or resume from one you trust (train.resume=<its directory>)"
+            ) from None
+        detail = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "Weights only load failed" not in ln
+                  and not ln.strip().startswith(("Please file", "Check the documentation"))]
+        raise CheckpointError(f"{path}: unreadable ({detail[0] if detail else 'not a torch file'}); the file is "
+                              "damaged: resume from an older checkpoint or remove this one") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{path}: unreadable, the file is damaged ({first_line(exc)}); resume from an older "
+                              "checkpoint or remove this one") from None
 
 
 def is_disk_full(exc: BaseException) -> bool:

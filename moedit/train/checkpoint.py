@@ -44,7 +44,6 @@ import errno
 import hashlib
 import json
 import os
-import pickle
 import re
 import secrets
 import shutil
@@ -58,17 +57,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moedit.errors import MoeditError
-from moedit.fileio import DiskFullError, disk_full_message, is_disk_full, write_text
+from moedit.fileio import (
+    CheckpointError,
+    DiskFullError,
+    disk_full_message,
+    first_line as _first_line,
+    is_disk_full,
+    safe_torch_load,
+    write_text,
+)
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 TMP_PREFIX = ".tmp_"
 TRASH_PREFIX = ".trash_"
 CHECKSUM = "sha256"
 _HASH_THREADS = 4
-
-
-class CheckpointError(MoeditError):
-    """A checkpoint that cannot be written, or a file of one that is damaged, unreadable or refused."""
 
 
 def step_dir_name(step: int) -> str:
@@ -145,11 +148,6 @@ def checksum_files(directory: Path) -> dict[str, dict[str, Any]]:
         digests = list(pool.map(file_digest, files))
     return {p.relative_to(directory).as_posix(): {"size": size, CHECKSUM: digest}
             for p, (size, digest) in zip(files, digests)}
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 def verify_checkpoint(ckpt: Path, checksums: bool = True) -> str | None:
@@ -266,33 +264,6 @@ def resolve_resume(resume: str, run_dir: Path, engine=None) -> Path | None:
 
 
 # --- safe reading ----------------------------------------------------------------------------------
-
-
-def _refused_global(exc: BaseException) -> str | None:
-    match = re.search(r"GLOBAL (\S+)", str(exc))
-    return match.group(1) if match else None
-
-
-def safe_torch_load(path: Path, map_location: Any = "cpu") -> Any:
-    """torch.load(weights_only=True) with named errors: a refused object (a hostile or foreign
-    pickle; nothing of it runs) or a damaged file is a `CheckpointError` naming the file."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        refused = _refused_global(exc)
-        if refused:
-            raise CheckpointError(
-                f"{path}: refused to unpickle: it holds {refused}, and moedit writes only tensors and plain "
-                "containers there, so the file was altered or does not come from moedit (nothing of it was run). "
-                "Remove this checkpoint, or resume from one you trust (train.resume=<its directory>)"
-            ) from None
-        detail = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "Weights only load failed" not in ln
-                  and not ln.strip().startswith(("Please file", "Check the documentation"))]
-        raise CheckpointError(f"{path}: unreadable ({detail[0] if detail else 'not a torch file'}); the file is "
-                              "damaged: resume from an older checkpoint or remove this one") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"{path}: unreadable, the file is damaged ({_first_line(exc)}); resume from an older "
-                              "checkpoint or remove this one") from None
 
 
 def read_safetensors(path: Path, what: str = "weights file") -> dict[str, torch.Tensor]:

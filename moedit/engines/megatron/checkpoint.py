@@ -11,7 +11,6 @@ optimizer's state where it can) and restarts the optimizer otherwise, saying so.
 
 from __future__ import annotations
 
-import pickle
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 
 from moedit.engines.base import portable_optimizer_state
 from moedit.errors import MoeditError
+from moedit.fileio import safe_torch_load
 
 # Model-space optimizer state: at save the data-parallel ranks all-gather their slices into
 # parameter-shaped tensors keyed like the parameters (saved once, by the main replica); at load
@@ -26,16 +26,6 @@ from moedit.errors import MoeditError
 # fully_sharded_model_space needs flattened ShardedTensors, which its dist_checkpointing refuses.)
 _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 _LAYOUT_KEYS = ("tensor", "pipeline", "expert", "expert_tensor", "data", "virtual_pipeline", "sequence_parallel")
-
-
-def _load(path: Path, map_location):
-    """torch.load of plain containers only: a file holding anything else (a hostile or foreign
-    pickle) is refused unread and named."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise MoeditError(f"{path}: not a plain tensor file ({str(exc).splitlines()[0]}); it was not loaded. "
-                          "Move the checkpoint away, or resume from another (train.resume=...)") from None
 
 
 class _StateDict:
@@ -165,7 +155,7 @@ class MegatronCheckpointing:
         if mine is not None and mine.get("data_rank", self.rank) == self.data_rank:  # other engines: rank = data rank
             return mine["data"]
         for path in sorted(ckpt.glob("rank_*.pt")):
-            other = _load(path, "cpu")
+            other = safe_torch_load(path, "cpu")
             if other.get("data_rank") == self.data_rank:
                 return other["data"]
         raise MoeditError(f"{ckpt}: no loader state for data-parallel rank {self.data_rank}")
@@ -180,7 +170,7 @@ class MegatronCheckpointing:
         if self.optimizer_kind == "torch":
             if not same_layout:  # per-rank state of the old shards
                 return "starts fresh"
-            self.optimizer.load_state_dict(_load(ckpt / f"optim_{self.rank:05d}.pt", self.device))
+            self.optimizer.load_state_dict(safe_torch_load(ckpt / f"optim_{self.rank:05d}.pt", self.device))
             self._optimizer_stepped = True
             return "restored"
         failure = self._load_distributed_optimizer(ckpt, reraise=same_layout)
