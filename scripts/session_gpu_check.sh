@@ -8,7 +8,27 @@
 # host syncs, top kernels);
 # BASE_COMMIT=<commit> BASE_ROWS="..." times those rows with that commit's `moedit train` (a git
 # worktree; before/after on one machine) after the rows of this checkout. TESTS=none: no tests.
+# PLAN=a|b|c: what issues 23, 24, 26 and 27 still owe (benchmarks/RESULTS.md, "Owed"), three calls
+# that fit 600 s each; the variables above, set explicitly, override a plan's.
+#   a: the GPU tests of the graph, the compiled adaLN and the fused kernels, then the batch-32 rows
+#      (eager and graph on both engines; REPA with the graph)
+#   b: the batch-128 rows, DiT-L/2 for the MoE overhead, and a2bf29e at 32 and 128 (issue 27)
+#   c: compile, DiT-XL/2 at 256 (MFU), REPA eager with pinned batches on and off, and the MoE layer alone
 set -uo pipefail
+case "${PLAN:-}" in
+  a) : "${TESTS:=tests/test_models_gpu.py tests/test_train_gpu.py tests/test_models_fused.py}" "${TESTS_LIMIT:=220}"
+     : "${ROWS:=DiffMoE-L-E8:32:local DiffMoE-L-E8:32:local:train.cuda_graph=true DiffMoE-L-E8:32:megatron DiffMoE-L-E8:32:megatron:train.cuda_graph=true DiffMoE-L-E8:32:local:train.repa.enabled=true:train.cuda_graph=true}"
+     : "${STEPS:=30}" "${WARMUP:=10}" "${BENCH_LIMIT:=340}" ;;
+  b) : "${TESTS:=none}"
+     : "${ROWS:=DiffMoE-L-E8:128:local DiffMoE-L-E8:128:local:train.cuda_graph=true DiffMoE-L-E8:128:megatron DiffMoE-L-E8:128:megatron:train.cuda_graph=true DiT-L/2:128:local:train.cuda_graph=true}"
+     : "${BASE_COMMIT:=a2bf29e}" "${BASE_ROWS:=DiffMoE-L-E8:32:local DiffMoE-L-E8:128:local}"
+     : "${STEPS:=30}" "${WARMUP:=10}" "${BENCH_LIMIT:=300}" "${BASE_LIMIT:=200}" ;;
+  c) : "${TESTS:=none}"
+     : "${ROWS:=DiffMoE-L-E8:32:local:train.compile=true DiT-XL/2:256:local:train.cuda_graph=true DiffMoE-L-E8:32:local:train.repa.enabled=true DiffMoE-L-E8:32:local:train.repa.enabled=true:data.pin_memory=false}"
+     : "${STEPS:=30}" "${WARMUP:=10}" "${BENCH_LIMIT:=420}" "${MOE_LAYER:=1}" ;;
+  "") ;;
+  *) echo "PLAN=${PLAN}: use a, b or c (or none)" >&2; exit 2 ;;
+esac
 out="${1:-${OUT:-/tmp/session_gpu_check}}"
 mkdir -p "$out"
 start=$(date +%s)
@@ -60,6 +80,10 @@ if [ -n "${BASE_COMMIT:-}" ]; then
   read -r -a base_rows <<< "${BASE_ROWS:-DiffMoE-L-E8:32:local DiffMoE-L-E8:128:local}"
   step base_bench "${BASE_LIMIT:-300}" python3 benchmarks/train.py --repo /tmp/moedit_base --rows "${base_rows[@]}" \
     --steps "${STEPS:-40}" --warmup "${WARMUP:-20}" --log-every 10 --runs /tmp/train_bench_base --json "$out/base.json"
+fi
+if [ -n "${MOE_LAYER:-}" ]; then  # issue 24: the DiffMoE FFN alone against a dense FFN (E=16, graphed step)
+  PYTHONPATH=$PWD step moe_layer "${MOE_LAYER_LIMIT:-120}" python3 benchmarks/moe_layer.py --iters 50 --kernel-time \
+    --cuda-graph step --layer diffmoe --experts 16
 fi
 echo "total $(($(date +%s) - start)) s, $failures failed step(s)"
 cat "$out/summary.txt"
