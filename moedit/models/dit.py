@@ -58,14 +58,15 @@ class DiTBlock(nn.Module):
         """x (B, T, D), c (B, D); text (B, L, D) projected caption and text_mask (B, L) for a text model."""
         # LayerNorm (no affine, eps 1e-6) + modulation, and x + gate * branch, each one compiled kernel
         # on CUDA (moedit/models/kernels/adaln.py); the same ops eagerly elsewhere
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=2)
+        mod = self.adaLN_modulation(c).unsqueeze(1)  # (B, 1, 6D): each chunk broadcasts over the tokens
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=2)
         fuse = self.kernel_options.compiled_adaln
-        x = gated_residual(x, gate_msa, self.attn(ln_modulate(x, shift_msa, scale_msa, 1e-6, compiled=fuse)), None,
-                           compiled=fuse)
+        attn = self.attn(ln_modulate(x, shift_msa, scale_msa, 1e-6, compiled=fuse))
+        x = gated_residual(x, gate_msa, attn, None, compiled=fuse)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x), text, text_mask)
-        return gated_residual(x, gate_mlp, self.mlp(ln_modulate(x, shift_mlp, scale_mlp, 1e-6, compiled=fuse), ctx), None,
-                              compiled=fuse)
+        mlp = self.mlp(ln_modulate(x, shift_mlp, scale_mlp, 1e-6, compiled=fuse), ctx)
+        return gated_residual(x, gate_mlp, mlp, None, compiled=fuse)
 
 
 class DiT(nn.Module):

@@ -1,7 +1,8 @@
-"""Megatron-Core building blocks of the DiT that are not DiT-specific model structure: a bias-in-GEMM column-parallel linear, SDPA core attention for
-self- and cross-attention (caption key padding mask), the cross-attention with the model zoo's
-optional qk-norm, and the parameter marks Megatron's gradient reductions read. Used by
-moedit/engines/megatron/model.py."""
+"""Megatron-Core building blocks of the DiT that are not DiT-specific model structure: a
+bias-in-GEMM column-parallel linear, SDPA core attention for self- and cross-attention (caption key
+padding mask), the cross-attention with the model zoo's optional qk-norm, and the parameter marks
+Megatron's gradient reductions read. Used by moedit/engines/megatron/model.py (which takes the
+compiled adaLN pieces from moedit/models/kernels/adaln.py)."""
 
 from __future__ import annotations
 
