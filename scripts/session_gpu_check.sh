@@ -13,7 +13,8 @@
 #   a: the GPU tests of the graph, the compiled adaLN and the fused kernels, then the batch-32 rows
 #      (eager and graph on both engines; REPA with the graph)
 #   b: the batch-128 rows, DiT-L/2 for the MoE overhead, and a2bf29e at 32 and 128 (issue 27)
-#   c: compile, DiT-XL/2 at 256 (MFU), REPA eager with pinned batches on and off, and the MoE layer alone
+#   c: DiT-XL/2 at 256 and 128 (MFU at the largest batch that fits), REPA eager with pinned batches on
+#      and off, compile, and the MoE layer alone
 set -uo pipefail
 case "${PLAN:-}" in
   a) : "${TESTS:=tests/test_models_gpu.py tests/test_train_gpu.py tests/test_models_fused.py}" "${TESTS_LIMIT:=220}"
@@ -24,7 +25,7 @@ case "${PLAN:-}" in
      : "${BASE_COMMIT:=a2bf29e}" "${BASE_ROWS:=DiffMoE-L-E8:32:local DiffMoE-L-E8:128:local}"
      : "${STEPS:=30}" "${WARMUP:=10}" "${BENCH_LIMIT:=300}" "${BASE_LIMIT:=200}" ;;
   c) : "${TESTS:=none}"
-     : "${ROWS:=DiffMoE-L-E8:32:local:train.compile=true DiT-XL/2:256:local:train.cuda_graph=true DiffMoE-L-E8:32:local:train.repa.enabled=true DiffMoE-L-E8:32:local:train.repa.enabled=true:data.pin_memory=false}"
+     : "${ROWS:=DiT-XL/2:256:local:train.cuda_graph=true DiT-XL/2:128:local:train.cuda_graph=true DiffMoE-L-E8:32:local:train.repa.enabled=true DiffMoE-L-E8:32:local:train.repa.enabled=true:data.pin_memory=false DiffMoE-L-E8:32:local:train.compile=true}"
      : "${STEPS:=30}" "${WARMUP:=10}" "${BENCH_LIMIT:=420}" "${MOE_LAYER:=1}" ;;
   "") ;;
   *) echo "PLAN=${PLAN}: use a, b or c (or none)" >&2; exit 2 ;;
