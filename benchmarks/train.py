@@ -40,8 +40,8 @@ rows train on synthetic latents with captions whose features are random (`moedit
 120 x 4096 for the `-T` flavors), so they pay for reading and attending to such features without
 a T5. A row with `train.repa.enabled=true` trains on the same latents with a `repa` field of
 --repa-width random features on the patch-2 token grid (`moedit prepare --repa-encoder
-random:WIDTH`), so REPA's overhead is the step time against the same row without it. Each row's
-output goes to RUNS/<row>.log.
+random:WIDTH`), so REPA's overhead is the step time against the same row without it (the column
+`step vs no REPA`, where the table has that row). Each row's output goes to RUNS/<row>.log.
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ CONFIG = ROOT / "configs" / "diffmoe_l_e16_imagenet256.yaml"
 DENSE_OF = {"DiffMoE-L-E8": "DiT-L/2", "DiffMoE-L-E16": "DiT-L/2", "DiffMoE-B-E16": "DiT-B/2",
             "DiffMoE-S-E16": "DiT-S/2"}
 ENGINES = ("local", "ddp", "deepspeed", "megatron")
+REPA_ON = "train.repa.enabled=true"  # a REPA row: its data has a feature field; its overhead has a column
+
 # shorthand -> (engine, overrides)
 ALIASES = {
     "zero1": ("deepspeed", ["deepspeed.zero_stage=1"]),
@@ -188,7 +190,7 @@ def repa_data(args: argparse.Namespace) -> str:
 def command(row: Row, run_dir: Path, args: argparse.Namespace) -> list[str]:
     c, h, _ = (int(v) for v in args.latent_shape.split(","))
     text = text_shape(row.flavor)
-    repa = "train.repa.enabled=true" in [*args.overrides, *row.overrides]
+    repa = REPA_ON in [*args.overrides, *row.overrides]
     if text and repa:
         raise ValueError(f"{row.spec}: a text row with REPA: prepare such data yourself and pass --data")
     data = text_data(args, text) if text else repa_data(args) if repa else args.data
@@ -274,19 +276,25 @@ def table(rows: list[dict]) -> str:
             first_of_batch.setdefault(r["batch"], r)
             same.setdefault((r["flavor"], r["batch"], r["engine"], r["nproc"], tuple(r["overrides"])), r)
     lines = ["| row | procs | img/s | img/s per proc | step ms | MFU per GPU | peak GiB (rank 0) | img/s vs first row "
-             "of batch | step vs dense (text: vs class) | exit |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "of batch | step vs dense (text: vs class) | step vs no REPA | exit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "step_ms" not in r:
-            lines.append(f"| {r['row']} | {r['nproc']} | - | - | - | - | - | - | - | {r['exit']} |")
+            lines.append(f"| {r['row']} | {r['nproc']} | - | - | - | - | - | - | - | - | {r['exit']} |")
             continue
         base = first_of_batch[r["batch"]]
-        twin = same.get((twin_of(r["flavor"]), r["batch"], r["engine"], r["nproc"], tuple(r["overrides"])))
+        key = (r["batch"], r["engine"], r["nproc"])
+        twin = same.get((twin_of(r["flavor"]), *key, tuple(r["overrides"])))
+        # REPA's overhead: the same row without train.repa.enabled=true, if the table has it
+        plain = tuple(o for o in r["overrides"] if o != REPA_ON)
+        no_repa = same.get((r["flavor"], *key, plain)) if plain != tuple(r["overrides"]) else None
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") else "-"
         vs_dense = f"{r['step_ms'] / twin['step_ms']:.3f}x" if twin else "-"
+        vs_plain = f"{r['step_ms'] / no_repa['step_ms']:.3f}x" if no_repa else "-"
         lines.append(f"| {r['row']} | {r['nproc']} | {r['images_per_s']:.1f} | {r['images_per_s'] / r['nproc']:.1f} | "
                      f"{r['step_ms']:.1f} | {mfu} | {peak} | {r['images_per_s'] / base['images_per_s']:.3f}x | "
-                     f"{vs_dense} | {r['exit']} |")
+                     f"{vs_dense} | {vs_plain} | {r['exit']} |")
     return "\n".join(lines)
 
 
