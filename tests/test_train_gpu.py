@@ -57,7 +57,7 @@ def test_deferred_step_has_no_host_sync(tmp_path, digits_dir, engine):
         trainer.engine.shutdown()  # Megatron: its process group
 
 
-REPA = "tiny-diffmoe model.patch_size=1 train.repa.enabled=true train.repa.projector_hidden=32"
+from test_train_step_graph import REPA  # noqa: E402 - the same REPA flavor as the CPU emulation test
 
 
 @pytest.mark.parametrize("engine,flavor", [("local", "tiny-diffmoe"), ("local", "tiny-tc"), ("local", "tiny-ec"),

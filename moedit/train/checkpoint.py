@@ -61,7 +61,7 @@ from moedit.fileio import (
     CheckpointError,
     DiskFullError,
     disk_full_message,
-    first_line as _first_line,
+    first_line,
     is_disk_full,
     safe_torch_load,
     write_text,
@@ -192,7 +192,7 @@ def verify_checkpoint(ckpt: Path, checksums: bool = True) -> str | None:
             with safe_open(str(ckpt / name), framework="pt"):
                 pass
         except Exception as exc:  # SafetensorError, OSError
-            return f"{name}: not a readable safetensors file ({_first_line(exc)})"
+            return f"{name}: not a readable safetensors file ({first_line(exc)})"
     torch_files = ["state.pt"] + [f"rank_{r:05d}.pt" for r in range(int(meta.get("world_size", 1)))]
     for name in torch_files:
         path = ckpt / name
@@ -200,7 +200,7 @@ def verify_checkpoint(ckpt: Path, checksums: bool = True) -> str | None:
             with zipfile.ZipFile(path):
                 pass
         except (zipfile.BadZipFile, OSError) as exc:
-            return f"{name}: not a whole torch file ({_first_line(exc)})"
+            return f"{name}: not a whole torch file ({first_line(exc)})"
     return None
 
 
@@ -273,7 +273,7 @@ def read_safetensors(path: Path, what: str = "weights file") -> dict[str, torch.
     except Exception as exc:  # safetensors' SafetensorError, OSError, ...
         if isinstance(exc, OSError) and not path.exists():
             raise CheckpointError(f"{path}: no such {what}") from None
-        raise CheckpointError(f"{path}: not a readable safetensors {what} ({_first_line(exc)}); it is damaged or "
+        raise CheckpointError(f"{path}: not a readable safetensors {what} ({first_line(exc)}); it is damaged or "
                               "not a weights file: use another checkpoint, or write it again") from None
 
 
@@ -289,7 +289,7 @@ def read_config_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a readable JSON config ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: not a readable JSON config ({first_line(exc)})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object holding the config")
     return data
@@ -432,7 +432,7 @@ class CheckpointWriter:
         if isinstance(exc, DiskFullError) or is_disk_full(exc):
             return _CheckpointDiskFull(disk_full_message(path, "checkpoint", where=self.root)
                                        + f"; the partial checkpoint was removed{kept}")
-        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
         return CheckpointError(f"cannot write checkpoint file {path} ({detail}); the partial checkpoint was removed"
                                f"{kept}. Check that the run directory is writable, or set train.run_dir elsewhere")
 
@@ -599,6 +599,6 @@ def load_for_inference(path: str | Path, use_ema: bool = True, device: str | tor
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: the weights do not fit the model its config describes "
-                              f"({_first_line(exc)})") from None
+                              f"({first_line(exc)})") from None
     model.set_time_convention(cfg.diffusion.objective, cfg.diffusion.num_timesteps)
     return model.to(device).eval(), cfg
