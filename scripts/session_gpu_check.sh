@@ -10,18 +10,22 @@
 # worktree; before/after on one machine) after the rows of this checkout. TESTS=none: no tests.
 # PLAN=a|b|c: what issues 23, 24, 26 and 27 still owe (benchmarks/RESULTS.md, "Owed"), three calls
 # that fit 600 s each; the variables above, set explicitly, override a plan's.
-#   a: the GPU tests of the graph, the compiled adaLN and the fused kernels, then the batch-32 rows
-#      (eager and graph on both engines; REPA with the graph)
-#   b: the batch-128 rows, DiT-L/2 for the MoE overhead, and a2bf29e at 32 and 128 (issue 27)
+#   a: the GPU tests of the graph, the compiled adaLN and the fused kernels, then the batch-32 rows:
+#      local with the graph, REPA with the graph beside it (issue 26), then eager local and megatron
+#      both ways (rows the time limit cuts are the last ones, so the least needed go last)
+#   b: local eager at 32 and 128 beside a2bf29e's (issue 27 compares within one call), local with
+#      the graph and megatron eager (the default) at 128, DiT-L/2 with the graph (the MoE overhead)
 #   c: DiT-XL/2 at 256 and 128 (MFU at the largest batch that fits), REPA eager with pinned batches on
 #      and off, compile, and the MoE layer alone
+# Budget: a session has 1,800 s of device time and a machine goes back 30 s after a call, so each
+# call usually pays a fresh start (2-3 min): a and b fit one session, c needs the next.
 set -uo pipefail
 case "${PLAN:-}" in
   a) : "${TESTS:=tests/test_models_gpu.py tests/test_train_gpu.py tests/test_models_fused.py}" "${TESTS_LIMIT:=220}"
-     : "${ROWS:=DiffMoE-L-E8:32:local DiffMoE-L-E8:32:local:train.cuda_graph=true DiffMoE-L-E8:32:megatron DiffMoE-L-E8:32:megatron:train.cuda_graph=true DiffMoE-L-E8:32:local:train.repa.enabled=true:train.cuda_graph=true}"
+     : "${ROWS:=DiffMoE-L-E8:32:local:train.cuda_graph=true DiffMoE-L-E8:32:local:train.repa.enabled=true:train.cuda_graph=true DiffMoE-L-E8:32:local DiffMoE-L-E8:32:megatron DiffMoE-L-E8:32:megatron:train.cuda_graph=true}"
      : "${STEPS:=30}" "${WARMUP:=10}" "${BENCH_LIMIT:=340}" ;;
   b) : "${TESTS:=none}"
-     : "${ROWS:=DiffMoE-L-E8:128:local DiffMoE-L-E8:128:local:train.cuda_graph=true DiffMoE-L-E8:128:megatron DiffMoE-L-E8:128:megatron:train.cuda_graph=true DiT-L/2:128:local:train.cuda_graph=true}"
+     : "${ROWS:=DiffMoE-L-E8:32:local DiffMoE-L-E8:128:local DiffMoE-L-E8:128:local:train.cuda_graph=true DiffMoE-L-E8:128:megatron DiT-L/2:128:local:train.cuda_graph=true}"
      : "${BASE_COMMIT:=a2bf29e}" "${BASE_ROWS:=DiffMoE-L-E8:32:local DiffMoE-L-E8:128:local}"
      : "${STEPS:=30}" "${WARMUP:=10}" "${BENCH_LIMIT:=300}" "${BASE_LIMIT:=200}" ;;
   c) : "${TESTS:=none}"
