@@ -97,10 +97,11 @@ def test_tiny_model_step_on_cuda_without_sync():
 def test_compiled_adaln_block_matches_eager(autocast):
     """The compiled LayerNorm + modulation and gated residuals (KernelOptions.compiled_adaln, the
     default) train the same model as the eager ops: outputs and every gradient agree to float32
-    (bf16 autocast: bf16) rounding."""
+    (bf16 autocast: bf16) rounding. A dense model: the pieces do not touch the FFN, and an
+    expert-choice router would turn a last-bit difference in one score at its capacity boundary into
+    a different token set (a whole expert's output apart), which is not what this test asks."""
     torch.manual_seed(0)
-    cfg = ModelConfig(input_size=16, patch_size=2, hidden_size=192, depth=2, num_heads=3, num_classes=10,
-                      moe=MoEConfig(router="diffmoe", num_experts=4, every=2, first=1))
+    cfg = ModelConfig(input_size=16, patch_size=2, hidden_size=192, depth=2, num_heads=3, num_classes=10)
     model = build_model(cfg).cuda().train()
     with torch.no_grad():
         for p in model.parameters():  # adaLN-Zero's zero init would hide the blocks
@@ -116,10 +117,7 @@ def test_compiled_adaln_block_matches_eager(autocast):
         out.float().square().mean().backward()
         return out.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    saved = [b.clone() for b in model.buffers()]  # DiffMoE's thresholds move with each training forward
     eager_out, eager_grads = run(False)
-    for b, s in zip(model.buffers(), saved):
-        b.copy_(s)
     fused_out, fused_grads = run(True)
     tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fused_out, eager_out, **tol)
