@@ -31,3 +31,44 @@ def test_the_choice_is_printed_and_the_users_is_kept(tmp_path, digits_dir):
     cfg = tiny_config(tmp_path, digits_dir, train={"steps": 1, "num_sample_images": 0})
     out = moedit("train", cfg, f"train.run_dir={tmp_path / 'run'}", env={"OMP_NUM_THREADS": "1"}).stdout
     assert "moedit train: 1 CPU thread for torch (OMP_NUM_THREADS=1 (yours)); set OMP_NUM_THREADS to choose" in out
+
+
+def _stat(cpu0: list[int], cpu1: list[int]) -> str:
+    line = lambda v: " ".join(map(str, v))  # noqa: E731
+    return f"cpu  0 0 0 0 0 0 0 0 0 0\ncpu0 {line(cpu0)} 0 0\ncpu1 {line(cpu1)} 0 0\nintr 1 2 3\n"
+
+
+def test_busy_cores_from_proc_stat():
+    """user nice system idle iowait irq softirq steal: one CPU fully busy (half user, half system),
+    the other a quarter busy (iowait counts as idle), over 100 ticks each; this process used 0.25
+    of a core of that."""
+    from moedit.train.threads import busy_cores, cpu_jiffies
+
+    before = _stat([100, 0, 50, 1000, 0, 0, 0, 0], [10, 0, 0, 500, 7, 0, 0, 0])
+    after = _stat([150, 0, 100, 1000, 0, 0, 0, 0], [20, 5, 0, 570, 12, 5, 0, 5])
+    b, a = cpu_jiffies(before, {0, 1}), cpu_jiffies(after, {0, 1})
+    assert b == (160, 1667) and a == (285, 1867)
+    assert busy_cores(b, a, 2) == pytest.approx(1.25)
+    assert busy_cores(b, a, 2, own_cores=0.25) == pytest.approx(1.0)
+    assert cpu_jiffies(after, {1}) == (35, 617)
+    assert cpu_jiffies(after, {0, 2}) is None  # a CPU /proc/stat does not list: fall back to the load average
+
+
+def test_a_busy_neighbour_is_measured():
+    """A spinning neighbour keeps about one core busy, and the measurement at start sees it."""
+    import os
+    import subprocess
+    import sys
+
+    from moedit.train.threads import measure_busy_cores
+
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("needs /proc/stat (Linux)")
+    cpus = set(os.sched_getaffinity(0))
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        busy = measure_busy_cores(cpus, window=0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy is not None and busy >= 0.7, busy
