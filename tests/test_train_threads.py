@@ -34,8 +34,9 @@ def test_the_choice_is_printed_and_the_users_is_kept(tmp_path, digits_dir):
 
 
 def _stat(cpu0: list[int], cpu1: list[int]) -> str:
-    line = lambda v: " ".join(map(str, v))  # noqa: E731
-    return f"cpu  0 0 0 0 0 0 0 0 0 0\ncpu0 {line(cpu0)} 0 0\ncpu1 {line(cpu1)} 0 0\nintr 1 2 3\n"
+    """A /proc/stat text with two CPUs (their eight counters, then guest and guest_nice)."""
+    rows = [f"cpu{i} " + " ".join(map(str, [*counters, 0, 0])) for i, counters in enumerate((cpu0, cpu1))]
+    return "\n".join(["cpu  0 0 0 0 0 0 0 0 0 0", *rows, "intr 1 2 3"]) + "\n"
 
 
 def test_busy_cores_from_proc_stat():

@@ -6,15 +6,15 @@ process made the quickstart 9.6x slower (275 -> 28.6 img/s), where one thread lo
 a fair share. So `moedit train` starts with
 
     threads = max(1, min(cores it may run on / its processes on this node,
-                         cores of the machine - the load other processes put on it))
+                         cores it may run on - the load other processes put on them))
 
 where "cores it may run on" is the process's CPU affinity (cgroups, taskset, SLURM's binding),
-capped by SLURM_CPUS_PER_TASK, shared among the node's processes (LOCAL_WORLD_SIZE), and the load
-is what other processes keep busy of the CPUs it may run on, measured from /proc/stat over a
-quarter of a second at start (elsewhere: the 1-minute load average over the machine's cores). The
-load average lags by minutes: right after `pip install` or an earlier run on the 2-core machine
-it still said ~1 core busy on an idle machine, and the quickstart's first run then took one thread
-where two were free. A thread count the user chose is never overridden:
+capped by SLURM_CPUS_PER_TASK for the share, shared among the node's processes (LOCAL_WORLD_SIZE),
+and the load is the cores of its affinity that other processes keep busy, measured from /proc/stat
+over a quarter of a second at start (elsewhere: the machine's cores less the 1-minute load
+average). The load average lags by minutes: right after `pip install` or an earlier run on the
+2-core machine it still said ~1 core busy on an idle machine, and the quickstart's first run then
+took one thread where two were free. A thread count the user chose is never overridden:
 OMP_NUM_THREADS (also what torchrun and `moedit launch slurm` set) or MOEDIT_NUM_THREADS. The
 choice is printed. OMP_WAIT_POLICY is left alone: PASSIVE made a lone run 18% slower (226 img/s),
 and it must be set before torch is imported to have any effect.
@@ -90,7 +90,8 @@ def busy_cores(before: tuple[int, int], after: tuple[int, int], cpus: int, own_c
 
 
 def measure_busy_cores(cpus: set[int], window: float = 0.25) -> float | None:
-    """Cores of `cpus` other processes keep busy now (over `window` seconds); None without /proc/stat."""
+    """Cores of `cpus` that other processes keep busy now (over `window` seconds, this process's own
+    CPU time taken out); None without /proc/stat or when it lacks one of `cpus`."""
     try:
         with open("/proc/stat") as f:
             before = cpu_jiffies(f.read(), cpus)
