@@ -34,6 +34,12 @@ def first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def refused_global(exc: BaseException) -> str | None:
+    """The pickled global that torch's weights-only unpickler refused, named in its error, if any."""
+    match = re.search(r"GLOBAL (\S+)", str(exc))
+    return match.group(1) if match else None
+
+
 def safe_torch_load(path: Path, map_location: Any = "cpu") -> Any:
     """torch.load(weights_only=True) with named errors: a refused object (a hostile or foreign
     pickle; nothing of it runs) or a damaged file is a `CheckpointError` naming the file."""
@@ -42,10 +48,10 @@ def safe_torch_load(path: Path, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        refused = re.search(r"GLOBAL (\S+)", str(exc))
+        refused = refused_global(exc)
         if refused:
             raise CheckpointError(
-                f"{path}: refused to unpickle: it holds {refused.group(1)}, and moedit writes only tensors and plain "
+                f"{path}: refused to unpickle: it holds {refused}, and moedit writes only tensors and plain "
                 "containers there, so the file was altered or does not come from moedit (nothing of it was run). "
                 "Remove this checkpoint, or resume from one you trust (train.resume=<its directory>)"
             ) from None

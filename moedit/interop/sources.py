@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from moedit.errors import MoeditError
+from moedit.fileio import first_line, refused_global
 
 SAFE_CONFIG_TYPES: list[type] = [argparse.Namespace]
 """Benign config objects the official training scripts pickle next to the weights."""
@@ -28,13 +29,8 @@ WEIGHT_CHOICES = ("both", "ema", "raw")
 
 def _refusal_detail(exc: Exception) -> str:
     """What torch refused: the pickled global it names, else its first line."""
-    import re
-
-    match = re.search(r"GLOBAL (\S+)", str(exc))
-    if match:
-        return f"it holds {match.group(1)}"
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0] if lines else type(exc).__name__
+    refused = refused_global(exc)
+    return f"it holds {refused}" if refused else first_line(exc)
 
 
 def load_torch_file(path: Path, trust_pickle: bool = False) -> Any:
